@@ -1,0 +1,164 @@
+"""The `mlmtune` command: parse flags into a config, call one library function, print.
+
+Flags are generated from the config dataclasses (`--block-size` is `DataConfig.block_size`),
+so the CLI, `--config FILE.yaml` and the Python API share one schema. Errors a user can cause
+print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from mlmtune.config import (
+    EvalConfig,
+    FillConfig,
+    PrepareConfig,
+    TrainConfig,
+    field_doc,
+    flat_fields,
+    load_config_file,
+    resolve,
+)
+from mlmtune.errors import MlmtuneError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="read options from a YAML file (flags override it)")
+    for name, (tp, default) in flat_fields(cls).items():
+        default = (defaults or {}).get(name, default)
+        flag = "--" + name.replace("_", "-")
+        doc = field_doc(cls, name)
+        if tp is bool:
+            parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=doc)
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            parser.add_argument(flag, metavar=name.upper(), default=argparse.SUPPRESS, help=f"{doc}{shown}".strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlmtune.quickstart import QUICKSTART_DEFAULTS
+
+    parser = argparse.ArgumentParser(prog="mlmtune", description="Masked-language-model fine-tuning, "
+                                     "perplexity and fill-mask.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="fine-tune a model with the masked-LM objective")
+    _add_config_flags(p, TrainConfig)
+    p = sub.add_parser("prepare", help="load, split, tokenize and group a corpus into blocks (save_to_disk)")
+    _add_config_flags(p, PrepareConfig)
+    p = sub.add_parser("eval", help="perplexity on fixed masks (and pseudo-perplexity)")
+    _add_config_flags(p, EvalConfig)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("fill", help="fill <mask> / [MASK] in texts (arguments, or one per line on stdin)")
+    _add_config_flags(p, FillConfig)
+    p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
+    p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
+    p = sub.add_parser("quickstart", help="offline demo: adapt a small pretrained model to the Python docs")
+    _add_config_flags(p, TrainConfig, QUICKSTART_DEFAULTS)
+    return parser
+
+
+def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
+    given = {k: v for k, v in vars(args).items() if k in flat_fields(cls)}
+    file_values = dict(base or {})
+    if getattr(args, "config", None):
+        file_values.update(load_config_file(args.config))
+    return resolve(cls, file_values, given)
+
+
+def cmd_train(args) -> int:
+    from mlmtune.train import train
+
+    result = train(_config(TrainConfig, args))
+    m = result.metrics
+    if m["perplexity_before"] is not None:
+        print(f"perplexity: {m['perplexity_before']:,.2f} before -> {m['perplexity_after']:,.2f} after "
+              f"(eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f})")
+    print(f"model saved in {result.output_dir}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from mlmtune.quickstart import QUICKSTART_DEFAULTS, quickstart
+
+    _, report = quickstart(_config(TrainConfig, args, QUICKSTART_DEFAULTS))
+    print(report)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from mlmtune.data import build_blocks, load_texts, save_prepared
+    from mlmtune.model import load_tokenizer
+
+    cfg = _config(PrepareConfig, args)
+    tokenizer = load_tokenizer(cfg.model)
+    blocks, stats = build_blocks(load_texts(cfg.data, cfg.seed), tokenizer, cfg.data.block_size)
+    save_prepared(blocks, stats, tokenizer, cfg.data, cfg.output_dir)
+    for split in blocks:
+        print(f"{split}: {stats.blocks[split]:,} blocks of {cfg.data.block_size} tokens "
+              f"({stats.dropped_tokens[split]} tokens dropped)")
+    print(f"saved in {cfg.output_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mlmtune.evaluate import run_eval
+
+    result = run_eval(_config(EvalConfig, args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:,.3f} (eval loss {result['eval_loss']:.4f} over "
+              f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks)")
+        if "pseudo_perplexity" in result:
+            print(f"pseudo-perplexity {result['pseudo_perplexity']:,.3f} (over {result['pseudo_tokens']:,} tokens "
+                  f"of {result['pseudo_texts']:,} texts)")
+    return 0
+
+
+def _format_table(text: str, result) -> str:
+    rows = [text]
+    per_mask = result if result and isinstance(result[0], list) else [result]
+    for n, preds in enumerate(per_mask, 1):
+        if len(per_mask) > 1:
+            rows.append(f"  mask {n}:")
+        for rank, p in enumerate(preds, 1):
+            rows.append(f"  {rank:>2}  {p['score']:.4f}  {p['token_str'].strip():<16} {p['sequence']}")
+    return "\n".join(rows)
+
+
+def cmd_fill(args) -> int:
+    from mlmtune.fill import FillMask
+
+    cfg = _config(FillConfig, args)
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size)
+    results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets)
+    for text, result in zip(texts, results):
+        print(json.dumps(result, ensure_ascii=False) if args.json else _format_table(text, result) + "\n")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
+            "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MlmtuneError as e:
+        print(f"mlmtune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mlmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

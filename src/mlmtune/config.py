@@ -1,0 +1,321 @@
+"""The config schema: dataclasses that every command, config file and flag resolve into.
+
+Config flows one way: dataclass defaults < `--config FILE.yaml` < command-line flags, resolved
+once by `resolve()` and never changed afterwards (the dataclasses are frozen). Validation lives
+in `__post_init__`, so a config that exists is a config that is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlmtune.errors import MlmtuneError
+
+DEFAULT_MODEL = "distilbert/distilroberta-base"
+QUICKSTART_MODEL = "builtin:all-minilm-l6-v2"
+QUICKSTART_DATASET = "builtin:python-docs"
+CONFIG_FILENAME = "mlmtune_config.yaml"
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MlmtuneError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes blocks (shared by train, prepare and eval)."""
+
+    dataset: str | None = None
+    """Hub dataset id, local file or folder, a folder made by `mlmtune prepare`, or `builtin:python-docs`."""
+    dataset_config: str | None = None
+    split: str = "train"
+    """Split to read; slicing works (`train[:5000]`, `train[:10%]`)."""
+    text_field: str = "text"
+    """Column holding the text; a dotted path reaches into nested records (`answers.text`)."""
+    test_size: float = 0.2
+    """Fraction of records held out for evaluation; 0 means no eval split."""
+    block_size: int = 128
+    cache_dir: str | None = None
+    """Where tokenized blocks are cached (default: ~/.cache/mlmtune)."""
+
+    def __post_init__(self):
+        _require(self.block_size >= 2, f"--block-size must be at least 2, got {self.block_size}")
+        _require(0 <= self.test_size < 1, f"--test-size must be in [0, 1), got {self.test_size}")
+        _require(bool(self.split), "--split must not be empty")
+        _require(bool(self.text_field), "--text-field must not be empty")
+
+
+def _check_common(cfg: Any) -> None:
+    _require(0 < cfg.mlm_probability < 1, f"--mlm-probability must be in (0, 1), got {cfg.mlm_probability}")
+    _require(cfg.batch_size >= 1, f"--batch-size must be a positive integer, got {cfg.batch_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `mlmtune train` (and `mlmtune quickstart`) needs; saved beside every output."""
+
+    model: str = DEFAULT_MODEL
+    data: DataConfig = field(default_factory=DataConfig)
+    mlm_probability: float = 0.15
+    epochs: float = 3
+    max_steps: int | None = None
+    """Total optimizer steps; overrides --epochs when set."""
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    """Blocks per device per forward pass (the guide's per_device_train_batch_size)."""
+    eval_batch_size: int | None = None
+    """Blocks per evaluation forward pass (default: --batch-size)."""
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    precision: str = "auto"
+    """Training matmul precision: auto (bf16 where the hardware runs it fast), fp32 or bf16. Eval is fp32."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this norm (the Trainer's default); 0 turns clipping off."""
+    seed: int = 42
+    save_steps: int | None = None
+    """Checkpoint every N optimizer steps (default: at the end of every epoch)."""
+    save_total_limit: int = 2
+    """How many checkpoints to keep under output_dir/checkpoints."""
+    logging_steps: int = 10
+    output_dir: str = "mlmtune-output"
+    resume: bool = False
+    """Continue from the newest checkpoint in --output-dir."""
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def __post_init__(self):
+        _check_common(self)
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"--learning-rate must be positive, got {self.learning_rate}",
+        )
+        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be a positive integer")
+        _require(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1")
+        _require(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        _require(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, "
+                 f"got {self.precision!r}")
+        _require(self.save_steps is None or self.save_steps >= 1, "--save-steps must be a positive integer")
+        _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
+        _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
+        _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
+        _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "
+                 "or builtin:python-docs)")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`mlmtune prepare`: the data half of train, written with `save_to_disk`."""
+
+    model: str = DEFAULT_MODEL
+    """Whose tokenizer to use."""
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 42
+    output_dir: str = "mlmtune-prepared"
+
+    def __post_init__(self):
+        _require(bool(self.data.dataset), "--dataset is required")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`mlmtune eval`: perplexity on fixed masks, and optionally pseudo-perplexity."""
+
+    model: str = DEFAULT_MODEL
+    data: DataConfig = field(default_factory=DataConfig)
+    mlm_probability: float = 0.15
+    seed: int = 42
+    batch_size: int = 16
+    pseudo: bool = False
+    """Also compute pseudo-perplexity (every token masked in turn; slow)."""
+    pseudo_max_texts: int | None = None
+    """Pseudo-perplexity on at most this many texts of the eval split (default: all)."""
+
+    def __post_init__(self):
+        _check_common(self)
+        _require(bool(self.data.dataset), "--dataset is required")
+        _require(self.pseudo_max_texts is None or self.pseudo_max_texts >= 1, "--pseudo-max-texts must be >= 1")
+
+
+@dataclass(frozen=True)
+class FillConfig:
+    """`mlmtune fill`: top-k predictions for each mask, as `pipeline("fill-mask")` gives them."""
+
+    model: str = DEFAULT_MODEL
+    top_k: int = 5
+    targets: list[str] | None = None
+    """Restrict candidates to these words (comma-separated on the command line)."""
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: defaults < config file < flags
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def is_nested(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def flat_fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Every leaf field of `cls` (nested dataclasses flattened) as name -> (type, default)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if is_nested(tp):
+            out.update(flat_fields(tp))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = (tp, default)
+    return out
+
+
+def field_doc(cls: type, name: str) -> str:
+    """The docstring under a field (the attribute docstring convention), for --help."""
+    import ast
+    import inspect
+
+    for klass in [cls, *[_hints(cls)[f.name] for f in dataclasses.fields(cls) if is_nested(_hints(cls)[f.name])]]:
+        tree = ast.parse(inspect.getsource(klass))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == name:
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    return str(nxt.value.value)
+    return ""
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; `list[str] | None` -> list[str]."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Turn a flag string or YAML value into the field's type, or raise MlmtuneError."""
+    if value is None:
+        return None
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(base, "__name__", str(base))
+        raise MlmtuneError(f"--{name.replace('_', '-')} expects {kind}, got {value!r}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into a flat dict (nested `data:` sections are flattened)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MlmtuneError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MlmtuneError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise MlmtuneError(f"config file {p} must hold a mapping of option: value")
+
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            key = str(k).replace("-", "_")
+            if isinstance(v, dict):
+                walk(v)
+            else:
+                flat[key] = v
+
+    walk(raw)
+    return flat
+
+
+def resolve(cls: type, file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None):
+    """Build a config of type `cls` from defaults, then file values, then flags.
+
+    Args:
+        cls: one of the config dataclasses.
+        file_values: flat name -> value from a config file (unknown names are an error).
+        flags: flat name -> value given on the command line.
+
+    Returns:
+        A frozen, validated instance of `cls`.
+
+    Example:
+        >>> cfg = resolve(TrainConfig, {"learning_rate": 1e-4}, {"dataset": "corpus.txt", "epochs": "1"})
+        >>> cfg.learning_rate, cfg.epochs, cfg.data.dataset
+        (0.0001, 1.0, 'corpus.txt')
+    """
+    leaves = flat_fields(cls)
+    values: dict[str, Any] = {}
+    for source in (file_values or {}, flags or {}):
+        for name, value in source.items():
+            if name not in leaves:
+                known = ", ".join(sorted(leaves))
+                raise MlmtuneError(f"unknown option {name!r}; known options: {known}")
+            values[name] = coerce(name, leaves[name][0], value)
+    return _build(cls, values)
+
+
+def _build(cls: type, values: dict[str, Any]):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if is_nested(tp):
+            kwargs[f.name] = _build(tp, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, folder: str | Path, filename: str = CONFIG_FILENAME) -> Path:
+    """Write the resolved config as YAML; `--config` reads it back."""
+    path = Path(folder) / filename
+    path.write_text(f"# resolved {type(cfg).__name__}; reuse with --config {filename}\n"
+                    + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

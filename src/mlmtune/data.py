@@ -1,0 +1,383 @@
+"""Text -> tokens -> blocks: load a corpus, select its text, split, tokenize, group into blocks.
+
+`prepare_blocks()` is the whole stage; each step is also a function of its own. Tokenized and
+grouped blocks are cached on disk under a key made of the texts, the tokenizer and the block
+size, so a second run on the same data skips tokenization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
+from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+
+from mlmtune import hub
+from mlmtune.config import DataConfig
+from mlmtune.errors import MlmtuneError
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+PREPARED_META = "mlmtune_prepared.json"
+DEFUNCT_DATASETS = {
+    "eli5": "the `eli5` dataset was taken down from the Hugging Face Hub (datasets#6605)",
+    "eli5_category": "the `eli5_category` dataset was taken down from the Hugging Face Hub (datasets#6605)",
+}
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """What grouping did to each split."""
+
+    tokens: dict[str, int]
+    blocks: dict[str, int]
+    dropped_tokens: dict[str, int]
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped_tokens.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: load a source and select one text per record
+
+
+def python_docs_texts() -> list[str]:
+    """The Python Language Reference topics that ship with CPython (`pydoc_data.topics`).
+
+    One text per paragraph (blank-line separated), so a record is prose of a few sentences.
+    """
+    from pydoc_data.topics import topics
+
+    texts = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            para = " ".join(para.split())
+            if para:
+                texts.append(para)
+    return texts
+
+
+def _slice(ds: Dataset, split: str) -> Dataset:
+    """Apply `train[:5000]`-style slicing to an in-memory dataset whose only split is `train`."""
+    import datasets
+
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})
+    except (ValueError, AssertionError) as e:
+        raise MlmtuneError(f"--split {split!r}: {e}") from None
+    rows = [i for ins in instructions for i in range(ins.from_, ins.to)]
+    return ds if rows == list(range(len(ds))) else ds.select(rows)
+
+
+def _read_txt(files: list[Path]) -> Dataset:
+    lines: list[str] = []
+    for f in files:
+        with f.open(encoding="utf-8", errors="replace") as fh:
+            lines.extend(s for s in (line.strip() for line in fh) if s)
+    return Dataset.from_dict({"text": lines})
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
+        if not files:
+            kinds = ", ".join(FILE_BUILDERS)
+            raise MlmtuneError(f"folder {path} holds no data files ({kinds})")
+    kinds = {FILE_BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        raise MlmtuneError(f"{path}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    if len(kinds) > 1:
+        raise MlmtuneError(f"folder {path} mixes file types ({', '.join(sorted(kinds))}); keep one type per folder")
+    return files
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / PREPARED_META).is_file()
+
+
+def load_records(data: DataConfig) -> Dataset:
+    """Load the raw records of `data.dataset` (any source except a prepared folder).
+
+    Raises:
+        MlmtuneError: unknown source, defunct dataset, unreachable Hub, bad split.
+    """
+    name = data.dataset or ""
+    if name == "builtin:python-docs":
+        return _slice(Dataset.from_dict({"text": python_docs_texts()}), data.split)
+    if name.startswith("builtin:"):
+        raise MlmtuneError(f"unknown built-in corpus {name!r}; the built-in corpus is builtin:python-docs")
+    path = Path(name).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        builder = FILE_BUILDERS[files[0].suffix.lower()]
+        if builder == "text":
+            return _slice(_read_txt(files), data.split)
+        try:
+            return load_dataset(builder, data_files=[str(f) for f in files], split=data.split)
+        except ValueError as e:
+            raise MlmtuneError(f"cannot read {path} with split {data.split!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # pyarrow/pandas parse errors: one line with the file
+            raise MlmtuneError(f"cannot parse {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if name.lower() in DEFUNCT_DATASETS:
+        raise MlmtuneError(
+            f"{DEFUNCT_DATASETS[name.lower()]}: download an ELI5-shaped copy (records with a nested "
+            f"`answers.text` list) and pass it as --dataset FILE.jsonl --text-field answers.text, "
+            f"or pass another Hub id that hosts a copy"
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in FILE_BUILDERS:
+        raise MlmtuneError(f"dataset path {name} does not exist")
+    online = hub.prepare_hub_access()
+    try:
+        return load_dataset(name, data.dataset_config, split=data.split)
+    except Exception as e:
+        if not online:
+            raise hub.unreachable_error("Dataset", name) from None
+        raise MlmtuneError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def _as_text(value, field: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) or v is None for v in value):
+        return " ".join(v for v in value if v)  # the guide's " ".join(x) over answers.text
+    raise MlmtuneError(f"--text-field {field} holds {type(value).__name__} values, not text or a list of text")
+
+
+def select_text(records: Dataset, text_field: str) -> Dataset:
+    """One `text` column: `text_field` (a dotted path into nested records), lists joined with a space.
+
+    Records whose text is empty or whitespace-only are dropped.
+    """
+    flat = records.flatten()
+    if text_field not in flat.column_names:
+        fields = ", ".join(flat.column_names)
+        raise MlmtuneError(f"--text-field {text_field!r} is not in the dataset; its fields are: {fields}")
+
+    def pick(batch):
+        return {"text": [_as_text(v, text_field) for v in batch[text_field]]}
+
+    disable_progress_bar()  # both passes are fast; the tokenizer's bar is the one that matters
+    try:
+        texts = flat.map(pick, batched=True, remove_columns=flat.column_names)
+        return texts.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+    finally:
+        enable_progress_bar()
+
+
+def split_texts(texts: Dataset, test_size: float, seed: int) -> DatasetDict:
+    """The guide's `train_test_split`: shuffled by `seed`; with test_size 0, one split in corpus order."""
+    if test_size == 0:
+        return DatasetDict(train=texts)
+    if len(texts) < 2:
+        raise MlmtuneError(f"the corpus has {len(texts)} non-empty text(s); --test-size needs at least 2")
+    parts = texts.train_test_split(test_size=test_size, seed=seed)
+    if len(parts["test"]) == 0:
+        raise MlmtuneError(f"--test-size {test_size} leaves no eval texts out of {len(texts)}")
+    return DatasetDict(train=parts["train"], test=parts["test"])
+
+
+def load_texts(data: DataConfig, seed: int) -> DatasetDict:
+    """Load, select text and split: the `text` column per split."""
+    return split_texts(select_text(load_records(data), data.text_field), data.test_size, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens -> blocks
+
+
+def tokenize(texts: Dataset, tokenizer) -> Dataset:
+    """Batched fast tokenization with the model's special tokens around each text, as the guide does."""
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        return {"input_ids": ids["input_ids"]}
+
+    return texts.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=texts.column_names,
+        features=Features({"input_ids": List(Value("int32"))}),
+        desc="Tokenizing",
+    )
+
+
+def group_blocks(tokenized: Dataset, block_size: int) -> tuple[Dataset, int]:
+    """Concatenate every sequence of the split once and cut it into `block_size` blocks.
+
+    Linear time (Arrow flattens the list column without Python lists), and at most
+    `block_size - 1` tokens are dropped for the whole split, not per map batch.
+
+    Returns:
+        (blocks with a fixed-length `input_ids` column, number of tokens dropped)
+    """
+    if tokenized._indices is not None:
+        tokenized = tokenized.flatten_indices()
+    column = tokenized.data.column("input_ids")
+    flat = pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array(
+        [], pa.int32())
+    n_blocks = len(flat) // block_size
+    kept = flat.slice(0, n_blocks * block_size)
+    blocks = pa.FixedSizeListArray.from_arrays(kept, block_size)
+    table = pa.table({"input_ids": blocks})
+    return Dataset(table_from_arrow(table)), len(flat) - n_blocks * block_size
+
+
+def table_from_arrow(table: pa.Table):
+    from datasets.table import InMemoryTable
+
+    return InMemoryTable(table)
+
+
+def blocks_tensor(blocks: Dataset) -> torch.Tensor:
+    """The `input_ids` of a blocks dataset as one (N, block_size) int64 tensor."""
+    if blocks._indices is not None:
+        blocks = blocks.flatten_indices()
+    column = blocks.data.column("input_ids").combine_chunks()
+    if len(column) == 0:
+        return torch.zeros((0, 0), dtype=torch.long)
+    if isinstance(column.type, pa.FixedSizeListType):
+        size = column.type.list_size
+    else:  # a variable-length list column from another tool: every row must have the same length
+        size = len(column[0].values)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(np.asarray(values, dtype=np.int64).reshape(-1, size))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # truncation/padding are call-time settings that tokenizing itself changes
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr(sorted(tokenizer.all_special_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+def texts_fingerprint(texts: DatasetDict) -> str:
+    h = hashlib.sha256()
+    for split in sorted(texts):
+        h.update(f"\x00split={split}\x00".encode())
+        for batch in texts[split].iter(batch_size=10_000):
+            h.update("\x1e".join(batch["text"]).encode())
+            h.update(b"\x1d")
+    return h.hexdigest()[:16]
+
+
+def cache_root(data: DataConfig) -> Path:
+    if data.cache_dir:
+        return Path(data.cache_dir).expanduser()
+    base = os.environ.get("MLMTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlmtune")
+    return Path(base)
+
+
+def _save_atomic(blocks: DatasetDict, meta: dict, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        blocks.save_to_disk(str(tmp))
+        (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[DatasetDict, BlockStats]:
+    """Tokenize and group every split; no cache."""
+    out, tokens, n_blocks, dropped = {}, {}, {}, {}
+    for split, ds in texts.items():
+        tokenized = tokenize(ds, tokenizer)
+        blocks, lost = group_blocks(tokenized, block_size)
+        out[split], dropped[split] = blocks, lost
+        n_blocks[split] = len(blocks)
+        tokens[split] = len(blocks) * block_size + lost
+    return DatasetDict(out), BlockStats(tokens, n_blocks, dropped)
+
+
+def _stats_from_meta(meta: dict) -> BlockStats:
+    return BlockStats(meta["tokens"], meta["blocks"], meta["dropped_tokens"])
+
+
+def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> dict:
+    return {
+        "block_size": block_size,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
+        "dataset": data.dataset,
+        "text_field": data.text_field,
+        "split": data.split,
+        "test_size": data.test_size,
+        "tokens": stats.tokens,
+        "blocks": stats.blocks,
+        "dropped_tokens": stats.dropped_tokens,
+    }
+
+
+def load_prepared(path: str | Path, tokenizer, block_size: int | None = None) -> tuple[DatasetDict, BlockStats]:
+    """Read a folder written by `mlmtune prepare`, checking it was made with this tokenizer."""
+    meta = json.loads((Path(path) / PREPARED_META).read_text())
+    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise MlmtuneError(
+            f"{path} was prepared with a different tokenizer ({meta.get('tokenizer_name') or 'unknown'}); "
+            f"run `mlmtune prepare` again with this --model"
+        )
+    if block_size is not None and meta["block_size"] != block_size:
+        raise MlmtuneError(
+            f"{path} holds blocks of {meta['block_size']} tokens but --block-size is {block_size}; "
+            f"pass --block-size {meta['block_size']} or prepare again"
+        )
+    return load_from_disk(str(path)), _stats_from_meta(meta)
+
+
+def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = True) -> tuple[DatasetDict, BlockStats]:
+    """The whole data stage: blocks of `data.block_size` tokens per split (`train`, maybe `test`).
+
+    A folder made by `mlmtune prepare` is read as it is. Otherwise the result is cached under
+    `cache_root(data)`, keyed by texts, tokenizer and block size.
+    """
+    if data.dataset and is_prepared(data.dataset):
+        return load_prepared(data.dataset, tokenizer, data.block_size)
+    texts = load_texts(data, seed)
+    key = hashlib.sha256(
+        f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
+    ).hexdigest()[:24]
+    folder = cache_root(data) / "blocks" / key
+    if use_cache and is_prepared(folder):
+        print(f"Using cached blocks from {folder}", file=sys.stderr)
+        return load_prepared(folder, tokenizer)
+    blocks, stats = build_blocks(texts, tokenizer, data.block_size)
+    if use_cache:
+        try:
+            _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder)
+            return load_prepared(folder, tokenizer)  # memory-mapped from disk from here on
+        except OSError as e:
+            print(f"warning: could not cache blocks in {folder}: {e}", file=sys.stderr)
+    return blocks, stats
+
+
+def save_prepared(blocks: DatasetDict, stats: BlockStats, tokenizer, data: DataConfig, folder: str | Path) -> None:
+    _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), Path(folder))
+

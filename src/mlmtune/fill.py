@@ -1,0 +1,147 @@
+"""Logits -> predictions: fill-mask for the CLI, the Python API and the server alike.
+
+`FillMask` returns, for each text, exactly the structure `pipeline("fill-mask")` returns
+(`score`, `token`, `token_str`, `sequence`; one list per mask when a text has several), but
+batches texts into one forward pass and accepts `<mask>` and `[MASK]` whatever the model's own
+mask token is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlmtune.errors import MlmtuneError
+from mlmtune.model import load_model, max_positions
+
+MASK_SPELLINGS = ("<mask>", "[MASK]")
+
+Prediction = dict[str, Any]  # {"score", "token", "token_str", "sequence"}
+
+
+class FillMask:
+    """A loaded masked-LM that fills masks.
+
+    Example:
+        >>> fill = FillMask.from_pretrained("path/to/model")  # doctest: +SKIP
+        >>> fill("Paris is the <mask> of France.", top_k=2)  # doctest: +SKIP
+        [{'score': 0.91, 'token': 812, 'token_str': ' capital', 'sequence': 'Paris is the capital of France.'}, ...]
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 32):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_positions(model, tokenizer)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, name: str, batch_size: int = 32) -> FillMask:
+        model, tokenizer = load_model(name)
+        return cls(model, tokenizer, batch_size=batch_size)
+
+    def normalize(self, text: str) -> str:
+        """Spell every mask the way this model's tokenizer does."""
+        for spelling in MASK_SPELLINGS:
+            if spelling != self.tokenizer.mask_token:
+                text = text.replace(spelling, self.tokenizer.mask_token)
+        return text
+
+    def target_ids(self, targets: list[str]) -> np.ndarray:
+        """Target words -> vocabulary ids, by the pipeline's rule (a word not in the vocabulary
+        stands for its first sub-token)."""
+        vocab = self.tokenizer.get_vocab()
+        ids = []
+        for target in targets:
+            id_ = vocab.get(target)
+            if id_ is None:
+                pieces = self.tokenizer(target, add_special_tokens=False, return_attention_mask=False,
+                                        return_token_type_ids=False, max_length=1, truncation=True)["input_ids"]
+                if not pieces:
+                    continue
+                id_ = pieces[0]
+            ids.append(id_)
+        ids = list(set(ids))  # the pipeline's order, so ties among targets break the same way
+        if not ids:
+            raise MlmtuneError(f"none of the targets {targets} maps to a token of this model")
+        return np.array(ids)
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """Tokenize and check each text: non-empty, has a mask, fits the model."""
+        encoded = []
+        for n, text in enumerate(texts, 1):
+            where = f"text {n}" if len(texts) > 1 else "the text"
+            if not text.strip():
+                raise MlmtuneError(f"{where} is empty")
+            ids = torch.tensor(self.tokenizer(self.normalize(text))["input_ids"])
+            if not (ids == self.tokenizer.mask_token_id).any():
+                raise MlmtuneError(f"{where} has no mask: write <mask> or [MASK] where a word is missing")
+            if len(ids) > self.max_length:
+                raise MlmtuneError(f"{where} is {len(ids)} tokens long; the model takes at most {self.max_length}")
+            encoded.append(ids)
+        return encoded
+
+    @torch.inference_mode()
+    def mask_logits(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(M_i, V) logits at the mask positions of each text, batched by similar length."""
+        pad = self.tokenizer.pad_token_id
+        batch_size = self.batch_size if pad is not None else 1
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out: list[torch.Tensor] = [None] * len(encoded)  # type: ignore[list-item]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad if pad is not None else 0, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(encoded[i])] = encoded[i]
+                attention[row, : len(encoded[i])] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+            for row, i in enumerate(idx):
+                positions = torch.nonzero(encoded[i] == self.tokenizer.mask_token_id).flatten()
+                out[i] = logits[row, positions.to(self.device)].float().cpu()
+        return out
+
+    def predictions(self, ids: torch.Tensor, logits: torch.Tensor, top_k: int,
+                    target_ids: np.ndarray | None) -> list[Prediction] | list[list[Prediction]]:
+        """The pipeline's postprocess for one text."""
+        if target_ids is not None and target_ids.shape[0] < top_k:
+            top_k = target_ids.shape[0]
+        positions = torch.nonzero(ids == self.tokenizer.mask_token_id).flatten()
+        probs = logits.softmax(dim=-1)
+        if target_ids is not None:
+            probs = probs[..., target_ids]
+        values, indices = probs.topk(top_k)
+        single_mask = values.shape[0] == 1
+        result = []
+        for i, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):
+            row = []
+            for score, p in zip(row_values, row_indices):
+                if target_ids is not None:
+                    p = target_ids[p].tolist()
+                tokens = ids.numpy().copy()
+                tokens[positions[i]] = p
+                tokens = tokens[np.where(tokens != self.tokenizer.pad_token_id)]
+                sequence = self.tokenizer.decode(tokens, skip_special_tokens=single_mask)
+                row.append({"score": score, "token": p, "token_str": self.tokenizer.decode([p]), "sequence": sequence})
+            result.append(row)
+        return result[0] if single_mask else result
+
+    def fill(self, texts: list[str], top_k: int = 5, targets: list[str] | None = None) -> list:
+        """Fill every text; one pipeline-shaped result per text, in input order.
+
+        Raises:
+            MlmtuneError: a text is empty, has no mask, or is longer than the model takes.
+        """
+        if not 1 <= top_k:
+            raise MlmtuneError(f"top_k must be a positive integer, got {top_k}")
+        target_ids = self.target_ids(targets) if targets else None
+        encoded = self.encode(texts)
+        logits = self.mask_logits(encoded)
+        return [self.predictions(ids, lg, top_k, target_ids) for ids, lg in zip(encoded, logits)]
+
+    def __call__(self, text: str, top_k: int = 5, targets: list[str] | None = None):
+        """Fill one text; the result is what `pipeline("fill-mask")(text)` returns."""
+        return self.fill([text], top_k=top_k, targets=targets)[0]

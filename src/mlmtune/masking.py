@@ -1,0 +1,85 @@
+"""Blocks -> masked batches: BERT-style dynamic masking, and eval masks that never change.
+
+The rule is the one of transformers' `DataCollatorForLanguageModeling`: each non-special token
+is chosen with probability `mlm_probability`; of the chosen, 80% become the mask token, 10% a
+random token, 10% stay. Every draw comes from an explicit `torch.Generator`, so training masks
+are reproducible from the seed (and resumable), and eval masks are drawn once and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100  # label of an unmasked position; cross_entropy skips it
+
+
+@dataclass(frozen=True)
+class Masker:
+    """Masks batches of token ids; built once from a tokenizer."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_ids: torch.Tensor  # (S,) ids never masked
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, mlm_probability: float = 0.15) -> Masker:
+        return cls(
+            mask_token_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
+            mlm_probability=mlm_probability,
+        )
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask a (B, T) batch.
+
+        Returns:
+            (inputs, labels): inputs with masks applied; labels equal to the original ids at
+            the chosen positions and IGNORE_INDEX elsewhere.
+        """
+        input_ids = input_ids.long()
+        labels = input_ids.clone()
+        probs = torch.full(input_ids.shape, self.mlm_probability)
+        probs.masked_fill_(torch.isin(input_ids, self.special_ids), 0.0)
+        chosen = torch.bernoulli(probs, generator=generator).bool()
+        labels[~chosen] = IGNORE_INDEX
+
+        inputs = input_ids.clone()
+        to_mask = torch.bernoulli(torch.full(input_ids.shape, self.mask_replace_prob), generator=generator).bool()
+        to_mask &= chosen
+        inputs[to_mask] = self.mask_token_id
+
+        # of what is left, the share that becomes random: 0.1 / (1 - 0.8) = 0.5
+        rest = 1.0 - self.mask_replace_prob
+        p_random = self.random_replace_prob / rest if rest > 0 else 0.0
+        to_random = torch.bernoulli(torch.full(input_ids.shape, p_random), generator=generator).bool()
+        to_random &= chosen & ~to_mask
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, dtype=torch.long, generator=generator)
+        inputs[to_random] = random_ids[to_random]
+        return inputs, labels
+
+
+def fixed_eval_masks(
+    blocks: torch.Tensor, masker: Masker, seed: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask every eval block once, from `seed` alone.
+
+    The result depends only on the blocks, the masker and the seed (not on the eval batch
+    size), so perplexity of the same model on the same data is the same number every time,
+    and before/after numbers compare the same predictions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = [], []
+    for start in range(0, len(blocks), chunk):
+        i, lab = masker(blocks[start : start + chunk], generator)
+        inputs.append(i)
+        labels.append(lab)
+    if not inputs:
+        empty = torch.zeros((0, blocks.shape[-1] if blocks.ndim == 2 else 0), dtype=torch.long)
+        return empty, empty.clone()
+    return torch.cat(inputs), torch.cat(labels)

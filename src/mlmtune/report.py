@@ -1,0 +1,110 @@
+"""What a finished run leaves beside the model: metrics.json, training_curves.png, the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlmtune.config import TrainConfig
+
+
+def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
+    path = folder / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def plot_curves(metrics: dict[str, Any], folder: Path) -> Path:
+    """Training loss and eval perplexity over optimizer steps, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    losses = metrics.get("train_loss", [])
+    ax_loss.plot([p["step"] for p in losses], [p["loss"] for p in losses], color="tab:blue")
+    ax_loss.set(title="Training loss (masked tokens)", xlabel="step", ylabel="loss")
+    points = [(0, metrics["perplexity_before"])] if metrics.get("perplexity_before") is not None else []
+    points += [(e["step"], e["perplexity"]) for e in metrics.get("epochs", [])]
+    if points:
+        ax_ppl.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:orange")
+        ax_ppl.set_yscale("log")
+    else:
+        ax_ppl.text(0.5, 0.5, "no eval split (--test-size 0)", ha="center", va="center", transform=ax_ppl.transAxes)
+    ax_ppl.set(title="Eval perplexity (fixed masks)", xlabel="step", ylabel="perplexity")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = folder / "training_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.2f}"
+
+
+def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str) -> Path:
+    """A Hugging Face model card: YAML metadata (pipeline_tag: fill-mask) and the run's numbers."""
+    base = cfg.model if not cfg.model.startswith(("/", ".", "~", "builtin:")) else None
+    dataset = cfg.data.dataset or ""
+    hub_dataset = dataset if "/" in dataset and not dataset.startswith(("/", ".", "~")) else None
+    meta = ["library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- fill-mask", "- mlmtune"]
+    if base:
+        meta.append(f"base_model: {base}")
+    if hub_dataset:
+        meta += ["datasets:", f"- {hub_dataset}"]
+    rows = [
+        ("base model", cfg.model), ("dataset", f"{dataset} (split `{cfg.data.split}`, field "
+                                    f"`{cfg.data.text_field}`)"),
+        ("eval split", f"{cfg.data.test_size:.0%} of records" if cfg.data.test_size else "none"),
+        ("block size", cfg.data.block_size), ("mlm probability", cfg.mlm_probability),
+        ("learning rate", cfg.learning_rate), ("weight decay", cfg.weight_decay),
+        ("batch size", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"),
+        ("optimizer steps", metrics["train_steps"]), ("warmup steps", cfg.warmup_steps), ("seed", cfg.seed),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = f"""---
+{chr(10).join(meta)}
+---
+
+# {Path(folder).resolve().name}
+
+A masked language model fine-tuned from `{cfg.model}` with
+[mlmtune](https://pypi.org/project/mlmtune/) on `{dataset}`.
+
+## Perplexity
+
+Perplexity = exp(mean loss over masked tokens) on the held-out split, with eval masks drawn once
+from the seed, so both numbers score the same predictions.
+
+| | eval loss | perplexity |
+| --- | --- | --- |
+| before | {_fmt(metrics.get("eval_loss_before"))} | {_fmt(metrics.get("perplexity_before"))} |
+| after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
+
+Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
+
+## Training
+
+| setting | value |
+| --- | --- |
+{table}
+
+## Use
+
+```python
+from transformers import pipeline
+
+fill = pipeline("fill-mask", model="{Path(folder).resolve().name}")
+fill("The answer is {mask_token}.")
+```
+
+or `mlmtune fill --model {Path(folder).resolve().name} "The answer is {mask_token}."`
+"""
+    path = folder / "README.md"
+    path.write_text(text)
+    return path

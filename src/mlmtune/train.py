@@ -1,0 +1,259 @@
+"""train(cfg): the one training loop. Reads top to bottom: data, masks, before-eval, steps, after-eval.
+
+Reproducibility is by construction, not by saved RNG state: the order of blocks in epoch e
+comes from a generator seeded with (seed, e), and the masks and dropout of optimizer step s
+from generators seeded with (seed, s). So a resumed run sees exactly the batches, masks and
+dropout an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from mlmtune import checkpoint as ckpt
+from mlmtune.config import TrainConfig, save_config, to_dict
+from mlmtune.data import blocks_tensor, prepare_blocks
+from mlmtune.errors import MlmtuneError
+from mlmtune.evaluate import EvalResult, masked_nll_sum, perplexity
+from mlmtune.hub import push_folder
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision
+from mlmtune.report import plot_curves, write_metrics, write_model_card
+
+_MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to write over the work of another run, and fail now rather than after training."""
+    if out.exists() and not out.is_dir():
+        raise MlmtuneError(f"--output-dir {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise MlmtuneError(
+            f"--output-dir {out} is not empty; pass --resume to continue the run in it, or choose another --output-dir"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mlmtune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights, as the Trainer does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * _MIX + epoch))
+
+
+def _eval_entry(result: EvalResult) -> dict[str, Any]:
+    return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Fine-tune a masked-LM with dynamic masking and measure it before and after on fixed masks.
+
+    Args:
+        cfg: the resolved training config.
+        progress: show progress bars.
+
+    Returns:
+        TrainResult with the output folder (a Hugging Face model folder plus metrics.json,
+        training_curves.png, README.md and the resolved config) and the metrics.
+
+    Raises:
+        MlmtuneError: bad data, model or output folder; or training was interrupted (a checkpoint
+            is saved first, so `--resume` continues).
+    """
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.resume)
+    model, tokenizer = load_model(cfg.model)
+    check_block_size(cfg.data.block_size, model, tokenizer)
+
+    # text -> tokens -> blocks
+    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed)
+    train_blocks = blocks_tensor(blocks["train"])  # (N, T)
+    if len(train_blocks) == 0:
+        raise MlmtuneError(
+            f"the training split has {stats.tokens['train']} tokens, fewer than one block of "
+            f"{cfg.data.block_size}; use more text or a smaller --block-size"
+        )
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    eval_inputs = eval_labels = None
+    if "test" in blocks:
+        eval_blocks = blocks_tensor(blocks["test"])
+        if len(eval_blocks) == 0:
+            raise MlmtuneError(
+                f"the eval split has {stats.tokens['test']} tokens, fewer than one block of {cfg.data.block_size}; "
+                f"raise --test-size, lower --block-size, or pass --test-size 0 to skip evaluation"
+            )
+        eval_inputs, eval_labels = fixed_eval_masks(eval_blocks, masker, cfg.seed)
+    log(f"Blocks: {len(train_blocks)} train, {0 if eval_inputs is None else len(eval_inputs)} eval, "
+        f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
+
+    device = pick_device()
+    model.to(device)
+    autocast_dtype = resolve_precision(cfg.precision, device)
+    log(f"Training precision: {'bf16 autocast' if autocast_dtype else 'fp32'}; evaluation in fp32")
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    def evaluate(desc: str) -> EvalResult | None:
+        if eval_inputs is None:
+            return None
+        return perplexity(model, eval_inputs, eval_labels, eval_bs, progress=progress, desc=desc)
+
+    # the schedule
+    micro_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  foreach=device.type == "cpu" or None)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    save_every = cfg.save_steps or steps_per_epoch
+
+    config_dict = to_dict(cfg)
+    existing = ckpt.list_checkpoints(out) if cfg.resume else []
+    if existing:
+        ckpt.check_compatible(ckpt.read_state(existing[-1]).config, config_dict, existing[-1])
+        state = ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler)
+        log(f"Resuming from {existing[-1]} (step {state.step} of {total_steps})")
+    else:
+        if cfg.resume:
+            log(f"--resume: no checkpoint in {out}, starting from the beginning")
+        state = ckpt.TrainState(config=config_dict)
+        before = evaluate("Eval (before)")
+        state.eval_before = _eval_entry(before) if before else None
+        if before:
+            log(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
+
+    def save() -> Path:
+        return ckpt.save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
+    window: list[float] = []
+    try:
+        while state.step < total_steps:
+            epoch, in_epoch = divmod(state.step, steps_per_epoch)
+            order = epoch_order(len(train_blocks), cfg.seed, epoch)
+            t0 = time.perf_counter()
+            # the micro-batches of this optimizer step, masked from (seed, step)
+            first = in_epoch * cfg.gradient_accumulation_steps
+            micro = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                     for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
+            mask_gen = torch.Generator().manual_seed(cfg.seed * _MIX + state.step + 1)
+            batches = [masker(train_blocks[idx], mask_gen) for idx in micro]
+            n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+            torch.manual_seed(cfg.seed * _MIX + state.step)  # dropout of this step
+
+            # token-weighted loss over the whole accumulated batch
+            step_nll = 0.0
+            for inputs, labels in batches:
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device))
+                (nll / max(n_masked, 1)).backward()
+                step_nll += float(nll)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+
+            state.train_seconds += time.perf_counter() - t0
+            state.train_tokens += sum(len(idx) for idx in micro) * cfg.data.block_size
+            window.append(step_nll / max(n_masked, 1))
+            bar.update(1)
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                state.train_loss.append({"step": state.step, "loss": sum(window) / len(window)})
+                bar.set_postfix(loss=f"{state.train_loss[-1]['loss']:.4f}")
+                window = []
+
+            epoch_end = state.step % steps_per_epoch == 0
+            if epoch_end or state.step == total_steps:
+                result = evaluate(f"Eval (step {state.step})")
+                if result:
+                    entry = {"epoch": round(state.step / steps_per_epoch, 4), "step": state.step,
+                             **_eval_entry(result)}
+                    state.epochs.append(entry)
+                    bar.write(f"epoch {entry['epoch']:g} step {state.step}: eval loss {result.loss:.4f}, "
+                              f"perplexity {result.perplexity:,.2f}")
+                model.train()
+            if state.step % save_every == 0 or state.step == total_steps:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        saved_to = save()
+        raise MlmtuneError(f"interrupted at step {state.step}; checkpoint saved in {saved_to}, "
+                           f"continue with the same command and --resume") from None
+    bar.close()
+    model.eval()
+
+    after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
+    if after is None and eval_inputs is not None:  # resumed a finished run with no eval on record
+        result = evaluate("Eval (after)")
+        after = {"step": state.step, **_eval_entry(result)}
+    before = state.eval_before
+    metrics = {
+        "model": cfg.model,
+        "dataset": cfg.data.dataset,
+        "eval_loss_before": before["eval_loss"] if before else None,
+        "perplexity_before": before["perplexity"] if before else None,
+        "eval_loss_after": after["eval_loss"] if after else None,
+        "perplexity_after": after["perplexity"] if after else None,
+        "eval_masked_tokens": before["masked_tokens"] if before else 0,
+        "epochs": state.epochs,
+        "train_loss": state.train_loss,
+        "train_steps": state.step,
+        "train_tokens": state.train_tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
+        "train_blocks": len(train_blocks),
+        "eval_blocks": 0 if eval_inputs is None else len(eval_inputs),
+        "block_size": cfg.data.block_size,
+        "dropped_tokens": stats.total_dropped,
+        "device": device.type,
+        "precision": "bf16" if autocast_dtype else "fp32",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    # the output folder: an ordinary Hugging Face model folder plus the run's records
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_config(cfg, out)
+    write_metrics(metrics, out)
+    plot_curves(metrics, out)
+    write_model_card(cfg, metrics, out, tokenizer.mask_token)
+    if cfg.push_to_hub:
+        repo = cfg.hub_model_id or out.resolve().name
+        log(f"Pushed to {push_folder(str(out), repo)}")
+    return TrainResult(output_dir=out, metrics=metrics)
+
