@@ -306,7 +306,11 @@ def _save_atomic(blocks: DatasetDict, meta: dict, folder: Path) -> None:
 
 
 def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[DatasetDict, BlockStats]:
-    """Tokenize and group every split; no cache."""
+    """Tokenize and group every split; no cache.
+
+    Raises:
+        MlmtuneError: a split holds fewer tokens than one block.
+    """
     out, tokens, n_blocks, dropped = {}, {}, {}, {}
     for split, ds in texts.items():
         tokenized = tokenize(ds, tokenizer)
@@ -314,6 +318,10 @@ def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[Datase
         out[split], dropped[split] = blocks, lost
         n_blocks[split] = len(blocks)
         tokens[split] = len(blocks) * block_size + lost
+        if not len(blocks):
+            hint = ("raise --test-size, lower --block-size, or pass --test-size 0 to skip evaluation"
+                    if split == "test" else "use more text or a smaller --block-size")
+            raise MlmtuneError(f"the {split} split has {lost} tokens, fewer than one block of {block_size}; {hint}")
     return DatasetDict(out), BlockStats(tokens, n_blocks, dropped)
 
 
@@ -366,8 +374,12 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = Tru
     ).hexdigest()[:24]
     folder = cache_root(data) / "blocks" / key
     if use_cache and is_prepared(folder):
-        print(f"Using cached blocks from {folder}", file=sys.stderr)
-        return load_prepared(folder, tokenizer)
+        try:
+            cached = load_prepared(folder, tokenizer)
+            print(f"Using cached blocks from {folder}", file=sys.stderr)
+            return cached
+        except Exception as e:  # a damaged cache entry is rebuilt, never fatal
+            print(f"warning: rebuilding damaged cache entry {folder} ({type(e).__name__})", file=sys.stderr)
     blocks, stats = build_blocks(texts, tokenizer, data.block_size)
     if use_cache:
         try:

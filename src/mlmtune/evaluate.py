@@ -120,9 +120,6 @@ def run_eval(cfg) -> dict:
     blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     split = "test" if "test" in blocks else "train"
     eval_blocks = blocks_tensor(blocks[split])
-    if len(eval_blocks) == 0:
-        raise MlmtuneError(f"the eval split holds fewer tokens than one block of {cfg.data.block_size}; "
-                           f"lower --block-size or evaluate more text")
     inputs, labels = fixed_eval_masks(eval_blocks, Masker.from_tokenizer(tokenizer, cfg.mlm_probability), cfg.seed)
     result = perplexity(model, inputs, labels, cfg.batch_size)
     out = {"model": cfg.model, "eval_loss": result.loss, "perplexity": result.perplexity,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mlmtune.config import QUICKSTART_DATASET, QUICKSTART_MODEL, TrainConfig
 from mlmtune.fill import FillMask
 from mlmtune.train import TrainResult, train
@@ -37,6 +39,7 @@ def _top(fill: FillMask, k: int = 3) -> list[str]:
 
 def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, str]:
     """Train with the quickstart settings and return the result plus a printable report."""
+    torch.manual_seed(cfg.seed)  # the same new head train() starts from
     before = _top(FillMask.from_pretrained(cfg.model))
     result = train(cfg, progress=progress)
     after = _top(FillMask.from_pretrained(str(result.output_dir)))

@@ -94,27 +94,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.resume)
+    torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
     model, tokenizer = load_model(cfg.model)
     check_block_size(cfg.data.block_size, model, tokenizer)
 
     # text -> tokens -> blocks
     blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     train_blocks = blocks_tensor(blocks["train"])  # (N, T)
-    if len(train_blocks) == 0:
-        raise MlmtuneError(
-            f"the training split has {stats.tokens['train']} tokens, fewer than one block of "
-            f"{cfg.data.block_size}; use more text or a smaller --block-size"
-        )
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
     eval_inputs = eval_labels = None
     if "test" in blocks:
-        eval_blocks = blocks_tensor(blocks["test"])
-        if len(eval_blocks) == 0:
-            raise MlmtuneError(
-                f"the eval split has {stats.tokens['test']} tokens, fewer than one block of {cfg.data.block_size}; "
-                f"raise --test-size, lower --block-size, or pass --test-size 0 to skip evaluation"
-            )
-        eval_inputs, eval_labels = fixed_eval_masks(eval_blocks, masker, cfg.seed)
+        eval_inputs, eval_labels = fixed_eval_masks(blocks_tensor(blocks["test"]), masker, cfg.seed)
     log(f"Blocks: {len(train_blocks)} train, {0 if eval_inputs is None else len(eval_inputs)} eval, "
         f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
 
@@ -180,7 +170,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                                     enabled=autocast_dtype is not None):
                     nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device))
                 (nll / max(n_masked, 1)).backward()
-                step_nll += float(nll)
+                step_nll += float(nll.detach())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny RoBERTa (2 layers, hidden 32) with a byte-level BPE tokenizer, built
+once per session from the Python docs that ship with CPython, and a small JSONL corpus."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the network: an unreachable Hub must already be handled, not waited for.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# the block cache of the test session lives in its own folder, never in the user's ~/.cache
+os.environ["MLMTUNE_CACHE"] = tempfile.mkdtemp(prefix="mlmtune-test-cache-")
+
+TINY_BLOCK = 32
+
+
+def _build_tokenizer(texts: list[str], folder: Path):
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(folder))
+    # like roberta-base: the mask token swallows the space before it
+    tok = RobertaTokenizerFast.from_pretrained(folder, model_max_length=64,
+                                               mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+    assert len(tok) == 600
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def docs_texts() -> list[str]:
+    from mlmtune.data import python_docs_texts
+
+    return python_docs_texts()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, docs_texts) -> Path:
+    """A saved tiny RoBERTa masked-LM folder (random weights, trained tokenizer)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    tok = _build_tokenizer(docs_texts, folder)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64 + 2, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, type_vocab_size=1)
+    model = RobertaForMaskedLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _tiny_loaded(tiny_model_dir):
+    from mlmtune.model import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def tiny(_tiny_loaded):
+    """(model, tokenizer), deep-copied per test so no test can leak state into another."""
+    model, tokenizer = _tiny_loaded
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def eli5_like(tmp_path_factory, docs_texts) -> Path:
+    """An ELI5-shaped JSONL file: nested `answers.text` lists of strings, plus a title."""
+    path = tmp_path_factory.mktemp("eli5") / "eli5_like.jsonl"
+    with path.open("w") as f:
+        for i in range(0, 600, 3):
+            f.write(json.dumps({"q_id": str(i), "title": docs_texts[i][:40],
+                                "answers": {"a_id": [f"a{i}", f"b{i}"], "text": docs_texts[i + 1 : i + 3],
+                                            "score": [1, 2]}}) + "\n")
+    return path
+
+
+@pytest.fixture()
+def cache_dir(tmp_path) -> str:
+    return str(tmp_path / "cache")

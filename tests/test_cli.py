@@ -1,0 +1,140 @@
+"""The real `mlmtune` entry point, end to end on the tiny model, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlmtune.cli import main
+
+
+def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "mlmtune", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path):
+    cache = str(tmp_path / "cache")
+    prepared, out = tmp_path / "prepared", tmp_path / "model"
+    p = run("prepare", "--model", str(tiny_model_dir), "--dataset", str(eli5_like), "--text-field", "answers.text",
+            "--block-size", "32", "--output-dir", str(prepared))
+    assert p.returncode == 0, p.stderr
+    from datasets import load_from_disk
+
+    dd = load_from_disk(str(prepared))
+    assert set(dd) == {"train", "test"} and dd["train"].column_names == ["input_ids"]
+    assert len(dd["train"][0]["input_ids"]) == 32
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"learning_rate: 0.01\nbatch_size: 4\nmax_steps: 8\ndata:\n  block_size: 32\n  cache_dir: {cache}\n")
+    p = run("train", "--config", str(cfg), "--model", str(tiny_model_dir), "--dataset", str(prepared),
+            "--output-dir", str(out), "--precision", "fp32", "--max-steps", "10")
+    assert p.returncode == 0, p.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 10  # the flag beat the config file
+    assert metrics["perplexity_after"] < metrics["perplexity_before"]
+    assert f"{metrics['perplexity_after']:,.2f} after" in p.stdout
+    saved = (out / "mlmtune_config.yaml").read_text()
+    assert "learning_rate: 0.01" in saved and "max_steps: 10" in saved
+
+    # eval on the same prepared split and seed reproduces the run's final perplexity
+    p = run("eval", "--model", str(out), "--dataset", str(prepared), "--block-size", "32", "--json")
+    assert p.returncode == 0, p.stderr
+    ev = json.loads(p.stdout)
+    assert math.isclose(ev["perplexity"], metrics["perplexity_after"], rel_tol=1e-5)
+    assert ev["eval_masked_tokens"] == metrics["eval_masked_tokens"]
+
+    # fill --json: one line per text, in order, each what pipeline("fill-mask") returns
+    from transformers import pipeline
+
+    texts = ["The <mask> statement is used.", "A [MASK] is defined with <mask> keyword."]
+    p = run("fill", "--model", str(out), "--json", "--top-k", "3", stdin="\n".join(texts) + "\n")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2
+    pipe = pipeline("fill-mask", model=str(out))
+    for line, text in zip(lines, texts):
+        ours = json.loads(line)
+        theirs = pipe(text.replace("[MASK]", "<mask>"), top_k=3)
+        flat_ours = ours if isinstance(ours[0], dict) else [p for row in ours for p in row]
+        flat_theirs = theirs if isinstance(theirs[0], dict) else [p for row in theirs for p in row]
+        assert [(a["token"], a["token_str"], a["sequence"]) for a in flat_ours] == \
+            [(b["token"], b["token_str"], b["sequence"]) for b in flat_theirs]
+        assert [a["score"] for a in flat_ours] == pytest.approx([b["score"] for b in flat_theirs], rel=1e-5)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    p = run("fill", "--model", str(tmp_path / "nope"), "A <mask>.")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"mlmtune: error: model folder {tmp_path / 'nope'} does not exist"]
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fill", "--model", "{model}", "No mask here."], "has no mask"),
+    (["fill", "--model", "{model}", " "], "is empty"),
+    (["train", "--model", "{model}", "--dataset", "eli5", "--block-size", "32", "--output-dir", "{tmp}/o"],
+     "datasets#6605"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--text-field", "answers.text", "--block-size", "512",
+      "--output-dir", "{tmp}/o"], "--block-size 512 is larger than the model's maximum length 64"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--learning-rate", "0"], "--learning-rate must be"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--batch-size", "-2"], "--batch-size must be a positive"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--epochs", "three"], "--epochs expects float"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--output-dir", "{data}"], "is a file"),
+    (["train", "--model", "{model}", "--dataset", "{data}", "--text-field", "answer", "--block-size", "32",
+      "--output-dir", "{tmp}/o"],
+     "its fields are: q_id, title, answers.a_id, answers.text, answers.score"),
+    (["train", "--model", "{model}", "--dataset", "{tiny_txt}", "--test-size", "0", "--block-size", "32",
+      "--output-dir", "{tmp}/o"], "fewer than one block of 32"),
+    (["train", "--dataset", "{data}", "--config", "{tmp}/missing.yaml"], "missing.yaml does not exist"),
+    (["eval", "--model", "{model}"], "--dataset is required"),
+    (["fill", "--model", "{tmp}/not-a-model", "a <mask>"], "does not exist"),
+])
+def test_bad_input(tiny_model_dir, eli5_like, tmp_path, capsys, args, message):
+    tiny_txt = tmp_path / "tiny.txt"
+    tiny_txt.write_text("just a few words\n")
+    args = [a.format(model=tiny_model_dir, data=eli5_like, tmp=tmp_path, tiny_txt=tiny_txt) for a in args]
+    assert main(args) == 1
+    err = _err(capsys)
+    assert err.startswith("mlmtune: error: ") and message in err
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys, eli5_like):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rte: 0.1\n")
+    assert main(["train", "--dataset", str(eli5_like), "--config", str(cfg)]) == 1
+    assert "unknown option 'learning_rte'" in _err(capsys)
+
+
+def test_model_without_mask_token(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    folder = tmp_path / "nomask"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["mask_token"] = None
+    cfg.pop("added_tokens_decoder", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<mask>"]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+    assert main(["fill", "--model", str(folder), "a <mask>"]) == 1
+    assert "has no mask token" in _err(capsys)
+
+
+def test_python_dash_m_help():
+    p = run("--help")
+    assert p.returncode == 0 and "quickstart" in p.stdout

@@ -1,0 +1,79 @@
+"""FillMask against transformers' pipeline("fill-mask") on the same folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlmtune.errors import MlmtuneError
+from mlmtune.fill import FillMask
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    from transformers import pipeline
+
+    return pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def filler(tiny_model_dir):
+    return FillMask.from_pretrained(str(tiny_model_dir), batch_size=4)
+
+
+def assert_same(ours, theirs):
+    """Same tokens, strings and sequences in the same order; scores equal to float32 precision."""
+    if isinstance(theirs[0], list):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert_same(a, b)
+        return
+    assert [(p["token"], p["token_str"], p["sequence"]) for p in ours] == \
+        [(p["token"], p["token_str"], p["sequence"]) for p in theirs]
+    for a, b in zip(ours, theirs):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-7)
+
+
+TEXTS = [
+    "The <mask> statement is used in a loop.",
+    "A function is <mask> with def.",
+    "Short <mask>.",
+    "Names <mask> bound to objects, and <mask> can be rebound later in the program.",
+    "<mask>",
+]
+
+
+def test_single_texts_match_the_pipeline(pipe, filler):
+    for text in TEXTS:
+        assert_same(filler(text, top_k=5), pipe(text, top_k=5))
+
+
+def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler):
+    ours = filler.fill(TEXTS, top_k=3)  # batch_size 4: two batches of padded, length-sorted texts
+    for text, result in zip(TEXTS, ours):
+        assert_same(result, pipe(text, top_k=3))
+
+
+def test_targets_match_the_pipeline(pipe, filler):
+    targets = ["Ġloop", "Ġdef", "Ġthe", "function", "zzzz"]
+    text = "The <mask> statement is used in a loop."
+    assert_same(filler(text, top_k=3, targets=targets), pipe(text, top_k=3, targets=targets))
+    assert_same(filler(text, top_k=10, targets=targets), pipe(text, top_k=10, targets=targets))
+
+
+def test_both_mask_spellings_are_accepted(filler):
+    assert filler("The [MASK] statement.", top_k=2) == filler("The <mask> statement.", top_k=2)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("There is nothing to fill here.", "has no mask"),
+    ("   ", "is empty"),
+    ("<mask> " + "word " * 100, "tokens long; the model takes at most 64"),
+])
+def test_bad_texts(filler, text, message):
+    with pytest.raises(MlmtuneError, match=message):
+        filler(text)
+
+
+def test_missing_model_folder():
+    with pytest.raises(MlmtuneError, match="model folder ./no-such-model does not exist"):
+        FillMask.from_pretrained("./no-such-model")

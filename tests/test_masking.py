@@ -1,0 +1,75 @@
+"""Masking statistics against the rule (15% of non-special tokens; 80/10/10), and fixed eval masks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+
+
+def _within(observed: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(observed - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def _batch(tok, rows=400, width=64):
+    g = torch.Generator().manual_seed(1)
+    special = sorted(set(tok.all_special_ids))
+    non_special = torch.tensor([i for i in range(len(tok)) if i not in special])
+    ids = non_special[torch.randint(len(non_special), (rows, width), generator=g)]
+    ids[:, 0] = tok.bos_token_id  # special tokens where a block has them
+    ids[:, width // 2] = tok.eos_token_id
+    ids[:, width // 2 + 1] = tok.bos_token_id
+    return ids
+
+
+def test_masking_statistics(tiny):
+    _, tok = tiny
+    masker = Masker.from_tokenizer(tok, 0.15)
+    ids = _batch(tok)
+    inputs, labels = masker(ids, torch.Generator().manual_seed(0))
+
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    chosen = labels != IGNORE_INDEX
+    n_candidates = int((~special).sum())
+    n_chosen = int(chosen.sum())
+    assert not (chosen & special).any(), "a special token was masked"
+    assert (inputs[special] == ids[special]).all()
+    assert _within(n_chosen, n_candidates, 0.15)
+    assert (labels[chosen] == ids[chosen]).all()
+    assert (inputs[~chosen] == ids[~chosen]).all(), "an unchosen token changed"
+
+    as_mask = int((inputs[chosen] == tok.mask_token_id).sum())
+    unchanged = int((inputs[chosen] == ids[chosen]).sum())
+    other = n_chosen - as_mask - unchanged
+    # a random replacement hits the original token with probability 1/V: fold that into "unchanged"
+    v = len(tok)
+    assert _within(as_mask, n_chosen, 0.8)
+    assert _within(unchanged, n_chosen, 0.1 + 0.1 / v)
+    assert _within(other, n_chosen, 0.1 - 0.1 / v)
+
+
+def test_masking_is_dynamic_and_reproducible(tiny):
+    _, tok = tiny
+    masker = Masker.from_tokenizer(tok, 0.15)
+    ids = _batch(tok, rows=8)
+    a = masker(ids, torch.Generator().manual_seed(3))
+    b = masker(ids, torch.Generator().manual_seed(3))
+    c = masker(ids, torch.Generator().manual_seed(4))
+    assert a[0].equal(b[0]) and a[1].equal(b[1])
+    assert not a[1].equal(c[1])
+
+
+def test_fixed_eval_masks_depend_only_on_seed(tiny):
+    _, tok = tiny
+    masker = Masker.from_tokenizer(tok, 0.15)
+    blocks = _batch(tok, rows=300)
+    x1, y1 = fixed_eval_masks(blocks, masker, seed=11)
+    x2, y2 = fixed_eval_masks(blocks, masker, seed=11)
+    x3, _ = fixed_eval_masks(blocks, masker, seed=12)
+    assert x1.equal(x2) and y1.equal(y2)
+    assert not x1.equal(x3)
+    torch.manual_seed(999)  # the global RNG plays no part
+    x4, _ = fixed_eval_masks(blocks, masker, seed=11)
+    assert x4.equal(x1)

@@ -1,0 +1,123 @@
+"""The training loop: it learns, writes an ordinary HF folder, and resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlmtune import train as train_mod
+from mlmtune.config import TrainConfig, resolve
+from mlmtune.errors import MlmtuneError
+from mlmtune.train import train
+
+
+def _cfg(model_dir, out, eli5_like, cache_dir, **over):
+    flags = {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
+             "batch_size": 4, "max_steps": 6, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 10,
+             "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 1, **over}
+    return resolve(TrainConfig, {}, flags)
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_train_learns_and_writes_a_model_folder(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    out = tmp_path / "run"
+    result = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=12), progress=False)
+    m = result.metrics
+    assert m["perplexity_after"] < 0.9 * m["perplexity_before"]
+    assert m["train_steps"] == 12 and m["epochs"][-1]["step"] == 12
+    assert m["eval_masked_tokens"] > 0 and m["train_tokens_per_second"] > 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "training_curves.png",
+                 "README.md", "mlmtune_config.yaml"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: fill-mask" in card and f"{m['perplexity_after']:,.2f}" in card
+
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    reloaded = AutoModelForMaskedLM.from_pretrained(out)
+    assert torch.equal(reloaded.state_dict()["lm_head.dense.weight"], _weights(out)["lm_head.dense.weight"])
+    assert pipeline("fill-mask", model=str(out))("The <mask> statement.", top_k=2)[0]["token"] >= 0
+
+
+def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_model_dir, tmp_path, eli5_like,
+                                                                         cache_dir):
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", eli5_like, cache_dir), progress=False)
+    assert [p.name for p in sorted((tmp_path / "full" / "checkpoints").iterdir())] == \
+        ["step-0000002", "step-0000004", "step-0000006"]
+
+    # a second run that only got as far as the step-2 checkpoint, then resumed
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    resumed = train(_cfg(tiny_model_dir, part, eli5_like, cache_dir, resume=True), progress=False)
+
+    a, b = _weights(tmp_path / "full"), _weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert resumed.metrics["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], rel=1e-6)
+    assert resumed.metrics["eval_loss_before"] == full.metrics["eval_loss_before"]
+    # and the run really moved, so equality means something
+    assert full.metrics["eval_loss_after"] < full.metrics["eval_loss_before"] - 0.05
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                                monkeypatch):
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", eli5_like, cache_dir, save_steps=100), progress=False)
+
+    real = train_mod.masked_nll_sum
+    calls = {"n": 0}
+
+    def interrupt_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "interrupted"
+    cfg = _cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100)
+    monkeypatch.setattr(train_mod, "masked_nll_sum", interrupt_in_step_4)
+    with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*--resume"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(train_mod, "masked_nll_sum", real)
+
+    resumed = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100, resume=True), progress=False)
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert [e["step"] for e in resumed.metrics["epochs"]] == [e["step"] for e in full.metrics["epochs"]]
+    assert resumed.metrics["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], rel=1e-6)
+
+
+def test_output_dir_in_use_needs_resume(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(MlmtuneError, match="is not empty; pass --resume"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False)
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2), progress=False)
+    with pytest.raises(MlmtuneError, match=r"other settings \(learning_rate: 0.01 -> 0.001\)"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2, learning_rate=1e-3, resume=True),
+              progress=False)
+
+
+def test_metrics_json_has_the_documented_fields(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2), progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("eval_loss_before", "perplexity_before", "eval_loss_after", "perplexity_after", "epochs",
+                "train_tokens_per_second", "train_steps", "eval_masked_tokens", "dropped_tokens"):
+        assert key in m, key
+    assert set(m["epochs"][0]) >= {"epoch", "step", "eval_loss", "perplexity"}
+    assert 0 <= m["dropped_tokens"] < 2 * 32  # at most block_size - 1 per split (train and test)
