@@ -77,9 +77,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def _err(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
+    """The one error line (progress bars of work done before the error may precede it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "mlmtune: error:" in line]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0][lines[0].index("mlmtune: error:"):]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -121,3 +121,15 @@ def test_metrics_json_has_the_documented_fields(tiny_model_dir, tmp_path, eli5_l
         assert key in m, key
     assert set(m["epochs"][0]) >= {"epoch", "step", "eval_loss", "perplexity"}
     assert 0 <= m["dropped_tokens"] < 2 * 32  # at most block_size - 1 per split (train and test)
+
+
+def test_push_to_unreachable_hub_keeps_the_model_and_says_so(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                             monkeypatch):
+    from mlmtune import hub
+
+    monkeypatch.setattr(hub, "prepare_hub_access", lambda: False)
+    out = tmp_path / "run"
+    with pytest.raises(MlmtuneError, match=r"cannot be reached; the model is saved in .*hf upload me/tiny"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=1, push_to_hub=True, hub_model_id="me/tiny"),
+              progress=False)
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()

@@ -19,10 +19,10 @@ from mlmtune.train import TrainResult, train
 QUICKSTART_DEFAULTS: dict[str, Any] = {
     "model": QUICKSTART_MODEL,
     "dataset": QUICKSTART_DATASET,
-    "learning_rate": 2e-4,
+    "learning_rate": 5e-4,
     "batch_size": 16,
-    "max_steps": 150,
-    "warmup_steps": 10,
+    "max_steps": 250,
+    "warmup_steps": 25,
     "output_dir": "mlmtune-quickstart",
 }
 
