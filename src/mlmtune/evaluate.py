@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mlmtune.masking import IGNORE_INDEX
+from mlmtune.forward import logits_at, masked_nll_sum
 
 
 @dataclass(frozen=True)
@@ -29,16 +28,6 @@ def _perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
-
-
-def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of -log p(label) over the labelled positions of one batch, and how many there were."""
-    logits = model(input_ids=inputs).logits  # (B, T, V)
-    count = int((labels != IGNORE_INDEX).sum())
-    nll = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, count
 
 
 @torch.inference_mode()
@@ -90,8 +79,8 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
             pos = positions[start : start + batch_size]  # (P,)
             batch = ids.repeat(len(pos), 1)  # (P, T): one copy per masked position
             batch[torch.arange(len(pos)), pos] = tokenizer.mask_token_id
-            logits = model(input_ids=batch.to(device)).logits  # (P, T, V)
-            picked = logits[torch.arange(len(pos)), pos.to(device)].float()  # (P, V)
+            where = batch == tokenizer.mask_token_id  # exactly one position per row
+            picked = logits_at(model, batch.to(device), where.to(device)).float()  # (P, V)
             logp = picked.log_softmax(-1).gather(1, ids[pos].to(device)[:, None])
             total -= float(logp.sum())
             count += len(pos)

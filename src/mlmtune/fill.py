@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mlmtune.errors import MlmtuneError
+from mlmtune.forward import logits_at
 from mlmtune.model import load_model, max_positions
 
 MASK_SPELLINGS = ("<mask>", "[MASK]")
@@ -85,7 +86,8 @@ class FillMask:
 
     @torch.inference_mode()
     def mask_logits(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(M_i, V) logits at the mask positions of each text, batched by similar length."""
+        """(M_i, V) logits at the mask positions of each text, batched by similar length; the vocabulary
+        head runs at mask positions only."""
         pad = self.tokenizer.pad_token_id
         batch_size = self.batch_size if pad is not None else 1
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -98,10 +100,12 @@ class FillMask:
             for row, i in enumerate(idx):
                 ids[row, : len(encoded[i])] = encoded[i]
                 attention[row, : len(encoded[i])] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
-            for row, i in enumerate(idx):
-                positions = torch.nonzero(encoded[i] == self.tokenizer.mask_token_id).flatten()
-                out[i] = logits[row, positions.to(self.device)].float().cpu()
+            where = (ids == self.tokenizer.mask_token_id) & attention.bool()
+            logits = logits_at(self.model, ids.to(self.device), where.to(self.device),
+                               attention.to(self.device)).float().cpu()  # (masks in batch, V)
+            counts = where.sum(1).tolist()
+            for row, chunk in zip(idx, logits.split(counts)):
+                out[row] = chunk
         return out
 
     def predictions(self, ids: torch.Tensor, logits: torch.Tensor, top_k: int,

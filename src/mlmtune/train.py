@@ -23,7 +23,8 @@ from mlmtune import checkpoint as ckpt
 from mlmtune.config import TrainConfig, save_config, to_dict
 from mlmtune.data import blocks_tensor, prepare_blocks
 from mlmtune.errors import MlmtuneError
-from mlmtune.evaluate import EvalResult, masked_nll_sum, perplexity
+from mlmtune.evaluate import EvalResult, perplexity
+from mlmtune.forward import masked_nll_sum
 from mlmtune.hub import push_folder
 from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
 from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision

@@ -1,0 +1,74 @@
+"""Model -> logits, computing the vocabulary head only where a prediction is needed.
+
+In an MLM step only the ~15% masked positions have a label, yet the usual forward projects
+every position onto the whole vocabulary: for DistilRoBERTa that projection is about half the
+FLOPs of a training step and most of its activation memory. Here the encoder runs as usual,
+the hidden states of the wanted positions are gathered, and only those go through the head
+(as ModernBERT's `sparse_prediction`, MosaicBERT and cramming do). The result equals the dense
+logits at those positions; architectures without a known head layout take the dense path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mlmtune.masking import IGNORE_INDEX
+
+
+def _bert_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.cls(hidden)
+
+
+def _roberta_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(hidden)
+
+
+def _distilbert_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+    return model.vocab_projector(hidden)
+
+
+# class name -> head applied to (P, H) gathered hidden states. Keyed by exact class so that a
+# subclass with another head layout falls back to the dense path instead of being wrong.
+SPARSE_HEADS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
+    "BertForMaskedLM": _bert_head,
+    "RobertaForMaskedLM": _roberta_head,
+    "XLMRobertaForMaskedLM": _roberta_head,
+    "CamembertForMaskedLM": _roberta_head,
+    "Data2VecTextForMaskedLM": _roberta_head,
+    "DistilBertForMaskedLM": _distilbert_head,
+}
+
+
+def has_sparse_head(model) -> bool:
+    return type(model).__name__ in SPARSE_HEADS
+
+
+def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocabulary logits at the positions where `where` is True, in row-major order.
+
+    Args:
+        model: a masked-LM.
+        input_ids: (B, T) token ids.
+        where: (B, T) bool, the positions to predict.
+        attention_mask: (B, T) or None when every position is real.
+
+    Returns:
+        (P, V) logits, P = where.sum().
+    """
+    head = SPARSE_HEADS.get(type(model).__name__)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+    return head(model, hidden[where])  # (P, V)
+
+
+def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of -log p(label) over the labelled positions of one batch, and how many there were."""
+    where = labels != IGNORE_INDEX  # (B, T)
+    logits = logits_at(model, inputs, where)  # (P, V)
+    nll = torch.nn.functional.cross_entropy(logits.float(), labels[where], reduction="sum")
+    return nll, int(where.sum())
