@@ -56,26 +56,51 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_partial_saves(output_dir: Path) -> None:
+    """Delete what a save killed half-way left behind (never a complete checkpoint)."""
+    for root in (checkpoints_dir(output_dir), output_dir):
+        if root.is_dir():
+            for p in root.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
-    """Write a checkpoint atomically and keep only the newest `keep`."""
+    """Write a checkpoint atomically and keep only the newest `keep`.
+
+    Raises:
+        MlmtuneError: the save failed (disk full, permissions); earlier checkpoints are untouched.
+    """
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:
+        previous = list_checkpoints(output_dir)
+        kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
+        raise MlmtuneError(f"saving checkpoint {final.name} failed ({e.strerror or e}); {kept}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush the files of a folder to disk before it is renamed into place."""
+    for f in folder.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
@@ -103,7 +128,58 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
         load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+    except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
         raise MlmtuneError(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
                            f"delete it to resume from an older one") from None
     return state
+
+
+def resume_latest(output_dir: Path, model, optimizer, scheduler, config: dict[str, Any], log) -> TrainState | None:
+    """Load the newest checkpoint that reads back whole; older ones stand in for a damaged one.
+
+    Returns:
+        The loop state, or None when the folder holds no checkpoint.
+
+    Raises:
+        MlmtuneError: the checkpoints were made with other settings, or none can be read.
+    """
+    remove_partial_saves(output_dir)
+    candidates = list_checkpoints(output_dir)
+    for path in reversed(candidates):
+        try:
+            saved = read_state(path)
+        except MlmtuneError as e:
+            log(f"warning: {e}")
+            continue
+        check_compatible(saved.config, config, path)
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except MlmtuneError as e:
+            log(f"warning: {e}")
+            continue
+        log(f"Resuming from {path} (step {state.step})")
+        return state
+    if candidates:
+        raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in {checkpoints_dir(output_dir)} "
+                           f"can be read; start again in another --output-dir")
+    return None
+
+
+def publish(output_dir: Path, write) -> None:
+    """Run `write(folder)` into a temporary folder, then move each file into `output_dir`.
+
+    A run killed while writing leaves the temporary folder (removed by the next run), never a
+    half-written model.safetensors under its real name.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, output_dir / f.name)
+    except OSError as e:
+        raise MlmtuneError(f"writing the final model to {output_dir} failed ({e.strerror or e}); "
+                           f"the checkpoints under {checkpoints_dir(output_dir)} are intact: fix it and rerun "
+                           f"with --resume") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="fine-tune a model with the masked-LM objective")
     _add_config_flags(p, TrainConfig)
+    p = sub.add_parser("check", help="check a training config and estimate its time and memory, without training")
+    _add_config_flags(p, TrainConfig)
+    p.add_argument("--no-probe", action="store_true", help="skip the timed probe of a few training steps")
     p = sub.add_parser("prepare", help="load, split, tokenize and group a corpus into blocks (save_to_disk)")
     _add_config_flags(p, PrepareConfig)
     p = sub.add_parser("eval", help="perplexity on fixed masks (and pseudo-perplexity)")
@@ -89,13 +92,24 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from mlmtune.check import preflight
+
+    report = preflight(_config(TrainConfig, args), probe=not args.no_probe)
+    print("\n".join(report.lines()))
+    if report.errors:
+        print(f"mlmtune: error: {report.errors[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_prepare(args) -> int:
-    from mlmtune.data import build_blocks, load_texts, save_prepared
+    from mlmtune.data import prepare_blocks, save_prepared
     from mlmtune.model import load_tokenizer
 
     cfg = _config(PrepareConfig, args)
     tokenizer = load_tokenizer(cfg.model)
-    blocks, stats = build_blocks(load_texts(cfg.data, cfg.seed), tokenizer, cfg.data.block_size)
+    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, use_cache=False)
     save_prepared(blocks, stats, tokenizer, cfg.data, cfg.output_dir)
     for split in blocks:
         print(f"{split}: {stats.blocks[split]:,} blocks of {cfg.data.block_size} tokens "
@@ -144,7 +158,7 @@ def cmd_fill(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
+COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
             "quickstart": cmd_quickstart}
 
 

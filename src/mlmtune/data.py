@@ -7,6 +7,7 @@ size, so a second run on the same data skips tokenization.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,6 +42,12 @@ class BlockStats:
     tokens: dict[str, int]
     blocks: dict[str, int]
     dropped_tokens: dict[str, int]
+    records: int = 0
+    """Records read, before empty texts were dropped."""
+    empty_texts: int = 0
+    """Records whose text was empty or whitespace-only (dropped)."""
+    duplicate_texts: int = 0
+    """Eval texts that also stand, exactly, in the training split."""
 
     @property
     def total_dropped(self) -> int:
@@ -326,7 +333,16 @@ def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[Datase
 
 
 def _stats_from_meta(meta: dict) -> BlockStats:
-    return BlockStats(meta["tokens"], meta["blocks"], meta["dropped_tokens"])
+    return BlockStats(meta["tokens"], meta["blocks"], meta["dropped_tokens"], meta.get("records", 0),
+                      meta.get("empty_texts", 0), meta.get("duplicate_texts", 0))
+
+
+def count_duplicates(texts: DatasetDict) -> int:
+    """How many eval texts also stand, exactly, in the training split (by 64-bit hash, not by copy)."""
+    if "test" not in texts:
+        return 0
+    seen = {hash(t) for batch in texts["train"].iter(batch_size=10_000) for t in batch["text"]}
+    return sum(hash(t) in seen for batch in texts["test"].iter(batch_size=10_000) for t in batch["text"])
 
 
 def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> dict:
@@ -341,6 +357,9 @@ def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> di
         "tokens": stats.tokens,
         "blocks": stats.blocks,
         "dropped_tokens": stats.dropped_tokens,
+        "records": stats.records,
+        "empty_texts": stats.empty_texts,
+        "duplicate_texts": stats.duplicate_texts,
     }
 
 
@@ -368,7 +387,11 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = Tru
     """
     if data.dataset and is_prepared(data.dataset):
         return load_prepared(data.dataset, tokenizer, data.block_size)
-    texts = load_texts(data, seed)
+    records = load_records(data)
+    selected = select_text(records, data.text_field)
+    texts = split_texts(selected, data.test_size, seed)
+    report = {"records": len(records), "empty_texts": len(records) - len(selected),
+              "duplicate_texts": count_duplicates(texts)}
     key = hashlib.sha256(
         f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
     ).hexdigest()[:24]
@@ -381,6 +404,7 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = Tru
         except Exception as e:  # a damaged cache entry is rebuilt, never fatal
             print(f"warning: rebuilding damaged cache entry {folder} ({type(e).__name__})", file=sys.stderr)
     blocks, stats = build_blocks(texts, tokenizer, data.block_size)
+    stats = dataclasses.replace(stats, **report)
     if use_cache:
         try:
             _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder)

@@ -47,7 +47,8 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.2f}"
 
 
-def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str) -> Path:
+def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str,
+                     name: str | None = None) -> Path:
     """A Hugging Face model card: YAML metadata (pipeline_tag: fill-mask) and the run's numbers."""
     base = cfg.model if not cfg.model.startswith(("/", ".", "~", "builtin:")) else None
     dataset = cfg.data.dataset or ""
@@ -67,11 +68,12 @@ def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, ma
         ("optimizer steps", metrics["train_steps"]), ("warmup steps", cfg.warmup_steps), ("seed", cfg.seed),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    name = name or Path(folder).resolve().name
     text = f"""---
 {chr(10).join(meta)}
 ---
 
-# {Path(folder).resolve().name}
+# {name}
 
 A masked language model fine-tuned from `{cfg.model}` with
 [mlmtune](https://pypi.org/project/mlmtune/) on `{dataset}`.
@@ -99,11 +101,11 @@ Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
 ```python
 from transformers import pipeline
 
-fill = pipeline("fill-mask", model="{Path(folder).resolve().name}")
+fill = pipeline("fill-mask", model="{name}")
 fill("The answer is {mask_token}.")
 ```
 
-or `mlmtune fill --model {Path(folder).resolve().name} "The answer is {mask_token}."`
+or `mlmtune fill --model {name} "The answer is {mask_token}."`
 """
     path = folder / "README.md"
     path.write_text(text)

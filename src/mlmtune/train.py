@@ -9,8 +9,11 @@ dropout an uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from mlmtune import checkpoint as ckpt
+from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
 from mlmtune.config import TrainConfig, save_config, to_dict
 from mlmtune.data import blocks_tensor, prepare_blocks
 from mlmtune.errors import MlmtuneError
@@ -60,6 +64,22 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
 
 
+def stop_on_ctrl_c(event: threading.Event) -> Callable[[], None]:
+    """First Ctrl-C asks the loop to stop after the current step (which it saves); a second stops
+    at once. Returns the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        log("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and LayerNorm weights, as the Trainer does."""
     decay, no_decay = [], []
@@ -78,12 +98,14 @@ def _eval_entry(result: EvalResult) -> dict[str, Any]:
     return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fine-tune a masked-LM with dynamic masking and measure it before and after on fixed masks.
 
     Args:
         cfg: the resolved training config.
         progress: show progress bars.
+        on_step: called after every optimizer step with (step, seconds it took), e.g. for timing.
 
     Returns:
         TrainResult with the output folder (a Hugging Face model folder plus metrics.json,
@@ -101,6 +123,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     # text -> tokens -> blocks
     blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed)
+    preflight = Report()  # the cheap checks of `mlmtune check`; the errors among them have raised already
+    check_tokenizer(tokenizer, preflight)
+    check_data(stats, cfg.data.block_size, preflight)
+    for level, message in preflight.findings:
+        if level == WARNING:
+            log(f"warning: {message}")
     train_blocks = blocks_tensor(blocks["train"])  # (N, T)
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
     eval_inputs = eval_labels = None
@@ -122,19 +150,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     # the schedule
     micro_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  foreach=device.type == "cpu" or None)
+    steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks))
+    # fused AdamW: one kernel over all parameters (5x faster than foreach on CPU for DistilRoBERTa)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     save_every = cfg.save_steps or steps_per_epoch
 
     config_dict = to_dict(cfg)
-    existing = ckpt.list_checkpoints(out) if cfg.resume else []
-    if existing:
-        ckpt.check_compatible(ckpt.read_state(existing[-1]).config, config_dict, existing[-1])
-        state = ckpt.load_checkpoint(existing[-1], model, optimizer, scheduler)
-        log(f"Resuming from {existing[-1]} (step {state.step} of {total_steps})")
+    resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, log) if cfg.resume else None
+    if resumed is not None:
+        state = resumed
     else:
         if cfg.resume:
             log(f"--resume: no checkpoint in {out}, starting from the beginning")
@@ -150,6 +175,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
+    stop_requested = threading.Event()
+    restore_sigint = stop_on_ctrl_c(stop_requested)
     try:
         while state.step < total_steps:
             epoch, in_epoch = divmod(state.step, steps_per_epoch)
@@ -179,7 +206,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
 
-            state.train_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
             state.train_tokens += sum(len(idx) for idx in micro) * cfg.data.block_size
             window.append(step_nll / max(n_masked, 1))
             bar.update(1)
@@ -200,11 +228,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 model.train()
             if state.step % save_every == 0 or state.step == total_steps:
                 save()
+            if on_step is not None:
+                on_step(state.step, seconds)
+            if stop_requested.is_set():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         saved_to = save()
         raise MlmtuneError(f"interrupted at step {state.step}; checkpoint saved in {saved_to}, "
                            f"continue with the same command and --resume") from None
+    finally:
+        restore_sigint()
     bar.close()
     model.eval()
 
@@ -237,12 +271,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     }
 
     # the output folder: an ordinary Hugging Face model folder plus the run's records
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_config(cfg, out)
-    write_metrics(metrics, out)
-    plot_curves(metrics, out)
-    write_model_card(cfg, metrics, out, tokenizer.mask_token)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_config(cfg, folder)
+        write_metrics(metrics, folder)
+        plot_curves(metrics, folder)
+        write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
+
+    ckpt.publish(out, write)
     if cfg.push_to_hub:
         repo = cfg.hub_model_id or out.resolve().name
         log(f"Pushed to {push_folder(str(out), repo)}")

@@ -1,0 +1,151 @@
+"""Preflight: what would go wrong in a run, said before any compute is spent on it.
+
+`mlmtune check` runs every check and a short timed probe; `train` runs the same checks (without
+the probe) at its start and stops on the first error.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mlmtune.config import TrainConfig
+from mlmtune.data import BlockStats
+from mlmtune.errors import MlmtuneError
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+
+
+@dataclass
+class Report:
+    """Findings in the order they were made, and the estimates of the run."""
+
+    findings: list[tuple[str, str]] = field(default_factory=list)
+    estimates: dict[str, float | int | str] = field(default_factory=dict)
+
+    def add(self, level: str, message: str) -> None:
+        self.findings.append((level, message))
+
+    @property
+    def errors(self) -> list[str]:
+        return [m for level, m in self.findings if level == ERROR]
+
+    def lines(self) -> list[str]:
+        out = [f"{level:>7}  {message}" for level, message in self.findings]
+        if self.estimates:
+            out.append("estimate " + ", ".join(f"{k}: {v}" for k, v in self.estimates.items()))
+        return out
+
+
+def check_tokenizer(tokenizer, report: Report) -> None:
+    if tokenizer.pad_token_id is None:
+        report.add(WARNING, "the tokenizer has no pad token: fill-mask will run one text per forward pass")
+    elif tokenizer.eos_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        report.add(WARNING, f"the pad token is the end-of-sequence token ({tokenizer.pad_token!r}), as the guide's "
+                            "`tokenizer.pad_token = tokenizer.eos_token` makes it: padding is then indistinguishable "
+                            "from a real end of text; prefer a tokenizer with its own pad token")
+    else:
+        report.add(OK, f"tokenizer: mask {tokenizer.mask_token!r}, pad {tokenizer.pad_token!r}")
+
+
+def check_data(stats: BlockStats, block_size: int, report: Report) -> None:
+    if stats.empty_texts:
+        report.add(WARNING, f"{stats.empty_texts:,} of {stats.records:,} records have empty or whitespace-only text "
+                            "(dropped)")
+    if stats.duplicate_texts:
+        report.add(WARNING, f"{stats.duplicate_texts:,} eval texts also stand, word for word, in the training split: "
+                            "perplexity will look better than it is; deduplicate the corpus")
+    for split in stats.blocks:
+        report.add(OK, f"{split}: {stats.blocks[split]:,} blocks of {block_size} tokens, "
+                       f"{stats.dropped_tokens[split]} tokens dropped by grouping")
+
+
+def steps_for(cfg: TrainConfig, n_train_blocks: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run."""
+    micro = math.ceil(n_train_blocks / cfg.batch_size)
+    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
+    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+
+
+def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks: torch.Tensor, steps: int = 3) -> dict:
+    """Seconds per optimizer step and peak memory, from a few real steps on a copy of the model."""
+    from mlmtune.forward import masked_nll_sum
+    from mlmtune.masking import Masker
+    from mlmtune.model import pick_device, resolve_precision
+
+    device = pick_device()
+    probe = copy.deepcopy(model).to(device).train()
+    dtype = resolve_precision(cfg.precision, device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.learning_rate, fused=True)
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for _micro in range(cfg.gradient_accumulation_steps):
+            idx = torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),), generator=generator)
+            inputs, labels = masker(train_blocks[idx], generator)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                nll, n = masked_nll_sum(probe, inputs.to(device), labels.to(device))
+            (nll / max(n, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    del probe, optimizer
+    warm = sorted(times[1:] or times)  # the first step pays for one-time allocations
+    return {"step_seconds": warm[len(warm) // 2], "peak_memory_gb": round(peak_gb, 2)}
+
+
+def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
+    """Every check of a training config, and (with `probe`) estimates of time and memory.
+
+    Errors a run would hit are findings here, not exceptions: the report says all that is wrong.
+    """
+    from mlmtune.data import blocks_tensor, prepare_blocks
+    from mlmtune.model import check_block_size, load_model
+
+    report = Report()
+    try:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model(cfg.model)
+    except MlmtuneError as e:
+        report.add(ERROR, str(e))
+        return report
+    report.add(OK, f"model {cfg.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
+                   "parameters")
+    check_tokenizer(tokenizer, report)
+    try:
+        check_block_size(cfg.data.block_size, model, tokenizer)
+        blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed)
+    except MlmtuneError as e:
+        report.add(ERROR, str(e))
+        return report
+    check_data(stats, cfg.data.block_size, report)
+    train_blocks = blocks_tensor(blocks["train"])
+    per_epoch, total = steps_for(cfg, len(train_blocks))
+    report.estimates.update(train_blocks=len(train_blocks), eval_blocks=stats.blocks.get("test", 0),
+                            steps_per_epoch=per_epoch, total_steps=total)
+    if probe:
+        measured = timed_probe(cfg, model, tokenizer, train_blocks)
+        eval_batches = math.ceil(stats.blocks.get("test", 0) / (cfg.eval_batch_size or cfg.batch_size))
+        evals = 2 + math.ceil(total / per_epoch)  # before, each epoch end, after
+        # an eval batch is a forward pass in fp32: about a third of a training step's work
+        seconds = total * measured["step_seconds"] + evals * eval_batches * measured["step_seconds"] / 3
+        report.estimates.update(seconds_per_step=round(measured["step_seconds"], 3),
+                                run_time=_duration(seconds), peak_memory_gb=measured["peak_memory_gb"])
+    return report
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"

@@ -1,0 +1,180 @@
+"""Nothing lost: SIGKILL anywhere, a full disk, a damaged checkpoint; each run ends where an
+uninterrupted run with the same seed ends."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlmtune import checkpoint as ckpt_mod
+from mlmtune.config import TrainConfig, resolve
+from mlmtune.errors import MlmtuneError
+from mlmtune.train import train
+
+
+def _flags(model_dir, out, eli5_like, cache_dir, **over):
+    return {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
+            "batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 3,
+            "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", **over}
+
+
+def _cfg(*args, **over):
+    return resolve(TrainConfig, {}, _flags(*args, **over))
+
+
+@pytest.fixture()
+def reference(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    """An uninterrupted run: its weights and metrics are what every recovered run must reach."""
+    out = tmp_path / "reference"
+    result = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False)
+    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"] - 0.05  # it moved
+    return load_file(str(out / "model.safetensors")), result.metrics
+
+
+def _assert_same_run(out, reference):
+    weights, metrics = reference
+    got = load_file(str(out / "model.safetensors"))
+    for k in weights:
+        torch.testing.assert_close(got[k], weights[k], rtol=0, atol=1e-6)
+    import json
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["eval_loss_after"] == pytest.approx(metrics["eval_loss_after"], rel=1e-4)
+    assert [e["step"] for e in m["epochs"]] == [e["step"] for e in metrics["epochs"]]
+
+
+# A child process that trains and kills itself with SIGKILL at a chosen point: no cleanup runs.
+DRIVER = textwrap.dedent("""
+    import os, signal, sys, json
+    import torch
+    from mlmtune import checkpoint
+    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.train import train
+
+    flags, where, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if where == "after_step":
+        train(resolve(TrainConfig, {}, flags), progress=False, on_step=lambda s, _: die() if s == n else None)
+    elif where == "in_save":  # the n-th torch.save call: a checkpoint half written
+        calls = {"n": 0}
+        real = torch.save
+        def save(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                die()
+            return real(*a, **k)
+        checkpoint.torch.save = save
+        train(resolve(TrainConfig, {}, flags), progress=False)
+    elif where == "in_final":  # while the final model is being written
+        real = checkpoint._fsync_dir
+        def sync(folder):
+            if folder.name.startswith(".tmp-final-"):
+                die()
+            return real(folder)
+        checkpoint._fsync_dir = sync
+        train(resolve(TrainConfig, {}, flags), progress=False)
+""")
+
+
+@pytest.mark.parametrize("where, n", [("after_step", 5), ("in_save", 3), ("in_final", 0)])
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                              reference, where, n):
+    import json
+
+    out = tmp_path / "killed"
+    flags = _flags(tiny_model_dir, out, eli5_like, cache_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(flags), where, str(n)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not (out / "metrics.json").exists()  # it really died before the end
+    complete = ckpt_mod.list_checkpoints(out)
+    assert complete, "no complete checkpoint survived"
+    for c in complete:  # every checkpoint under its final name is whole
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= {f.name for f in c.iterdir()}
+
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
+    _assert_same_run(out, reference)
+    assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_full_during_save_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                                reference, monkeypatch):
+    out = tmp_path / "full-disk"
+    real = ckpt_mod.save_model
+    calls = {"n": 0}
+
+    def save_model(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt_mod, "save_model", save_model)
+    with pytest.raises(MlmtuneError, match=r"saving checkpoint step-0000006 failed \(No space left on device\); "
+                                           r"the last good checkpoint is .*step-0000004"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False)
+    monkeypatch.setattr(ckpt_mod, "save_model", real)
+    assert [c.name for c in ckpt_mod.list_checkpoints(out)] == ["step-0000002", "step-0000004"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
+    _assert_same_run(out, reference)
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                             reference, capsys):
+    out = tmp_path / "damaged"
+
+    def ctrl_c_at_step_7(step, _seconds):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(MlmtuneError, match="interrupted at step 7"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False, on_step=ctrl_c_at_step_7)
+    newest = ckpt_mod.list_checkpoints(out)[-1]
+    assert newest.name == "step-0000007"  # the Ctrl-C checkpoint
+    (newest / "model.safetensors").write_bytes(b"\0" * 100)  # damaged on disk
+
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
+    assert "warning: --resume: checkpoint" in capsys.readouterr().err
+    _assert_same_run(out, reference)
+
+
+def test_no_readable_checkpoint_is_an_error(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    out = tmp_path / "unreadable"
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2), progress=False)
+    for c in ckpt_mod.list_checkpoints(out):
+        (c / "state.json").write_text("{not json")
+    with pytest.raises(MlmtuneError, match="none of the 1 checkpoints .* can be read"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2, resume=True), progress=False)
+
+
+def test_output_dir_that_cannot_be_created(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(MlmtuneError, match="is not writable"):
+        train(_cfg(tiny_model_dir, blocker / "out", eli5_like, cache_dir), progress=False)
+
+
+def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                         reference):
+    out = tmp_path / "sigint"
+
+    def press_ctrl_c(step, _seconds):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
+
+    with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*step-0000003"):
+        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False, on_step=press_ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
+    _assert_same_run(out, reference)
