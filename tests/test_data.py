@@ -7,6 +7,7 @@ import time
 from itertools import chain
 
 import pytest
+import torch
 
 from mlmtune import data as data_mod
 from mlmtune import hub
@@ -197,3 +198,21 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
 def test_missing_local_path_is_not_sent_to_the_hub():
     with pytest.raises(MlmtuneError, match="does not exist"):
         load_texts(DataConfig(dataset="./no/such/corpus.jsonl"), 0)
+
+
+def test_streamed_grouping_and_block_reads_match_the_in_memory_result(tiny, docs_texts, tmp_path):
+    """Grouping streamed to an Arrow file, chunk by chunk, equals grouping in memory; Blocks reads rows back."""
+    _, tok = tiny
+    from datasets import Dataset
+
+    from mlmtune.data import Blocks
+
+    tokenized = tokenize(Dataset.from_dict({"text": docs_texts[:2500]}), tok)
+    assert tokenized.data.column("input_ids").num_chunks > 1  # the carry between chunks is exercised
+    in_memory, dropped = group_blocks(tokenized, 40)
+    on_disk, dropped_disk = group_blocks(tokenized, 40, tmp_path / "blocks.arrow")
+    assert dropped == dropped_disk
+    expected = blocks_tensor(in_memory)
+    assert blocks_tensor(on_disk).equal(expected)
+    rows = torch.tensor([5, 0, len(expected) - 1, 5, 77])
+    assert Blocks(on_disk)[rows].equal(expected[rows])

@@ -72,7 +72,7 @@ def steps_for(cfg: TrainConfig, n_train_blocks: int) -> tuple[int, int]:
     return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
 
-def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks: torch.Tensor, steps: int = 3) -> dict:
+def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3) -> dict:
     """Seconds per optimizer step and peak memory, from a few real steps on a copy of the model."""
     from mlmtune.forward import masked_nll_sum
     from mlmtune.masking import Masker
@@ -110,7 +110,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
 
     Errors a run would hit are findings here, not exceptions: the report says all that is wrong.
     """
-    from mlmtune.data import blocks_tensor, prepare_blocks
+    from mlmtune.data import Blocks, prepare_blocks
     from mlmtune.model import check_block_size, load_model
 
     report = Report()
@@ -130,7 +130,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
         report.add(ERROR, str(e))
         return report
     check_data(stats, cfg.data.block_size, report)
-    train_blocks = blocks_tensor(blocks["train"])
+    train_blocks = Blocks(blocks["train"])
     per_epoch, total = steps_for(cfg, len(train_blocks))
     report.estimates.update(train_blocks=len(train_blocks), eval_blocks=stats.blocks.get("test", 0),
                             steps_per_epoch=per_epoch, total_steps=total)

@@ -104,13 +104,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from mlmtune.data import prepare_blocks, save_prepared
+    from mlmtune.data import prepare_blocks
     from mlmtune.model import load_tokenizer
 
     cfg = _config(PrepareConfig, args)
     tokenizer = load_tokenizer(cfg.model)
-    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, use_cache=False)
-    save_prepared(blocks, stats, tokenizer, cfg.data, cfg.output_dir)
+    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, save_to=cfg.output_dir)
     for split in blocks:
         print(f"{split}: {stats.blocks[split]:,} blocks of {cfg.data.block_size} tokens "
               f"({stats.dropped_tokens[split]} tokens dropped)")

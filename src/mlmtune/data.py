@@ -86,12 +86,21 @@ def _slice(ds: Dataset, split: str) -> Dataset:
     return ds if rows == list(range(len(ds))) else ds.select(rows)
 
 
-def _read_txt(files: list[Path]) -> Dataset:
-    lines: list[str] = []
+def _txt_lines(files: list[str], stamp: list):
+    """One record per non-empty line; `stamp` (sizes, mtimes) keys datasets' cache to the files' state."""
     for f in files:
-        with f.open(encoding="utf-8", errors="replace") as fh:
-            lines.extend(s for s in (line.strip() for line in fh) if s)
-    return Dataset.from_dict({"text": lines})
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    yield {"text": line}
+
+
+def _read_txt(files: list[Path]) -> Dataset:
+    """Stream text files into an Arrow file (never a Python list of the whole corpus)."""
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return Dataset.from_generator(_txt_lines, gen_kwargs={"files": [str(f) for f in files], "stamp": stamp},
+                                  features=Features({"text": Value("string")}))
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -223,25 +232,42 @@ def tokenize(texts: Dataset, tokenizer) -> Dataset:
     )
 
 
-def group_blocks(tokenized: Dataset, block_size: int) -> tuple[Dataset, int]:
+def group_blocks(tokenized: Dataset, block_size: int, path: str | Path | None = None) -> tuple[Dataset, int]:
     """Concatenate every sequence of the split once and cut it into `block_size` blocks.
 
-    Linear time (Arrow flattens the list column without Python lists), and at most
-    `block_size - 1` tokens are dropped for the whole split, not per map batch.
+    Linear time, and at most `block_size - 1` tokens are dropped for the whole split, not per map
+    batch. The split streams through chunk by chunk (Arrow record batches, a remainder of fewer
+    than `block_size` tokens carried between them), so memory holds one chunk, not the corpus.
+
+    Args:
+        tokenized: a dataset with an `input_ids` list column.
+        block_size: tokens per block.
+        path: write the blocks to this Arrow file and memory-map it; None keeps them in memory.
 
     Returns:
         (blocks with a fixed-length `input_ids` column, number of tokens dropped)
     """
     if tokenized._indices is not None:
         tokenized = tokenized.flatten_indices()
-    column = tokenized.data.column("input_ids")
-    flat = pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array(
-        [], pa.int32())
-    n_blocks = len(flat) // block_size
-    kept = flat.slice(0, n_blocks * block_size)
-    blocks = pa.FixedSizeListArray.from_arrays(kept, block_size)
-    table = pa.table({"input_ids": blocks})
-    return Dataset(table_from_arrow(table)), len(flat) - n_blocks * block_size
+    schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
+    sink = pa.ipc.new_stream(str(path), schema) if path is not None else None
+    batches: list[pa.RecordBatch] = []
+    carry = pa.array([], pa.int32())
+    for chunk in tokenized.data.column("input_ids").chunks:
+        values = pa.concat_arrays([carry, chunk.flatten().cast(pa.int32())])
+        n = len(values) // block_size * block_size
+        carry = values.slice(n)
+        if n:
+            blocks = pa.FixedSizeListArray.from_arrays(values.slice(0, n), block_size)
+            batch = pa.record_batch([blocks], schema=schema)
+            if sink is not None:
+                sink.write_batch(batch)
+            else:
+                batches.append(batch)
+    if sink is not None:
+        sink.close()
+        return Dataset.from_file(str(path)), len(carry)
+    return Dataset(table_from_arrow(pa.Table.from_batches(batches, schema=schema))), len(carry)
 
 
 def table_from_arrow(table: pa.Table):
@@ -250,19 +276,48 @@ def table_from_arrow(table: pa.Table):
     return InMemoryTable(table)
 
 
+class Blocks:
+    """The blocks of a split, read on demand from their (memory-mapped) Arrow table.
+
+    Indexing with a tensor of row numbers gives a (B, T) int64 batch; nothing else is copied out
+    of Arrow, so training on a corpus larger than memory holds one batch at a time.
+    """
+
+    def __init__(self, blocks: Dataset):
+        if blocks._indices is not None:
+            blocks = blocks.flatten_indices()
+        self.chunks: list[np.ndarray] = []
+        for chunk in blocks.data.column("input_ids").chunks:
+            if not len(chunk):
+                continue
+            if isinstance(chunk.type, pa.FixedSizeListType):
+                size = chunk.type.list_size
+            else:  # a variable-length list column written by another tool: rows must be equal
+                size = len(chunk[0].values)
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            if len(values) != size * len(chunk):
+                raise MlmtuneError("the prepared blocks have rows of different lengths; prepare them again")
+            self.chunks.append(values.reshape(len(chunk), size))
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
+        self.block_size = self.chunks[0].shape[1] if self.chunks else 0
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(rows, slice):
+            rows = torch.arange(len(self))[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.block_size), dtype=np.int64)
+        for i, (c, r) in enumerate(zip(which, rows)):
+            out[i] = self.chunks[c][r - self.starts[c]]
+        return torch.from_numpy(out)
+
+
 def blocks_tensor(blocks: Dataset) -> torch.Tensor:
-    """The `input_ids` of a blocks dataset as one (N, block_size) int64 tensor."""
-    if blocks._indices is not None:
-        blocks = blocks.flatten_indices()
-    column = blocks.data.column("input_ids").combine_chunks()
-    if len(column) == 0:
-        return torch.zeros((0, 0), dtype=torch.long)
-    if isinstance(column.type, pa.FixedSizeListType):
-        size = column.type.list_size
-    else:  # a variable-length list column from another tool: every row must have the same length
-        size = len(column[0].values)
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return torch.from_numpy(np.asarray(values, dtype=np.int64).reshape(-1, size))
+    """All `input_ids` of a blocks dataset as one (N, block_size) int64 tensor (for small splits)."""
+    return Blocks(blocks)[slice(None)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -312,8 +367,13 @@ def _save_atomic(blocks: DatasetDict, meta: dict, folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[DatasetDict, BlockStats]:
+def build_blocks(texts: DatasetDict, tokenizer, block_size: int,
+                 workdir: Path | None = None) -> tuple[DatasetDict, BlockStats]:
     """Tokenize and group every split; no cache.
+
+    Args:
+        workdir: where the grouped blocks are streamed to (one Arrow file per split); None keeps
+            them in memory.
 
     Raises:
         MlmtuneError: a split holds fewer tokens than one block.
@@ -321,7 +381,8 @@ def build_blocks(texts: DatasetDict, tokenizer, block_size: int) -> tuple[Datase
     out, tokens, n_blocks, dropped = {}, {}, {}, {}
     for split, ds in texts.items():
         tokenized = tokenize(ds, tokenizer)
-        blocks, lost = group_blocks(tokenized, block_size)
+        path = workdir / f"{split}.arrow" if workdir is not None else None
+        blocks, lost = group_blocks(tokenized, block_size, path)
         out[split], dropped[split] = blocks, lost
         n_blocks[split] = len(blocks)
         tokens[split] = len(blocks) * block_size + lost
@@ -341,8 +402,11 @@ def count_duplicates(texts: DatasetDict) -> int:
     """How many eval texts also stand, exactly, in the training split (by 64-bit hash, not by copy)."""
     if "test" not in texts:
         return 0
-    seen = {hash(t) for batch in texts["train"].iter(batch_size=10_000) for t in batch["text"]}
-    return sum(hash(t) in seen for batch in texts["test"].iter(batch_size=10_000) for t in batch["text"])
+
+    def hashes(ds: Dataset) -> np.ndarray:  # 8 bytes a text, not a Python set of the corpus
+        return np.fromiter((hash(t) for b in ds.iter(batch_size=10_000) for t in b["text"]), np.int64, len(ds))
+
+    return int(np.isin(hashes(texts["test"]), hashes(texts["train"])).sum())
 
 
 def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> dict:
@@ -379,11 +443,13 @@ def load_prepared(path: str | Path, tokenizer, block_size: int | None = None) ->
     return load_from_disk(str(path)), _stats_from_meta(meta)
 
 
-def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = True) -> tuple[DatasetDict, BlockStats]:
+def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path | None = None,
+                   ) -> tuple[DatasetDict, BlockStats]:
     """The whole data stage: blocks of `data.block_size` tokens per split (`train`, maybe `test`).
 
-    A folder made by `mlmtune prepare` is read as it is. Otherwise the result is cached under
-    `cache_root(data)`, keyed by texts, tokenizer and block size.
+    A folder made by `mlmtune prepare` is read as it is. Otherwise the blocks are written to
+    `save_to` (what `mlmtune prepare` does) or to the cache under `cache_root(data)`, keyed by
+    texts, tokenizer and block size, and returned memory-mapped from there.
     """
     if data.dataset and is_prepared(data.dataset):
         return load_prepared(data.dataset, tokenizer, data.block_size)
@@ -392,28 +458,34 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, use_cache: bool = Tru
     texts = split_texts(selected, data.test_size, seed)
     report = {"records": len(records), "empty_texts": len(records) - len(selected),
               "duplicate_texts": count_duplicates(texts)}
-    key = hashlib.sha256(
-        f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
-    ).hexdigest()[:24]
-    folder = cache_root(data) / "blocks" / key
-    if use_cache and is_prepared(folder):
-        try:
-            cached = load_prepared(folder, tokenizer)
-            print(f"Using cached blocks from {folder}", file=sys.stderr)
-            return cached
-        except Exception as e:  # a damaged cache entry is rebuilt, never fatal
-            print(f"warning: rebuilding damaged cache entry {folder} ({type(e).__name__})", file=sys.stderr)
-    blocks, stats = build_blocks(texts, tokenizer, data.block_size)
-    stats = dataclasses.replace(stats, **report)
-    if use_cache:
+    if save_to is None:
+        key = hashlib.sha256(
+            f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
+        ).hexdigest()[:24]
+        folder = cache_root(data) / "blocks" / key
+        if is_prepared(folder):
+            try:
+                cached = load_prepared(folder, tokenizer)
+                print(f"Using cached blocks from {folder}", file=sys.stderr)
+                return cached
+            except Exception as e:  # a damaged cache entry is rebuilt, never fatal
+                print(f"warning: rebuilding damaged cache entry {folder} ({type(e).__name__})", file=sys.stderr)
+    else:
+        folder = Path(save_to)
+    workdir = Path(tempfile.mkdtemp(prefix="mlmtune-blocks-"))
+    try:
+        blocks, stats = build_blocks(texts, tokenizer, data.block_size, workdir)
+        stats = dataclasses.replace(stats, **report)
         try:
             _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder)
-            return load_prepared(folder, tokenizer)  # memory-mapped from disk from here on
         except OSError as e:
-            print(f"warning: could not cache blocks in {folder}: {e}", file=sys.stderr)
-    return blocks, stats
+            if save_to is not None:
+                raise MlmtuneError(f"cannot write {folder}: {e.strerror or e}") from None
+            print(f"warning: could not cache blocks in {folder} ({e.strerror or e}); "
+                  f"tokenizing again next time", file=sys.stderr)
+            return blocks, stats  # still readable: Linux keeps a mapped file's pages after it is deleted
+        return load_prepared(folder, tokenizer)  # memory-mapped from disk from here on
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-
-def save_prepared(blocks: DatasetDict, stats: BlockStats, tokenizer, data: DataConfig, folder: str | Path) -> None:
-    _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), Path(folder))
 

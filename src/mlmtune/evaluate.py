@@ -31,15 +31,16 @@ def _perplexity(loss: float) -> float:
 
 
 @torch.inference_mode()
-def perplexity(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16,
-               progress: bool = True, desc: str = "Evaluating") -> EvalResult:
-    """Perplexity = exp(token-weighted mean NLL) over fixed masked blocks.
+def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, desc: str = "Evaluating",
+                  total: int | None = None) -> EvalResult:
+    """Perplexity = exp(token-weighted mean NLL) over masked blocks.
 
     Args:
         model: a masked-LM.
-        inputs: (N, T) masked input ids, e.g. from `fixed_eval_masks`.
-        labels: (N, T) original ids at masked positions, IGNORE_INDEX elsewhere.
+        chunks: an iterable of (inputs, labels) pairs of (n, T) tensors, e.g. `iter_eval_masks`;
+            labels hold the original ids at masked positions and IGNORE_INDEX elsewhere.
         batch_size: blocks per forward pass (does not change the result).
+        total: number of blocks, for the progress bar.
 
     Returns:
         EvalResult(loss, perplexity, masked_tokens).
@@ -47,15 +48,25 @@ def perplexity(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: in
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, disable=not progress, leave=False):
-        nll, n = masked_nll_sum(model, inputs[start : start + batch_size].to(device),
-                                labels[start : start + batch_size].to(device))
-        total += float(nll)
-        count += n
+    total_nll, count = 0.0, 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="block")
+    for inputs, labels in chunks:
+        for start in range(0, len(inputs), batch_size):
+            nll, n = masked_nll_sum(model, inputs[start : start + batch_size].to(device),
+                                    labels[start : start + batch_size].to(device))
+            total_nll += float(nll)
+            count += n
+            bar.update(len(inputs[start : start + batch_size]))
+    bar.close()
     model.train(was_training)
-    loss = total / count if count else float("nan")
+    loss = total_nll / count if count else float("nan")
     return EvalResult(loss=loss, perplexity=_perplexity(loss), masked_tokens=count)
+
+
+def perplexity(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16,
+               progress: bool = True, desc: str = "Evaluating") -> EvalResult:
+    """`perplexity_of` for (N, T) tensors already in memory, e.g. from `fixed_eval_masks`."""
+    return perplexity_of(model, [(inputs, labels)], batch_size, progress, desc, total=len(inputs))
 
 
 @torch.inference_mode()
@@ -98,9 +109,9 @@ def run_eval(cfg) -> dict:
         A dict with eval_loss, perplexity, eval_masked_tokens, eval_blocks and, with
         `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
     """
-    from mlmtune.data import blocks_tensor, load_texts, prepare_blocks
+    from mlmtune.data import Blocks, load_texts, prepare_blocks
     from mlmtune.errors import MlmtuneError
-    from mlmtune.masking import Masker, fixed_eval_masks
+    from mlmtune.masking import Masker, iter_eval_masks
     from mlmtune.model import check_block_size, load_model, pick_device
 
     model, tokenizer = load_model(cfg.model)
@@ -108,9 +119,10 @@ def run_eval(cfg) -> dict:
     model.to(pick_device())
     blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     split = "test" if "test" in blocks else "train"
-    eval_blocks = blocks_tensor(blocks[split])
-    inputs, labels = fixed_eval_masks(eval_blocks, Masker.from_tokenizer(tokenizer, cfg.mlm_probability), cfg.seed)
-    result = perplexity(model, inputs, labels, cfg.batch_size)
+    eval_blocks = Blocks(blocks[split])
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, cfg.seed), cfg.batch_size,
+                           total=len(eval_blocks))
     out = {"model": cfg.model, "eval_loss": result.loss, "perplexity": result.perplexity,
            "eval_masked_tokens": result.masked_tokens, "eval_blocks": len(eval_blocks)}
     if cfg.pseudo:

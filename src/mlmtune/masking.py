@@ -64,22 +64,28 @@ class Masker:
         return inputs, labels
 
 
-def fixed_eval_masks(
-    blocks: torch.Tensor, masker: Masker, seed: int, chunk: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask every eval block once, from `seed` alone.
+def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
+    """Eval blocks masked once per `seed`, yielded `chunk` blocks at a time.
 
-    The result depends only on the blocks, the masker and the seed (not on the eval batch
-    size), so perplexity of the same model on the same data is the same number every time,
-    and before/after numbers compare the same predictions.
+    Chunk k is masked by a generator seeded with (seed, k), so the masks depend only on the
+    blocks, the masker and the seed (not on the eval batch size or on what ran before), and
+    the same model on the same data gets the same perplexity every time. Nothing is stored:
+    memory holds one chunk whatever the size of the eval split.
+
+    Args:
+        blocks: (N, T) tensor, or `mlmtune.data.Blocks`.
     """
-    generator = torch.Generator().manual_seed(seed)
-    inputs, labels = [], []
-    for start in range(0, len(blocks), chunk):
-        i, lab = masker(blocks[start : start + chunk], generator)
-        inputs.append(i)
-        labels.append(lab)
-    if not inputs:
-        empty = torch.zeros((0, blocks.shape[-1] if blocks.ndim == 2 else 0), dtype=torch.long)
+    for k, start in enumerate(range(0, len(blocks), chunk)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        rows = blocks[start : start + chunk] if isinstance(blocks, torch.Tensor) else blocks[
+            slice(start, min(start + chunk, len(blocks)))]
+        yield masker(rows, generator)
+
+
+def fixed_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of `iter_eval_masks` as two (N, T) tensors: masked inputs and labels."""
+    parts = list(iter_eval_masks(blocks, masker, seed, chunk))
+    if not parts:
+        empty = torch.zeros((0, 0), dtype=torch.long)
         return empty, empty.clone()
-    return torch.cat(inputs), torch.cat(labels)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

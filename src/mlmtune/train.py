@@ -25,12 +25,12 @@ from transformers import get_linear_schedule_with_warmup
 from mlmtune import checkpoint as ckpt
 from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
 from mlmtune.config import TrainConfig, save_config, to_dict
-from mlmtune.data import blocks_tensor, prepare_blocks
+from mlmtune.data import Blocks, prepare_blocks
 from mlmtune.errors import MlmtuneError
-from mlmtune.evaluate import EvalResult, perplexity
+from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.forward import masked_nll_sum
 from mlmtune.hub import push_folder
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.masking import IGNORE_INDEX, Masker, iter_eval_masks
 from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision
 from mlmtune.report import plot_curves, write_metrics, write_model_card
 
@@ -129,12 +129,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     for level, message in preflight.findings:
         if level == WARNING:
             log(f"warning: {message}")
-    train_blocks = blocks_tensor(blocks["train"])  # (N, T)
+    train_blocks = Blocks(blocks["train"])  # rows read from the memory-mapped Arrow file per batch
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
-    eval_inputs = eval_labels = None
-    if "test" in blocks:
-        eval_inputs, eval_labels = fixed_eval_masks(blocks_tensor(blocks["test"]), masker, cfg.seed)
-    log(f"Blocks: {len(train_blocks)} train, {0 if eval_inputs is None else len(eval_inputs)} eval, "
+    eval_blocks = Blocks(blocks["test"]) if "test" in blocks else None
+    log(f"Blocks: {len(train_blocks)} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
         f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
 
     device = pick_device()
@@ -144,9 +142,11 @@ def train(cfg: TrainConfig, progress: bool = True,
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def evaluate(desc: str) -> EvalResult | None:
-        if eval_inputs is None:
+        """fp32 perplexity on the eval split, with the masks `iter_eval_masks` draws from the seed."""
+        if eval_blocks is None:
             return None
-        return perplexity(model, eval_inputs, eval_labels, eval_bs, progress=progress, desc=desc)
+        return perplexity_of(model, iter_eval_masks(eval_blocks, masker, cfg.seed), eval_bs, progress=progress,
+                             desc=desc, total=len(eval_blocks))
 
     # the schedule
     micro_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
@@ -243,7 +243,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     model.eval()
 
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
-    if after is None and eval_inputs is not None:  # resumed a finished run with no eval on record
+    if after is None and eval_blocks is not None:  # resumed a finished run with no eval on record
         result = evaluate("Eval (after)")
         after = {"step": state.step, **_eval_entry(result)}
     before = state.eval_before
@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         "train_seconds": round(state.train_seconds, 3),
         "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
         "train_blocks": len(train_blocks),
-        "eval_blocks": 0 if eval_inputs is None else len(eval_inputs),
+        "eval_blocks": 0 if eval_blocks is None else len(eval_blocks),
         "block_size": cfg.data.block_size,
         "dropped_tokens": stats.total_dropped,
         "device": device.type,
