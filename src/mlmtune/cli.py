@@ -16,6 +16,7 @@ from mlmtune.config import (
     EvalConfig,
     FillConfig,
     PrepareConfig,
+    ServeConfig,
     TrainConfig,
     field_doc,
     flat_fields,
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, FillConfig)
     p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
     p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
+    p = sub.add_parser("serve", help="fill masks over HTTP (POST /fill, GET /health, /info, / playground)")
+    _add_config_flags(p, ServeConfig)
     p = sub.add_parser("quickstart", help="offline demo: adapt a small pretrained model to the Python docs")
     _add_config_flags(p, TrainConfig, QUICKSTART_DEFAULTS)
     return parser
@@ -157,8 +160,19 @@ def cmd_fill(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from mlmtune.model import resolve_model_path
+    from mlmtune.serve import make_app, serve
+
+    cfg = _config(ServeConfig, args)
+    resolve_model_path(cfg.model)  # a missing folder fails here, before the port is bound
+    serve(make_app(cfg.model, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue),
+          cfg.host, cfg.port)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
-            "quickstart": cmd_quickstart}
+            "quickstart": cmd_quickstart, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

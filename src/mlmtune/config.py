@@ -319,3 +319,25 @@ def save_config(cfg: Any, folder: str | Path, filename: str = CONFIG_FILENAME) -
     path.write_text(f"# resolved {type(cfg).__name__}; reuse with --config {filename}\n"
                     + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`mlmtune serve`: fill-mask over HTTP, requests batched into shared forward passes."""
+
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    """Address to bind; the default answers this machine only."""
+    port: int = 8000
+    max_batch: int = 32
+    """Most texts in one forward pass (1 turns batching off)."""
+    batch_window_ms: float = 5.0
+    """How long the first request of a batch waits for others."""
+    max_queue: int = 256
+    """Requests waiting beyond this get 503 at once."""
+
+    def __post_init__(self):
+        _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        _require(self.max_batch >= 1, "--max-batch must be >= 1")
+        _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
+        _require(self.max_queue >= 1, "--max-queue must be >= 1")

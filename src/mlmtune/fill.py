@@ -39,8 +39,8 @@ class FillMask:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, name: str, batch_size: int = 32) -> FillMask:
-        model, tokenizer = load_model(name)
+    def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False) -> FillMask:
+        model, tokenizer = load_model(name, safetensors_only=safetensors_only)
         return cls(model, tokenizer, batch_size=batch_size)
 
     def normalize(self, text: str) -> str:

@@ -99,12 +99,13 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, path, local, "tokenizer of model")
 
 
-def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model with a masked-LM head, and its tokenizer.
 
     Args:
         name: a local model folder, a Hub id (e.g. `distilbert/distilroberta-base`), or
             `builtin:all-minilm-l6-v2`.
+        safetensors_only: refuse pickle weights (`pytorch_model.bin`), as a server should.
 
     Returns:
         (model, tokenizer), the model in eval mode on the CPU.
@@ -118,19 +119,22 @@ def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
         raise MlmtuneError(f"the tokenizer of {name} has no mask token, so it cannot do masked-LM")
     with _quiet_transformers():
-        model = _from_pretrained(AutoModelForMaskedLM, path, local, "model")
+        model = _from_pretrained(AutoModelForMaskedLM, path, local, "model",
+                                 use_safetensors=True if safetensors_only else None)
     model.eval()
     return model, tokenizer
 
 
-def _from_pretrained(auto_cls, path: str, local: bool, what: str):
+def _from_pretrained(auto_cls, path: str, local: bool, what: str, **kwargs):
+    # trust_remote_code stays at its default (off): a model folder never runs code of its own
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not local and not hub.prepare_hub_access():
         try:
-            return auto_cls.from_pretrained(path, local_files_only=True)
+            return auto_cls.from_pretrained(path, local_files_only=True, **kwargs)
         except OSError:
             raise hub.unreachable_error(what.capitalize(), path) from None
     try:
-        return auto_cls.from_pretrained(path)
+        return auto_cls.from_pretrained(path, **kwargs)
     except ValueError as e:  # e.g. no masked-LM class for this architecture
         raise MlmtuneError(f"cannot load {what} {path} for masked-LM: {str(e).splitlines()[0]}") from None
     except OSError as e:
