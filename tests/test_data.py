@@ -166,6 +166,7 @@ def test_builtin_corpus_reads_cpython_docs():
     from pydoc_data.topics import topics
 
     assert len(texts) > 1000
+    assert len(set(texts)) == len(texts)  # repeated paragraphs kept once: no eval text is a training text
     assert any("break" in t and "loop" in t for t in texts)
     assert sum(map(len, texts)) > 0.7 * sum(len(v) for v in topics.values())
 

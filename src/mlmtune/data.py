@@ -62,16 +62,18 @@ def python_docs_texts() -> list[str]:
     """The Python Language Reference topics that ship with CPython (`pydoc_data.topics`).
 
     One text per paragraph (blank-line separated), so a record is prose of a few sentences.
+    Paragraphs that the topics repeat word for word are kept once, so no eval text is also a
+    training text.
     """
     from pydoc_data.topics import topics
 
-    texts = []
+    texts: dict[str, None] = {}
     for key in sorted(topics):
         for para in topics[key].split("\n\n"):
             para = " ".join(para.split())
             if para:
-                texts.append(para)
-    return texts
+                texts.setdefault(para)
+    return list(texts)
 
 
 def _slice(ds: Dataset, split: str) -> Dataset:
