@@ -65,9 +65,9 @@ def check_data(stats: BlockStats, block_size: int, report: Report) -> None:
                        f"{stats.dropped_tokens[split]} tokens dropped by grouping")
 
 
-def steps_for(cfg: TrainConfig, n_train_blocks: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) of a run."""
-    micro = math.ceil(n_train_blocks / cfg.batch_size)
+def steps_for(cfg: TrainConfig, n_train_blocks: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run on `world` processes."""
+    micro = math.ceil(n_train_blocks / (cfg.batch_size * world))
     per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
     return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 

@@ -32,7 +32,7 @@ def _perplexity(loss: float) -> float:
 
 @torch.inference_mode()
 def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, desc: str = "Evaluating",
-                  total: int | None = None) -> EvalResult:
+                  total: int | None = None, reduce=None) -> EvalResult:
     """Perplexity = exp(token-weighted mean NLL) over masked blocks.
 
     Args:
@@ -41,6 +41,7 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
             labels hold the original ids at masked positions and IGNORE_INDEX elsewhere.
         batch_size: blocks per forward pass (does not change the result).
         total: number of blocks, for the progress bar.
+        reduce: sums [nll, count] over the ranks of a distributed run (None: one process).
 
     Returns:
         EvalResult(loss, perplexity, masked_tokens).
@@ -59,6 +60,9 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
             bar.update(len(inputs[start : start + batch_size]))
     bar.close()
     model.train(was_training)
+    if reduce is not None:
+        total_nll, count = reduce([total_nll, float(count)])
+        count = int(count)
     loss = total_nll / count if count else float("nan")
     return EvalResult(loss=loss, perplexity=_perplexity(loss), masked_tokens=count)
 

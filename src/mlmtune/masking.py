@@ -64,7 +64,7 @@ class Masker:
         return inputs, labels
 
 
-def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
+def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256, shard: tuple[int, int] = (0, 1)):
     """Eval blocks masked once per `seed`, yielded `chunk` blocks at a time.
 
     Chunk k is masked by a generator seeded with (seed, k), so the masks depend only on the
@@ -74,8 +74,13 @@ def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
 
     Args:
         blocks: (N, T) tensor, or `mlmtune.data.Blocks`.
+        shard: (rank, world): yield only the chunks k with k % world == rank, so the ranks of a
+            distributed run share the work and together see exactly the single-process masks.
     """
+    rank, world = shard
     for k, start in enumerate(range(0, len(blocks), chunk)):
+        if k % world != rank:
+            continue
         generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
         rows = blocks[start : start + chunk] if isinstance(blocks, torch.Tensor) else blocks[
             slice(start, min(start + chunk, len(blocks)))]
