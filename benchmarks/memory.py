@@ -81,11 +81,12 @@ def run_sampled(cmd: list[str], env: dict) -> dict:
         samples.append((time.perf_counter() - t0, *rss_mb(p.pid)))
         time.sleep(0.2)
     reader.join(5)
+    stdout = p.stdout.read()
     if p.returncode != 0:
         raise RuntimeError("\n".join(stderr_lines[-30:]))
     peak_t, anon, file = max(samples, key=lambda s: s[1] + s[2]) if samples else (0.0, 0.0, 0.0)
     return {"peak_rss_mb": anon + file, "peak_anon_mb": max(s[1] for s in samples), "file_at_peak_mb": file,
-            "peak_at_s": peak_t, "seconds": time.perf_counter() - t0,
+            "peak_at_s": peak_t, "seconds": time.perf_counter() - t0, "stdout": stdout,
             "log": [line for line in stderr_lines if "%|" not in line and line.split("s ", 1)[-1].strip()][-12:]}
 
 
@@ -125,6 +126,7 @@ def main() -> None:
           f"RSS peaks at {run['peak_at_s']:.0f}s of {run['seconds']:.0f}s")
     for r in rows:
         r.pop("log", None)
+        r.pop("stdout", None)
     path = write_json("memory", {"corpus_mb": size_mb, "train_tokens": tokens, "rows": rows,
                                  "corpus_anonymous_overhead_mb": overhead})
     print(f"wrote {path}")

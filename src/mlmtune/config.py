@@ -47,12 +47,17 @@ class DataConfig:
     block_size: int = 128
     cache_dir: str | None = None
     """Where tokenized blocks are cached (default: ~/.cache/mlmtune)."""
+    streaming: bool = False
+    """Read the corpus as a stream, tokenizing and grouping on the fly (needs --max-steps)."""
+    eval_records: int = 1000
+    """With --streaming: the first N records are held out for evaluation."""
 
     def __post_init__(self):
         _require(self.block_size >= 2, f"--block-size must be at least 2, got {self.block_size}")
         _require(0 <= self.test_size < 1, f"--test-size must be in [0, 1), got {self.test_size}")
         _require(bool(self.split), "--split must not be empty")
         _require(bool(self.text_field), "--text-field must not be empty")
+        _require(self.eval_records >= 0, "--eval-records must be >= 0")
 
 
 def _check_common(cfg: Any) -> None:
@@ -114,6 +119,8 @@ class TrainConfig:
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "
                  "or builtin:python-docs)")
+        _require(not self.data.streaming or self.max_steps is not None,
+                 "--streaming needs --max-steps: a stream has no length to count epochs by")
 
 
 @dataclass(frozen=True)

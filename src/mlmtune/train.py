@@ -26,7 +26,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
 from mlmtune.config import TrainConfig, save_config, to_dict
-from mlmtune.data import Blocks, prepare_blocks
+from mlmtune.data import Blocks, BlockStats, BlockStream, build_blocks, held_out_texts, prepare_blocks
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.forward import masked_nll_sum
@@ -100,6 +100,16 @@ def _eval_entry(result: EvalResult) -> dict[str, Any]:
     return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
 
 
+def _held_out_blocks(cfg: TrainConfig, tokenizer):
+    """With --streaming: blocks of the first --eval-records records, the eval split."""
+    from datasets import Dataset, DatasetDict
+
+    if not cfg.data.eval_records:
+        return DatasetDict(), BlockStats({}, {}, {})
+    texts = held_out_texts(cfg.data)
+    return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
+
+
 def train(cfg: TrainConfig, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fine-tune a masked-LM with dynamic masking and measure it before and after on fixed masks.
@@ -126,18 +136,23 @@ def train(cfg: TrainConfig, progress: bool = True,
     model, tokenizer = load_model(cfg.model)
     check_block_size(cfg.data.block_size, model, tokenizer)
 
-    # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache
-    blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
+    # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
+    # is tokenized as it is read; only its held-out eval records are prepared up front.
+    if cfg.data.streaming:
+        blocks, stats = _held_out_blocks(cfg, tokenizer)
+    else:
+        blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
     preflight = Report()  # the cheap checks of `mlmtune check`; the errors among them have raised already
     check_tokenizer(tokenizer, preflight)
     check_data(stats, cfg.data.block_size, preflight)
     for level, message in preflight.findings:
         if level == WARNING:
             say(f"warning: {message}")
-    train_blocks = Blocks(blocks["train"])  # rows read from the memory-mapped Arrow file per batch
+    train_blocks = Blocks(blocks["train"]) if "train" in blocks else None  # read per batch from the memory map
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
     eval_blocks = Blocks(blocks["test"]) if "test" in blocks else None
-    say(f"Blocks: {len(train_blocks)} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
+    n_train = "a stream of" if train_blocks is None else len(train_blocks)
+    say(f"Blocks: {n_train} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
         f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
 
     device = distributed.device_for(d) if d.enabled else pick_device()
@@ -158,8 +173,13 @@ def train(cfg: TrainConfig, progress: bool = True,
 
     # the schedule
     global_batch = cfg.batch_size * d.world  # blocks per micro-batch over all ranks
-    micro_per_epoch = math.ceil(len(train_blocks) / global_batch)
-    steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), d.world)
+    if train_blocks is None:  # a stream: "epochs" are the evaluation/checkpoint intervals
+        micro_per_epoch = None
+        total_steps = cfg.max_steps
+        steps_per_epoch = cfg.save_steps or max(1, total_steps // 10)
+    else:
+        micro_per_epoch = math.ceil(len(train_blocks) / global_batch)
+        steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), d.world)
     # fused AdamW: one kernel over all parameters (5x faster than foreach on CPU for DistilRoBERTa)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
@@ -178,6 +198,25 @@ def train(cfg: TrainConfig, progress: bool = True,
         if before:
             say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
 
+    stream = None
+    if train_blocks is None:
+        stream = BlockStream(cfg.data, tokenizer, cfg.seed, global_batch).batches(
+            start=state.step * cfg.gradient_accumulation_steps, progress=progress)
+
+    def step_batches(step: int) -> tuple[list[torch.Tensor], int]:
+        """This rank's blocks for each micro-batch of optimizer step `step`, and the step's global block count."""
+        if stream is not None:
+            micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+            mine = [m[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for m in micro]
+            return [m for m in mine if len(m)], sum(len(m) for m in micro)
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train_blocks), cfg.seed, epoch)
+        first = in_epoch * cfg.gradient_accumulation_steps
+        micro = [order[i * global_batch : (i + 1) * global_batch]
+                 for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
+        mine = [idx[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for idx in micro]
+        return [train_blocks[idx] for idx in mine if len(idx)], sum(len(idx) for idx in micro)
+
     def save() -> Path:
         """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
         path = ckpt.checkpoints_dir(out) / f"step-{state.step:07d}"
@@ -193,21 +232,15 @@ def train(cfg: TrainConfig, progress: bool = True,
     restore_sigint = stop_on_ctrl_c(stop_requested)
     try:
         while state.step < total_steps:
-            epoch, in_epoch = divmod(state.step, steps_per_epoch)
-            order = epoch_order(len(train_blocks), cfg.seed, epoch)
             t0 = time.perf_counter()
-            # the micro-batches of this optimizer step (this rank's share of each), masked from
-            # (seed, step, rank)
-            first = in_epoch * cfg.gradient_accumulation_steps
-            micro = [order[i * global_batch : (i + 1) * global_batch]
-                     for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
-            mine = [idx[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for idx in micro]
+            # this rank's share of the step's micro-batches, masked from (seed, step, rank)
+            rows, global_blocks = step_batches(state.step)
             mask_gen = torch.Generator().manual_seed(cfg.seed * _MIX + state.step + 1 + d.rank * _RANK_MIX)
-            batches = [masker(train_blocks[idx], mask_gen) for idx in mine if len(idx)]
+            batches = [masker(r, mask_gen) for r in rows]
             n_local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
             # every rank needs the global masked count: it is the loss's denominator
             n_masked = int(distributed.all_reduce_sum(d, [n_local], device)[0])
-            my_tokens += sum(len(idx) for idx in mine) * cfg.data.block_size
+            my_tokens += sum(len(r) for r in rows) * cfg.data.block_size
             torch.manual_seed(cfg.seed * _MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
             # token-weighted loss over the whole accumulated batch
@@ -230,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
             seconds = time.perf_counter() - t0
             state.train_seconds += seconds
-            state.train_tokens += sum(len(idx) for idx in micro) * cfg.data.block_size
+            state.train_tokens += global_blocks * cfg.data.block_size
             window.append(step_nll / max(n_masked, 1))
             bar.update(1)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
@@ -242,11 +275,12 @@ def train(cfg: TrainConfig, progress: bool = True,
             if epoch_end or state.step == total_steps:
                 result = evaluate(f"Eval (step {state.step})")
                 if result:
-                    entry = {"epoch": round(state.step / steps_per_epoch, 4), "step": state.step,
+                    entry = {"epoch": round(state.step / steps_per_epoch, 4) if stream is None else None,
+                             "step": state.step,
                              **_eval_entry(result)}
                     state.epochs.append(entry)
-                    bar.write(f"epoch {entry['epoch']:g} step {state.step}: eval loss {result.loss:.4f}, "
-                              f"perplexity {result.perplexity:,.2f}")
+                    where = f"step {state.step}" if stream else f"epoch {entry['epoch']:g} step {state.step}"
+                    bar.write(f"{where}: eval loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
                 model.train()
             if state.step % save_every == 0 or state.step == total_steps:
                 save()
@@ -284,7 +318,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         "train_tokens": state.train_tokens,
         "train_seconds": round(state.train_seconds, 3),
         "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
-        "train_blocks": len(train_blocks),
+        "train_blocks": None if train_blocks is None else len(train_blocks),
+        "streaming": cfg.data.streaming,
         "eval_blocks": 0 if eval_blocks is None else len(eval_blocks),
         "block_size": cfg.data.block_size,
         "dropped_tokens": stats.total_dropped,

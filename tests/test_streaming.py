@@ -1,0 +1,72 @@
+"""--streaming: blocks made on the fly equal the in-memory grouping, training runs and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlmtune.config import DataConfig, TrainConfig, resolve
+from mlmtune.data import blocks_tensor, group_blocks, stream_blocks, stream_records, stream_texts, tokenize
+from mlmtune.errors import MlmtuneError
+from mlmtune.train import train
+
+
+def test_stream_blocks_equal_the_whole_split_grouping(tiny, docs_texts):
+    _, tok = tiny
+    from datasets import Dataset
+
+    texts = docs_texts[:1500]
+    expected = blocks_tensor(group_blocks(tokenize(Dataset.from_dict({"text": texts}), tok), 32)[0])
+    streamed = torch.stack(list(stream_blocks(iter(texts), tok, 32, batch=100)))
+    assert streamed.equal(expected)
+
+
+def test_stream_reads_nested_fields_and_names_missing_ones(eli5_like):
+    records = stream_records(DataConfig(dataset=str(eli5_like), streaming=True))
+    raw = [json.loads(line) for line in eli5_like.read_text().splitlines()]
+    assert list(stream_texts(records, "answers.text", take=5)) == [" ".join(r["answers"]["text"]) for r in raw[:5]]
+    with pytest.raises(MlmtuneError, match="'answer.text' is not in the records; their fields are: q_id, title"):
+        list(stream_texts(records, "answer.text", take=1))
+
+
+def _cfg(model_dir, out, corpus, cache_dir, **over):
+    return resolve(TrainConfig, {}, {"model": str(model_dir), "dataset": str(corpus), "streaming": True,
+                                     "eval_records": 60, "block_size": 32, "batch_size": 4, "max_steps": 8,
+                                     "save_steps": 2, "save_total_limit": 10, "learning_rate": 1e-2,
+                                     "precision": "fp32", "output_dir": str(out), "cache_dir": cache_dir, **over})
+
+
+@pytest.fixture()
+def corpus(tmp_path, docs_texts):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(docs_texts[:400]))
+    return path
+
+
+def test_streaming_trains_and_resumes_to_the_same_weights(tiny_model_dir, tmp_path, corpus, cache_dir):
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", corpus, cache_dir), progress=False)
+    m = full.metrics
+    assert m["streaming"] and m["train_blocks"] is None and m["train_steps"] == 8
+    assert m["eval_masked_tokens"] > 0 and m["eval_loss_after"] < m["eval_loss_before"] - 0.05
+    assert [e["step"] for e in m["epochs"]] == [2, 4, 6, 8]  # evaluated at each checkpoint
+
+    def ctrl_c_at_step_5(step, _seconds):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(MlmtuneError, match="interrupted at step 5"):
+        train(_cfg(tiny_model_dir, part, corpus, cache_dir), progress=False, on_step=ctrl_c_at_step_5)
+    resumed = train(_cfg(tiny_model_dir, part, corpus, cache_dir, resume=True), progress=False)
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert resumed.metrics["eval_loss_after"] == pytest.approx(m["eval_loss_after"], rel=1e-6)
+
+
+def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, corpus):
+    with pytest.raises(MlmtuneError, match="--streaming needs --max-steps"):
+        resolve(TrainConfig, {}, {"model": str(tiny_model_dir), "dataset": str(corpus), "streaming": True})
