@@ -85,3 +85,18 @@ def corpus_texts(repeat: int = 1) -> list[str]:
     from mlmtune.data import python_docs_texts
 
     return python_docs_texts() * repeat
+
+
+def quickstart_model_folder() -> Path:
+    """The quickstart MiniLM with its head seeded (42), saved to a temporary model folder, so that
+    mlmtune and transformers' pipeline load the very same files."""
+    import tempfile
+
+    from mlmtune.model import load_model
+
+    folder = Path(tempfile.mkdtemp(prefix="mlmtune-bench-model-"))
+    torch.manual_seed(42)
+    model, tok = load_model("builtin:all-minilm-l6-v2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

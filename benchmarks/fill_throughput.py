@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import corpus_texts, table, write_json  # noqa: E402
+from _common import corpus_texts, quickstart_model_folder, table, write_json  # noqa: E402
 
 
 def sentences(n: int) -> list[str]:
@@ -41,17 +40,11 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args()
 
-    import torch
     from transformers import pipeline
 
     from mlmtune.fill import FillMask
-    from mlmtune.model import load_model
 
-    folder = Path(tempfile.mkdtemp(prefix="mlmtune-fill-bench-"))
-    torch.manual_seed(42)
-    model, tok = load_model("builtin:all-minilm-l6-v2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = quickstart_model_folder()
     texts = sentences(args.n)
 
     pipe = pipeline("fill-mask", model=str(folder), device="cpu")

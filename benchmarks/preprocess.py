@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import corpus_texts, table, write_json  # noqa: E402
+from _guide import make_group_texts, make_preprocess_function  # noqa: E402
 
 BLOCK = 128
 
@@ -27,23 +28,13 @@ def guide(records, tokenizer) -> dict:
     t0 = time.perf_counter()
     eli5 = records.flatten()
 
-    def preprocess_function(examples):
-        return tokenizer([" ".join(x) for x in examples["answers.text"]])
+    preprocess_function = make_preprocess_function(tokenizer)
 
     tokenized = eli5.map(preprocess_function, batched=True, num_proc=4, remove_columns=eli5.column_names)
     t1 = time.perf_counter()
     block_size = BLOCK
 
-    def group_texts(examples):
-        concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-        total_length = len(concatenated_examples[list(examples.keys())[0]])
-        if total_length >= block_size:
-            total_length = (total_length // block_size) * block_size
-        result = {
-            k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-            for k, t in concatenated_examples.items()
-        }
-        return result
+    group_texts = make_group_texts(block_size)
 
     lm = tokenized.map(group_texts, batched=True, num_proc=4)
     t2 = time.perf_counter()

@@ -19,12 +19,11 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import quickstart_model_folder, table, write_json  # noqa: E402
 from fill_throughput import sentences  # noqa: E402
 
 
@@ -93,16 +92,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
 
-    import torch
-
-    from mlmtune.model import load_model
-
-    folder = Path(tempfile.mkdtemp(prefix="mlmtune-serve-bench-"))
-    torch.manual_seed(42)
-    model, tok = load_model("builtin:all-minilm-l6-v2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del model
+    folder = quickstart_model_folder()
     texts = sentences(500)
 
     rows = []

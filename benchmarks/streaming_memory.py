@@ -29,7 +29,7 @@ from mlmtune.model import load_tokenizer
 tok = load_tokenizer("builtin:all-minilm-l6-v2")
 mode, corpus, cache = sys.argv[1:4]
 if mode == "stream":
-    from mlmtune.data import BlockStream
+    from mlmtune.stream import BlockStream
     data = DataConfig(dataset=corpus, streaming=True, eval_records=0)
     stream = BlockStream(data, tok, seed=0, global_batch=16, buffer_size=1000)
     n = 0

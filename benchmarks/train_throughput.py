@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import corpus_texts, machine, matmul_peak, peak_rss_mb, run_child, table, write_json  # noqa: E402
+from _guide import make_group_texts, make_preprocess_function  # noqa: E402
 
 BATCH, BLOCK = 8, 128
 
@@ -91,22 +92,12 @@ def child_guide(model_dir: str, corpus: str, steps: int, bf16: bool, lr: float, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eli5 = eli5.flatten()
 
-    def preprocess_function(examples):
-        return tokenizer([" ".join(x) for x in examples["answers.text"]])
+    preprocess_function = make_preprocess_function(tokenizer)
 
     tokenized_eli5 = eli5.map(preprocess_function, batched=True, num_proc=4, remove_columns=eli5["train"].column_names)
     block_size = BLOCK
 
-    def group_texts(examples):
-        concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-        total_length = len(concatenated_examples[list(examples.keys())[0]])
-        if total_length >= block_size:
-            total_length = (total_length // block_size) * block_size
-        result = {
-            k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-            for k, t in concatenated_examples.items()
-        }
-        return result
+    group_texts = make_group_texts(block_size)
 
     lm_dataset = tokenized_eli5.map(group_texts, batched=True, num_proc=4)
     data_collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)

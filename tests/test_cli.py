@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline_compare import assert_same_as_pipeline
 
 from mlmtune.cli import main
 
@@ -61,13 +62,7 @@ def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path)
     assert len(lines) == 2
     pipe = pipeline("fill-mask", model=str(out))
     for line, text in zip(lines, texts):
-        ours = json.loads(line)
-        theirs = pipe(text.replace("[MASK]", "<mask>"), top_k=3)
-        flat_ours = ours if isinstance(ours[0], dict) else [p for row in ours for p in row]
-        flat_theirs = theirs if isinstance(theirs[0], dict) else [p for row in theirs for p in row]
-        assert [(a["token"], a["token_str"], a["sequence"]) for a in flat_ours] == \
-            [(b["token"], b["token_str"], b["sequence"]) for b in flat_theirs]
-        assert [a["score"] for a in flat_ours] == pytest.approx([b["score"] for b in flat_theirs], rel=1e-5)
+        assert_same_as_pipeline(json.loads(line), pipe(text.replace("[MASK]", "<mask>"), top_k=3))
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pipeline_compare import assert_same_as_pipeline
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
@@ -20,19 +21,6 @@ def filler(tiny_model_dir):
     return FillMask.from_pretrained(str(tiny_model_dir), batch_size=4)
 
 
-def assert_same(ours, theirs):
-    """Same tokens, strings and sequences in the same order; scores equal to float32 precision."""
-    if isinstance(theirs[0], list):
-        assert len(ours) == len(theirs)
-        for a, b in zip(ours, theirs):
-            assert_same(a, b)
-        return
-    assert [(p["token"], p["token_str"], p["sequence"]) for p in ours] == \
-        [(p["token"], p["token_str"], p["sequence"]) for p in theirs]
-    for a, b in zip(ours, theirs):
-        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-7)
-
-
 TEXTS = [
     "The <mask> statement is used in a loop.",
     "A function is <mask> with def.",
@@ -44,20 +32,20 @@ TEXTS = [
 
 def test_single_texts_match_the_pipeline(pipe, filler):
     for text in TEXTS:
-        assert_same(filler(text, top_k=5), pipe(text, top_k=5))
+        assert_same_as_pipeline(filler(text, top_k=5), pipe(text, top_k=5))
 
 
 def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler):
     ours = filler.fill(TEXTS, top_k=3)  # batch_size 4: two batches of padded, length-sorted texts
     for text, result in zip(TEXTS, ours):
-        assert_same(result, pipe(text, top_k=3))
+        assert_same_as_pipeline(result, pipe(text, top_k=3))
 
 
 def test_targets_match_the_pipeline(pipe, filler):
     targets = ["Ġloop", "Ġdef", "Ġthe", "function", "zzzz"]
     text = "The <mask> statement is used in a loop."
-    assert_same(filler(text, top_k=3, targets=targets), pipe(text, top_k=3, targets=targets))
-    assert_same(filler(text, top_k=10, targets=targets), pipe(text, top_k=10, targets=targets))
+    assert_same_as_pipeline(filler(text, top_k=3, targets=targets), pipe(text, top_k=3, targets=targets))
+    assert_same_as_pipeline(filler(text, top_k=10, targets=targets), pipe(text, top_k=10, targets=targets))
 
 
 def test_both_mask_spellings_are_accepted(filler):

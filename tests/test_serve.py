@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from pipeline_compare import assert_same_as_pipeline
 
 from mlmtune.fill import FillMask
 from mlmtune.serve import Limits, make_app
@@ -37,18 +38,6 @@ def client(filler):
         yield c
 
 
-def _same(ours, theirs):
-    """Same tokens, strings and sequences; scores equal to float32 precision."""
-    if isinstance(theirs, list) and theirs and isinstance(theirs[0], list):
-        assert len(ours) == len(theirs)
-        for a, b in zip(ours, theirs):
-            _same(a, b)
-        return
-    assert [(p["token"], p["token_str"], p["sequence"]) for p in ours] == \
-        [(p["token"], p["token_str"], p["sequence"]) for p in theirs]
-    assert [p["score"] for p in ours] == pytest.approx([p["score"] for p in theirs], rel=1e-4, abs=1e-7)
-
-
 @pytest.mark.parametrize("body", [
     {"text": "The <mask> statement is used in a loop."},
     {"text": "The <mask> statement is used in a <mask>.", "top_k": 3},
@@ -60,7 +49,7 @@ def test_fill_matches_the_pipeline(client, pipe, body):
     r = client.post("/fill", json=body)
     assert r.status_code == 200, r.text
     kwargs = {k: v for k, v in body.items() if k != "text"}
-    _same(r.json(), pipe(body["text"], **kwargs))
+    assert_same_as_pipeline(r.json(), pipe(body["text"], **kwargs))
 
 
 def test_both_mask_spellings(client):

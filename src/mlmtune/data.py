@@ -121,6 +121,12 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def local_source(path: Path) -> tuple[list[Path], str]:
+    """The data files of a local file or folder, and the `datasets` builder that reads them."""
+    files = _local_files(path)
+    return files, FILE_BUILDERS[files[0].suffix.lower()]
+
+
 def is_prepared(path: str | Path) -> bool:
     return (Path(path) / PREPARED_META).is_file()
 
@@ -138,8 +144,7 @@ def load_records(data: DataConfig) -> Dataset:
         raise MlmtuneError(f"unknown built-in corpus {name!r}; the built-in corpus is builtin:python-docs")
     path = Path(name).expanduser()
     if path.exists():
-        files = _local_files(path)
-        builder = FILE_BUILDERS[files[0].suffix.lower()]
+        files, builder = local_source(path)
         if builder == "text":
             return _slice(_read_txt(files), data.split)
         try:
@@ -493,136 +498,3 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
         return load_prepared(folder, tokenizer)  # memory-mapped from disk from here on
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming: records -> texts -> blocks on the fly, memory flat whatever the corpus size
-
-
-def stream_records(data: DataConfig):
-    """The corpus as a `datasets.IterableDataset` of records (nothing is read until iterated)."""
-    from datasets import IterableDataset
-
-    name = data.dataset or ""
-    if name == "builtin:python-docs":
-        return Dataset.from_dict({"text": python_docs_texts()}).to_iterable_dataset()
-    if is_prepared(name):
-        raise MlmtuneError(f"{name} holds prepared blocks; --streaming reads raw text: drop --streaming")
-    if "[" in data.split:
-        raise MlmtuneError(f"--split {data.split!r}: slicing does not apply to a stream; use --max-steps")
-    path = Path(name).expanduser()
-    if path.exists():
-        files = _local_files(path)
-        builder = FILE_BUILDERS[files[0].suffix.lower()]
-        if builder == "text":
-            return IterableDataset.from_generator(_txt_lines, gen_kwargs={"files": [str(f) for f in files],
-                                                                          "stamp": ()})
-        return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-    if name.lower() in DEFUNCT_DATASETS:
-        raise defunct_error(name)
-    online = hub.prepare_hub_access()
-    try:
-        return load_dataset(name, data.dataset_config, split=data.split, streaming=True)
-    except Exception as e:
-        if not online:
-            raise hub.unreachable_error("Dataset", name) from None
-        raise MlmtuneError(f"cannot stream dataset {name!r}: {str(e).splitlines()[0]}") from None
-
-
-def field_value(record: dict, dotted: str):
-    """`record["answers"]["text"]` for `answers.text`, or MlmtuneError naming the fields there are."""
-    value = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            where = value if isinstance(value, dict) else record
-            raise MlmtuneError(f"--text-field {dotted!r} is not in the records; their fields are: "
-                               f"{', '.join(where)}")
-        value = value[part]
-    return value
-
-
-def stream_texts(records, text_field: str, skip: int = 0, take: int | None = None):
-    """Non-empty texts of a record stream: records [skip, skip + take)."""
-    for n, record in enumerate(records):
-        if n < skip:
-            continue
-        if take is not None and n >= skip + take:
-            return
-        text = _as_text(field_value(record, text_field), text_field)
-        if text.strip():
-            yield text
-
-
-def stream_blocks(texts, tokenizer, block_size: int, batch: int = 1000):
-    """Tokenize texts in batches and cut the running concatenation into blocks, as they come.
-
-    Yields (block_size,) int64 tensors; holds at most one batch of tokens plus a remainder.
-    """
-    buffer: list[int] = []
-    pending: list[str] = []
-
-    def flush():
-        ids = tokenizer(pending, return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        for seq in ids["input_ids"]:
-            buffer.extend(seq)
-        pending.clear()
-
-    for text in texts:
-        pending.append(text)
-        if len(pending) == batch:
-            flush()
-            while len(buffer) >= block_size:
-                yield torch.tensor(buffer[:block_size], dtype=torch.long)
-                del buffer[:block_size]
-    if pending:
-        flush()
-    while len(buffer) >= block_size:
-        yield torch.tensor(buffer[:block_size], dtype=torch.long)
-        del buffer[:block_size]
-
-
-class BlockStream:
-    """Global micro-batches of blocks from a record stream, epoch after epoch.
-
-    The first `data.eval_records` records are held out (see `held_out_texts`); the rest are
-    shuffled through a buffer seeded by (seed, epoch), so the batches are reproducible and a
-    resumed run can fast-forward to where it stopped.
-    """
-
-    def __init__(self, data: DataConfig, tokenizer, seed: int, global_batch: int, buffer_size: int = 10_000):
-        self.data, self.tokenizer, self.global_batch = data, tokenizer, global_batch
-        self.records = stream_records(data).skip(data.eval_records).shuffle(seed=seed, buffer_size=buffer_size)
-
-    def batches(self, start: int = 0, progress: bool = True):
-        """Yield (global_batch, T) tensors, skipping the first `start` (what a resumed run did)."""
-        from tqdm.auto import tqdm
-
-        produced, epoch = 0, 0
-        bar = tqdm(total=start, desc="Fast-forwarding the stream", disable=not (progress and start), leave=False)
-        while True:
-            self.records.set_epoch(epoch)
-            texts = stream_texts(self.records, self.data.text_field)
-            batch: list[torch.Tensor] = []
-            any_block = False
-            for block in stream_blocks(texts, self.tokenizer, self.data.block_size):
-                any_block = True
-                batch.append(block)
-                if len(batch) == self.global_batch:
-                    if produced >= start:
-                        bar.close()
-                        yield torch.stack(batch)
-                    else:
-                        bar.update(1)
-                    produced += 1
-                    batch = []
-            if not any_block:
-                raise MlmtuneError(f"the stream holds fewer tokens than one block of {self.data.block_size} "
-                                   f"after the {self.data.eval_records} held-out records")
-            epoch += 1  # the stream is read again, in another order; a partial last batch is dropped
-
-
-def held_out_texts(data: DataConfig) -> list[str]:
-    """The texts of the first `data.eval_records` records of the stream (the eval split)."""
-    return list(stream_texts(stream_records(data), data.text_field, take=data.eval_records))

@@ -26,7 +26,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
 from mlmtune.config import TrainConfig, save_config, to_dict
-from mlmtune.data import Blocks, BlockStats, BlockStream, build_blocks, held_out_texts, prepare_blocks
+from mlmtune.data import Blocks, BlockStats, build_blocks, prepare_blocks
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.forward import masked_nll_sum
@@ -34,6 +34,7 @@ from mlmtune.hub import push_folder
 from mlmtune.masking import IGNORE_INDEX, Masker, iter_eval_masks
 from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision
 from mlmtune.report import plot_curves, write_metrics, write_model_card
+from mlmtune.stream import BlockStream, held_out_texts
 
 _MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
 _RANK_MIX = 7_919_000_011  # and ranks apart; rank 0 draws what a single process draws
