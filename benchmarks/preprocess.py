@@ -5,7 +5,7 @@
 The corpus is the built-in Python docs repeated `--repeat` times, as ELI5-shaped records (text in
 a nested `answers.text` list). The guide: `flatten()`, its `preprocess_function` and its
 `sum`-based `group_texts`, each a batched `map` with num_proc=4, as written. mlmtune: the same
-stages through `mlmtune.data` (select_text, tokenize, group_blocks). Both use the quickstart's
+stages through `mlmtune.data.select_text` and `mlmtune.blocks` (tokenize, group_blocks). Both use the quickstart's
 fast WordPiece tokenizer and block size 128. Prints a table and writes
 benchmarks/results/preprocess.json.
 """
@@ -44,7 +44,8 @@ def guide(records, tokenizer) -> dict:
 
 
 def mlmtune(records, tokenizer) -> dict:
-    from mlmtune.data import group_blocks, select_text, tokenize
+    from mlmtune.blocks import group_blocks, tokenize
+    from mlmtune.data import select_text
 
     t0 = time.perf_counter()
     tokenized = tokenize(select_text(records, "answers.text"), tokenizer)

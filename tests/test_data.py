@@ -9,10 +9,11 @@ from itertools import chain
 import pytest
 import torch
 
-from mlmtune import data as data_mod
+from mlmtune import blocks as blocks_mod
 from mlmtune import hub
+from mlmtune.blocks import blocks_tensor, group_blocks, prepare_blocks, tokenize
 from mlmtune.config import DataConfig
-from mlmtune.data import blocks_tensor, group_blocks, load_texts, prepare_blocks, select_text, tokenize
+from mlmtune.data import load_texts, select_text
 from mlmtune.errors import MlmtuneError
 
 
@@ -152,7 +153,7 @@ def test_second_run_uses_the_cache_and_skips_tokenization(tiny, monkeypatch, cac
     def fail(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data_mod, "tokenize", fail)
+    monkeypatch.setattr(blocks_mod, "tokenize", fail)
     second, stats2 = prepare_blocks(cfg, tok, 0)
     assert blocks_tensor(second["train"]).equal(blocks_tensor(first["train"]))
     assert stats2 == stats1
@@ -206,7 +207,7 @@ def test_streamed_grouping_and_block_reads_match_the_in_memory_result(tiny, docs
     _, tok = tiny
     from datasets import Dataset
 
-    from mlmtune.data import Blocks
+    from mlmtune.blocks import Blocks
 
     tokenized = tokenize(Dataset.from_dict({"text": docs_texts[:2500]}), tok)
     assert tokenized.data.column("input_ids").num_chunks > 1  # the carry between chunks is exercised

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlmtune.blocks import blocks_tensor, group_blocks, tokenize
 from mlmtune.config import DataConfig, TrainConfig, resolve
-from mlmtune.data import blocks_tensor, group_blocks, tokenize
 from mlmtune.errors import MlmtuneError
 from mlmtune.stream import stream_blocks, stream_records, stream_texts
 from mlmtune.train import train

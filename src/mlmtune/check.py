@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mlmtune.blocks import BlockStats
 from mlmtune.config import TrainConfig
-from mlmtune.data import BlockStats
 from mlmtune.errors import MlmtuneError
 
 OK, WARNING, ERROR = "ok", "warning", "error"
@@ -110,7 +110,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
 
     Errors a run would hit are findings here, not exceptions: the report says all that is wrong.
     """
-    from mlmtune.data import Blocks, prepare_blocks
+    from mlmtune.blocks import Blocks, prepare_blocks
     from mlmtune.model import check_block_size, load_model
 
     report = Report()

@@ -107,7 +107,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from mlmtune.data import prepare_blocks
+    from mlmtune.blocks import prepare_blocks
     from mlmtune.model import load_tokenizer
 
     cfg = _config(PrepareConfig, args)

@@ -113,7 +113,8 @@ def run_eval(cfg) -> dict:
         A dict with eval_loss, perplexity, eval_masked_tokens, eval_blocks and, with
         `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
     """
-    from mlmtune.data import Blocks, load_texts, prepare_blocks
+    from mlmtune.blocks import Blocks, is_prepared, prepare_blocks
+    from mlmtune.data import load_texts
     from mlmtune.errors import MlmtuneError
     from mlmtune.masking import Masker, iter_eval_masks
     from mlmtune.model import check_block_size, load_model, pick_device
@@ -130,8 +131,6 @@ def run_eval(cfg) -> dict:
     out = {"model": cfg.model, "eval_loss": result.loss, "perplexity": result.perplexity,
            "eval_masked_tokens": result.masked_tokens, "eval_blocks": len(eval_blocks)}
     if cfg.pseudo:
-        from mlmtune.data import is_prepared
-
         if is_prepared(cfg.data.dataset):
             raise MlmtuneError("--pseudo needs the texts, not prepared blocks: pass the original --dataset")
         texts = list(load_texts(cfg.data, cfg.seed)[split]["text"])[: cfg.pseudo_max_texts]

@@ -13,16 +13,9 @@ import torch
 from datasets import Dataset, load_dataset
 
 from mlmtune import hub
+from mlmtune.blocks import is_prepared
 from mlmtune.config import DataConfig
-from mlmtune.data import (
-    DEFUNCT_DATASETS,
-    _as_text,
-    _txt_lines,
-    defunct_error,
-    is_prepared,
-    local_source,
-    python_docs_texts,
-)
+from mlmtune.data import DEFUNCT_DATASETS, _as_text, _txt_lines, defunct_error, local_source, python_docs_texts
 from mlmtune.errors import MlmtuneError
 
 

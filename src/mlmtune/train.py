@@ -24,9 +24,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
+from mlmtune.blocks import Blocks, BlockStats, build_blocks, prepare_blocks
 from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
 from mlmtune.config import TrainConfig, save_config, to_dict
-from mlmtune.data import Blocks, BlockStats, build_blocks, prepare_blocks
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.forward import masked_nll_sum
