@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlmtune import train as train_mod
+from mlmtune import forward as forward_mod
 from mlmtune.config import TrainConfig, resolve
 from mlmtune.errors import MlmtuneError
 from mlmtune.train import train
@@ -72,7 +72,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(tiny_model_dir, 
                                                                 monkeypatch):
     full = train(_cfg(tiny_model_dir, tmp_path / "full", eli5_like, cache_dir, save_steps=100), progress=False)
 
-    real = train_mod.masked_nll_sum
+    real = forward_mod.masked_nll_sum
     calls = {"n": 0}
 
     def interrupt_in_step_4(*args, **kwargs):
@@ -83,10 +83,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(tiny_model_dir, 
 
     out = tmp_path / "interrupted"
     cfg = _cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100)
-    monkeypatch.setattr(train_mod, "masked_nll_sum", interrupt_in_step_4)
+    monkeypatch.setattr(forward_mod, "masked_nll_sum", interrupt_in_step_4)
     with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*--resume"):
         train(cfg, progress=False)
-    monkeypatch.setattr(train_mod, "masked_nll_sum", real)
+    monkeypatch.setattr(forward_mod, "masked_nll_sum", real)
 
     resumed = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100, resume=True), progress=False)
     a, b = _weights(tmp_path / "full"), _weights(out)

@@ -298,8 +298,6 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
     records = load_records(data)
     selected = select_text(records, data.text_field)
     texts = split_texts(selected, data.test_size, seed)
-    report = {"records": len(records), "empty_texts": len(records) - len(selected),
-              "duplicate_texts": count_duplicates(texts)}
     if save_to is None:
         key = hashlib.sha256(
             f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
@@ -317,7 +315,8 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
     workdir = Path(tempfile.mkdtemp(prefix="mlmtune-blocks-"))
     try:
         blocks, stats = build_blocks(texts, tokenizer, data.block_size, workdir)
-        stats = dataclasses.replace(stats, **report)
+        stats = dataclasses.replace(stats, records=len(records), empty_texts=len(records) - len(selected),
+                                    duplicate_texts=count_duplicates(texts))  # a cache hit has these in its meta
         try:
             _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder)
         except OSError as e:

@@ -74,8 +74,8 @@ def steps_for(cfg: TrainConfig, n_train_blocks: int, world: int = 1) -> tuple[in
 
 def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3) -> dict:
     """Seconds per optimizer step and peak memory, from a few real steps on a copy of the model."""
-    from mlmtune.forward import masked_nll_sum
-    from mlmtune.masking import Masker
+    from mlmtune.forward import backward_masked
+    from mlmtune.masking import IGNORE_INDEX, Masker
     from mlmtune.model import pick_device, resolve_precision
 
     device = pick_device()
@@ -87,12 +87,11 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        for _micro in range(cfg.gradient_accumulation_steps):
-            idx = torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),), generator=generator)
-            inputs, labels = masker(train_blocks[idx], generator)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                nll, n = masked_nll_sum(probe, inputs.to(device), labels.to(device))
-            (nll / max(n, 1)).backward()
+        batches = [masker(train_blocks[torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),),
+                                                     generator=generator)], generator)
+                   for _ in range(cfg.gradient_accumulation_steps)]
+        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        backward_masked(probe, batches, n_masked, device, dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -72,3 +72,25 @@ def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[t
     logits = logits_at(model, inputs, where)  # (P, V)
     nll = torch.nn.functional.cross_entropy(logits.float(), labels[where], reduction="sum")
     return nll, int(where.sum())
+
+
+def backward_masked(model, batches, denominator: int, device: torch.device,
+                    autocast_dtype: torch.dtype | None) -> float:
+    """Forward and backward over micro-batches, the loss weighted by tokens over `denominator`.
+
+    Args:
+        batches: (inputs, labels) pairs of one optimizer step.
+        denominator: masked tokens of the whole step (over all ranks in a distributed run), so
+            the accumulated gradient is that of the step's token-weighted mean loss.
+        autocast_dtype: bf16 for mixed precision, None for fp32.
+
+    Returns:
+        The summed negative log-likelihood of these batches.
+    """
+    total = 0.0
+    for inputs, labels in batches:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device))
+        (nll / max(denominator, 1)).backward()
+        total += float(nll.detach())
+    return total

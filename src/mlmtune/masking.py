@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100  # label of an unmasked position; cross_entropy skips it
+SEED_MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,8 @@ def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256, shard: 
     for k, start in enumerate(range(0, len(blocks), chunk)):
         if k % world != rank:
             continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        rows = blocks[start : start + chunk] if isinstance(blocks, torch.Tensor) else blocks[
-            slice(start, min(start + chunk, len(blocks)))]
-        yield masker(rows, generator)
+        generator = torch.Generator().manual_seed(seed * SEED_MIX + k)
+        yield masker(blocks[start : start + chunk], generator)
 
 
 def fixed_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

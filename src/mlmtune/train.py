@@ -29,15 +29,14 @@ from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_fo
 from mlmtune.config import TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
-from mlmtune.forward import masked_nll_sum
+from mlmtune.forward import backward_masked
 from mlmtune.hub import push_folder
-from mlmtune.masking import IGNORE_INDEX, Masker, iter_eval_masks
+from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, iter_eval_masks
 from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision
 from mlmtune.report import plot_curves, write_metrics, write_model_card
 from mlmtune.stream import BlockStream, held_out_texts
 
-_MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
-_RANK_MIX = 7_919_000_011  # and ranks apart; rank 0 draws what a single process draws
+_RANK_MIX = 7_919_000_011  # spreads ranks apart; rank 0 draws what a single process draws
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * _MIX + epoch))
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * SEED_MIX + epoch))
 
 
 def _eval_entry(result: EvalResult) -> dict[str, Any]:
@@ -236,22 +235,16 @@ def train(cfg: TrainConfig, progress: bool = True,
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
             rows, global_blocks = step_batches(state.step)
-            mask_gen = torch.Generator().manual_seed(cfg.seed * _MIX + state.step + 1 + d.rank * _RANK_MIX)
+            mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + state.step + 1 + d.rank * _RANK_MIX)
             batches = [masker(r, mask_gen) for r in rows]
             n_local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
             # every rank needs the global masked count: it is the loss's denominator
             n_masked = int(distributed.all_reduce_sum(d, [n_local], device)[0])
             my_tokens += sum(len(r) for r in rows) * cfg.data.block_size
-            torch.manual_seed(cfg.seed * _MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
+            torch.manual_seed(cfg.seed * SEED_MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
             # token-weighted loss over the whole accumulated batch
-            step_nll = 0.0
-            for inputs, labels in batches:
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device))
-                (nll / max(n_masked, 1)).backward()
-                step_nll += float(nll.detach())
+            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype)
             distributed.sum_gradients(d, model)
             if d.enabled:
                 step_nll = distributed.all_reduce_sum(d, [step_nll], device)[0]
