@@ -16,7 +16,7 @@ def test_precedence_defaults_file_flags(tmp_path):
     assert cfg.batch_size == 2                # the flag beats the file
     assert cfg.data.block_size == 64 and cfg.data.text_field == "answers.text"
     assert cfg.weight_decay == 0.01 and cfg.epochs == 3
-    assert cfg.mlm_probability == 0.15 and cfg.data.test_size == 0.2  # the guide's defaults
+    assert cfg.mlm_probability == 0.15 and cfg.data.held_out == 0.2  # the guide's defaults
 
 
 def test_saved_config_reads_back_to_the_same_config(tmp_path):

@@ -30,6 +30,10 @@ from mlmtune.errors import MlmtuneError
 PREPARED_META = "mlmtune_prepared.json"
 
 
+class TooFewTokens(MlmtuneError):
+    """A split holds fewer tokens than one block."""
+
+
 @dataclass(frozen=True)
 class BlockStats:
     """What grouping did to each split."""
@@ -43,6 +47,8 @@ class BlockStats:
     """Records whose text was empty or whitespace-only (dropped)."""
     duplicate_texts: int = 0
     """Eval texts that also stand, exactly, in the training split."""
+    texts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Non-empty texts per split (the records that went into its blocks)."""
 
     @property
     def total_dropped(self) -> int:
@@ -195,15 +201,64 @@ def cache_root(data: DataConfig) -> Path:
     return Path(base)
 
 
-def _save_atomic(blocks: DatasetDict, meta: dict, folder: Path) -> None:
+def check_prepare_target(folder: Path) -> None:
+    """`prepare` writes into an empty or missing folder, or over an earlier `prepare` output; never
+    over anything else (a corpus folder, `.`, a model)."""
+    if folder.exists() and not folder.is_dir():
+        raise MlmtuneError(f"--output-dir {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_prepared(folder):
+        raise MlmtuneError(f"--output-dir {folder} is not empty and was not written by `mlmtune prepare`; "
+                           f"choose a new or empty folder (nothing in it was changed)")
+
+
+def _written_entries(folder: Path) -> list[str]:
+    """The top-level names an earlier `prepare` wrote into `folder` (its meta lists them)."""
+    try:
+        meta = json.loads((folder / PREPARED_META).read_text())
+    except (OSError, ValueError):
+        return []
+    names = meta.get("entries") or ["dataset_dict.json", *meta.get("blocks", {})]  # before entries were listed
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
+
+
+def _save_atomic(blocks: DatasetDict, meta: dict, folder: Path, cache_entry: bool = False) -> None:
+    """Write blocks and meta to `folder`, replacing only what an earlier `prepare` wrote there.
+
+    Everything is written to a sibling temporary folder first. A missing or empty target is then
+    renamed into place in one step; an earlier output has its own entries (listed in its meta)
+    swapped one by one, the meta last, so that a crash leaves no folder that claims to be whole.
+    Files of anyone else in the folder stay untouched. A `cache_entry` (a folder named by its key
+    in mlmtune's own cache) is replaced whole even when it is damaged.
+    """
+    if not cache_entry:
+        check_prepare_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         blocks.save_to_disk(str(tmp))
-        (tmp / PREPARED_META).write_text(json.dumps(meta, indent=2))
-        if folder.exists():
+        entries = sorted(p.name for p in tmp.iterdir())
+        (tmp / PREPARED_META).write_text(json.dumps({**meta, "entries": [*entries, PREPARED_META]}, indent=2))
+        if cache_entry and folder.exists():
             shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if not folder.exists() or not any(folder.iterdir()):
+            os.replace(tmp, folder)
+            return
+        old = _written_entries(folder)
+        foreign = [n for n in entries if (folder / n).exists() and n not in old]
+        if foreign:
+            raise MlmtuneError(f"--output-dir {folder} holds {', '.join(foreign)}, which `mlmtune prepare` did not "
+                               f"write there; choose a new or empty folder (nothing in it was changed)")
+        (folder / PREPARED_META).unlink()  # from here on the folder is not a valid prepare output
+        trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+        try:
+            for name in old:
+                if name != PREPARED_META and (folder / name).exists():
+                    os.replace(folder / name, trash / name)
+            for name in entries:
+                os.replace(tmp / name, folder / name)
+            os.replace(tmp / PREPARED_META, folder / PREPARED_META)
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +275,9 @@ def build_blocks(texts: DatasetDict, tokenizer, block_size: int,
     Raises:
         MlmtuneError: a split holds fewer tokens than one block.
     """
-    out, tokens, n_blocks, dropped = {}, {}, {}, {}
+    out, tokens, n_blocks, dropped, n_texts = {}, {}, {}, {}, {}
     for split, ds in texts.items():
+        n_texts[split] = len(ds)
         tokenized = tokenize(ds, tokenizer)
         path = workdir / f"{split}.arrow" if workdir is not None else None
         blocks, lost = group_blocks(tokenized, block_size, path)
@@ -231,13 +287,13 @@ def build_blocks(texts: DatasetDict, tokenizer, block_size: int,
         if not len(blocks):
             hint = ("raise --test-size, lower --block-size, or pass --test-size 0 to skip evaluation"
                     if split == "test" else "use more text or a smaller --block-size")
-            raise MlmtuneError(f"the {split} split has {lost} tokens, fewer than one block of {block_size}; {hint}")
-    return DatasetDict(out), BlockStats(tokens, n_blocks, dropped)
+            raise TooFewTokens(f"the {split} split has {lost} tokens, fewer than one block of {block_size}; {hint}")
+    return DatasetDict(out), BlockStats(tokens, n_blocks, dropped, texts=n_texts)
 
 
 def _stats_from_meta(meta: dict) -> BlockStats:
     return BlockStats(meta["tokens"], meta["blocks"], meta["dropped_tokens"], meta.get("records", 0),
-                      meta.get("empty_texts", 0), meta.get("duplicate_texts", 0))
+                      meta.get("empty_texts", 0), meta.get("duplicate_texts", 0), meta.get("texts", {}))
 
 
 def count_duplicates(texts: DatasetDict) -> int:
@@ -259,30 +315,51 @@ def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> di
         "dataset": data.dataset,
         "text_field": data.text_field,
         "split": data.split,
-        "test_size": data.test_size,
+        "test_size": data.held_out,
         "tokens": stats.tokens,
         "blocks": stats.blocks,
         "dropped_tokens": stats.dropped_tokens,
         "records": stats.records,
         "empty_texts": stats.empty_texts,
         "duplicate_texts": stats.duplicate_texts,
+        "texts": stats.texts,
     }
 
 
 def load_prepared(path: str | Path, tokenizer, block_size: int | None = None) -> tuple[DatasetDict, BlockStats]:
-    """Read a folder written by `mlmtune prepare`, checking it was made with this tokenizer."""
-    meta = json.loads((Path(path) / PREPARED_META).read_text())
-    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+    """Read a folder written by `mlmtune prepare`, checking it was made with this tokenizer.
+
+    Raises:
+        MlmtuneError: another tokenizer or block size, or a damaged folder (missing files, bad meta).
+    """
+    try:
+        meta = json.loads((Path(path) / PREPARED_META).read_text())
+        stats = _stats_from_meta(meta)
+        made_with, made_size = meta["tokenizer"], meta["block_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(path, e) from None
+    if made_with != tokenizer_fingerprint(tokenizer):
         raise MlmtuneError(
             f"{path} was prepared with a different tokenizer ({meta.get('tokenizer_name') or 'unknown'}); "
             f"run `mlmtune prepare` again with this --model"
         )
-    if block_size is not None and meta["block_size"] != block_size:
+    if block_size is not None and made_size != block_size:
         raise MlmtuneError(
-            f"{path} holds blocks of {meta['block_size']} tokens but --block-size is {block_size}; "
-            f"pass --block-size {meta['block_size']} or prepare again"
+            f"{path} holds blocks of {made_size} tokens but --block-size is {block_size}; "
+            f"pass --block-size {made_size} or prepare again"
         )
-    return load_from_disk(str(path)), _stats_from_meta(meta)
+    try:
+        blocks = load_from_disk(str(path))
+        if set(blocks) != set(stats.blocks) or any(len(blocks[k]) != n for k, n in stats.blocks.items()):
+            raise ValueError("its splits do not match its mlmtune_prepared.json")
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise damaged(path, e) from None
+    return blocks, stats
+
+
+def damaged(path: str | Path, e: BaseException) -> MlmtuneError:
+    detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+    return MlmtuneError(f"the prepared folder {path} is damaged ({detail}); run `mlmtune prepare` again")
 
 
 def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path | None = None,
@@ -295,9 +372,11 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
     """
     if data.dataset and is_prepared(data.dataset):
         return load_prepared(data.dataset, tokenizer, data.block_size)
+    if save_to is not None:
+        check_prepare_target(Path(save_to))  # before any work, and before anything is written
     records = load_records(data)
     selected = select_text(records, data.text_field)
-    texts = split_texts(selected, data.test_size, seed)
+    texts = split_texts(selected, data.held_out, seed)
     if save_to is None:
         key = hashlib.sha256(
             f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
@@ -308,8 +387,8 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
                 cached = load_prepared(folder, tokenizer)
                 print(f"Using cached blocks from {folder}", file=sys.stderr)
                 return cached
-            except Exception as e:  # a damaged cache entry is rebuilt, never fatal
-                print(f"warning: rebuilding damaged cache entry {folder} ({type(e).__name__})", file=sys.stderr)
+            except MlmtuneError as e:  # a damaged cache entry is rebuilt, never fatal
+                print(f"warning: rebuilding the cache entry {folder}: {e}", file=sys.stderr)
     else:
         folder = Path(save_to)
     workdir = Path(tempfile.mkdtemp(prefix="mlmtune-blocks-"))
@@ -318,7 +397,7 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
         stats = dataclasses.replace(stats, records=len(records), empty_texts=len(records) - len(selected),
                                     duplicate_texts=count_duplicates(texts))  # a cache hit has these in its meta
         try:
-            _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder)
+            _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder, cache_entry=save_to is None)
         except OSError as e:
             if save_to is not None:
                 raise MlmtuneError(f"cannot write {folder}: {e.strerror or e}") from None

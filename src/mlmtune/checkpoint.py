@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from mlmtune.config import CONFIG_FILENAME
 from mlmtune.errors import MlmtuneError
 
 STATE_FILE = "state.json"
@@ -28,6 +30,20 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed")
+
+
+# What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
+# EACCES), safetensors' SafetensorError, and torch.save's RuntimeError ("file write failed").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_error(e: BaseException) -> str:
+    """The reason of a failed write, in a few words."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = re.search(r'message: "([^"]+)"', text)  # safetensors wraps the OS error: IoError(Os { .. message: "..." })
+    return m.group(1) if m else text
 
 
 @dataclass
@@ -56,12 +72,23 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_run_dir(output_dir: Path) -> bool:
+    """Whether a folder holds an mlmtune training run (checkpoints or a saved config)."""
+    return checkpoints_dir(output_dir).is_dir() or (output_dir / CONFIG_FILENAME).is_file()
+
+
+# the temporary names mlmtune gives a save in progress: nothing else is ever cleaned up
+_PARTIAL = {"checkpoints": re.compile(r"^\.tmp-step-\d+-"), "output": re.compile(r"^\.tmp-(final|write-test)-")}
+
+
 def remove_partial_saves(output_dir: Path) -> None:
-    """Delete what a save killed half-way left behind (never a complete checkpoint)."""
-    for root in (checkpoints_dir(output_dir), output_dir):
+    """Delete what a save killed half-way left behind (never a complete checkpoint, never a file
+    whose name mlmtune does not give its own temporary saves)."""
+    for root, pattern in ((checkpoints_dir(output_dir), _PARTIAL["checkpoints"]), (output_dir, _PARTIAL["output"])):
         if root.is_dir():
-            for p in root.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
+            for p in root.iterdir():
+                if pattern.match(p.name):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
@@ -84,10 +111,10 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainS
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         previous = list_checkpoints(output_dir)
         kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
-        raise MlmtuneError(f"saving checkpoint {final.name} failed ({e.strerror or e}); {kept}") from None
+        raise MlmtuneError(f"saving checkpoint {final.name} failed ({write_error(e)}); {kept}") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -177,8 +204,8 @@ def publish(output_dir: Path, write) -> None:
         _fsync_dir(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, output_dir / f.name)
-    except OSError as e:
-        raise MlmtuneError(f"writing the final model to {output_dir} failed ({e.strerror or e}); "
+    except WRITE_ERRORS as e:
+        raise MlmtuneError(f"writing the final model to {output_dir} failed ({write_error(e)}); "
                            f"the checkpoints under {checkpoints_dir(output_dir)} are intact: fix it and rerun "
                            f"with --resume") from None
     finally:

@@ -23,7 +23,7 @@ from mlmtune.config import (
     load_config_file,
     resolve,
 )
-from mlmtune.errors import MlmtuneError
+from mlmtune.errors import MlmtuneError, warn
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
@@ -126,6 +126,11 @@ def cmd_eval(args) -> int:
     result = run_eval(_config(EvalConfig, args))
     if args.json:
         print(json.dumps(result))
+        return 0
+    texts = f"{result['eval_texts']:,} records" if result.get("eval_texts") is not None else "records"
+    print(f"scored {texts} of {result['dataset']}: {result['scored']}")
+    if result["perplexity"] is None:
+        print(f"perplexity: skipped ({result['perplexity_skipped']})")
     else:
         print(f"perplexity {result['perplexity']:,.3f} (eval loss {result['eval_loss']:.4f} over "
               f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks)")
@@ -146,11 +151,26 @@ def _format_table(text: str, result) -> str:
     return "\n".join(rows)
 
 
+def read_stdin_lines() -> list[str]:
+    """Non-empty lines of stdin; bytes that are not UTF-8 are replaced (U+FFFD) and counted in a warning."""
+    from mlmtune.data import decode_line
+
+    lines, bad = [], 0
+    for raw in sys.stdin.buffer:
+        line, valid = decode_line(raw)
+        bad += not valid
+        if line.strip():
+            lines.append(line.rstrip("\r\n"))
+    if bad:
+        warn(f"{bad} line(s) of stdin are not valid UTF-8; the bad bytes were replaced with U+FFFD")
+    return lines
+
+
 def cmd_fill(args) -> int:
     from mlmtune.fill import FillMask
 
     cfg = _config(FillConfig, args)
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size)
@@ -161,12 +181,14 @@ def cmd_fill(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mlmtune.model import resolve_model_path
+    from mlmtune.fill import FillMask
     from mlmtune.serve import make_app, serve
 
     cfg = _config(ServeConfig, args)
-    resolve_model_path(cfg.model)  # a missing folder fails here, before the port is bound
-    serve(make_app(cfg.model, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue),
+    # the model loads before the port is bound: a model that cannot load is an exit 1 here, not a
+    # server that answers 500 for ever
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True)
+    serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue),
           cfg.host, cfg.port)
     return 0
 

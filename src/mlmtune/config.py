@@ -24,6 +24,7 @@ QUICKSTART_MODEL = "builtin:all-minilm-l6-v2"
 QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_TEST_SIZE = 0.2
 
 
 def _require(condition: bool, message: str) -> None:
@@ -42,8 +43,9 @@ class DataConfig:
     """Split to read; slicing works (`train[:5000]`, `train[:10%]`)."""
     text_field: str = "text"
     """Column holding the text; a dotted path reaches into nested records (`answers.text`)."""
-    test_size: float = 0.2
-    """Fraction of records held out for evaluation; 0 means no eval split."""
+    test_size: float | None = None
+    """Fraction of records held out for evaluation; 0 means none (default: 0.2 for train and prepare; eval
+    scores the training run's held-out split on its own dataset, and all of any other dataset)."""
     block_size: int = 128
     cache_dir: str | None = None
     """Where tokenized blocks are cached (default: ~/.cache/mlmtune)."""
@@ -54,10 +56,16 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.block_size >= 2, f"--block-size must be at least 2, got {self.block_size}")
-        _require(0 <= self.test_size < 1, f"--test-size must be in [0, 1), got {self.test_size}")
+        _require(self.test_size is None or 0 <= self.test_size < 1,
+                 f"--test-size must be in [0, 1), got {self.test_size}")
         _require(bool(self.split), "--split must not be empty")
         _require(bool(self.text_field), "--text-field must not be empty")
         _require(self.eval_records >= 0, "--eval-records must be >= 0")
+
+    @property
+    def held_out(self) -> float:
+        """The fraction of records held out when training or preparing (`test_size`, default 0.2)."""
+        return DEFAULT_TEST_SIZE if self.test_size is None else self.test_size
 
 
 def _check_common(cfg: Any) -> None:
@@ -221,9 +229,21 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _optional(tp: Any) -> bool:
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return union and type(None) in typing.get_args(tp)
+
+
+def _example(tp: Any) -> str:
+    return {bool: "true", int: "8", float: "0.1"}.get(_base_type(tp), "...")
+
+
 def coerce(name: str, tp: Any, value: Any) -> Any:
     """Turn a flag string or YAML value into the field's type, or raise MlmtuneError."""
     if value is None:
+        if not _optional(tp):
+            raise MlmtuneError(f"option {name!r} has no value; give one (e.g. `{name}: {_example(tp)}`) "
+                               f"or remove the line")
         return None
     base = _base_type(tp)
     try:
@@ -245,7 +265,10 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(value)
             return int(value)
         if base is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise MlmtuneError(f"--{name.replace('_', '-')} expects a finite number, got {value!r}")
+            return number
         return str(value)
     except (TypeError, ValueError):
         kind = getattr(base, "__name__", str(base))
@@ -258,9 +281,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise MlmtuneError(f"config file {p} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise MlmtuneError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise MlmtuneError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise MlmtuneError(f"cannot read config file {p}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise MlmtuneError(f"config file {p} must hold a mapping of option: value")
 

@@ -7,12 +7,15 @@ with few masked tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from mlmtune.config import DataConfig
 from mlmtune.forward import logits_at, masked_nll_sum
 
 
@@ -103,38 +106,114 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
     return EvalResult(loss=loss, perplexity=_perplexity(loss), masked_tokens=count)
 
 
-def run_eval(cfg) -> dict:
-    """`mlmtune eval`: perplexity of `cfg.model` on the eval split of `cfg.data`, on fixed masks.
+def _recorded_run(model: str) -> dict | None:
+    """The resolved config a training run saved in its model folder, if `model` is such a folder."""
+    import yaml
 
-    The eval split is the `test` split made with the same seed and --test-size as training (so
-    this reproduces a run's `perplexity_after`), or the whole split with --test-size 0.
+    from mlmtune.config import CONFIG_FILENAME
+
+    path = Path(model).expanduser() / CONFIG_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, dict) and isinstance(recorded.get("data"), dict) else None
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    pa_, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa_.exists() and pb.exists():
+        return pa_.resolve() == pb.resolve()
+    return a == b
+
+
+def eval_plan(cfg) -> tuple[DataConfig, int, float, str]:
+    """What `mlmtune eval` scores: (data settings, seed, mlm probability, a sentence saying which records).
+
+    - On the dataset the model was trained on (recorded in its folder's `mlmtune_config.yaml`)
+      and without --test-size: the run's own held-out split, drawn with the run's seed, test size
+      and masking, so `perplexity_after` is reproduced.
+    - On any other dataset without --test-size: all of it.
+    - With --test-size: the held-out fraction drawn with --seed.
+    """
+    data = cfg.data
+    recorded = _recorded_run(cfg.model)
+    if data.test_size is None and recorded and _same_source(recorded["data"].get("dataset"), data.dataset):
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        run_data = {k: v for k, v in recorded["data"].items() if k in known}
+        data = DataConfig(**{**run_data, "dataset": data.dataset, "cache_dir": data.cache_dir})
+        seed = int(recorded.get("seed", cfg.seed))
+        mlm = float(recorded.get("mlm_probability", cfg.mlm_probability))
+        if data.streaming:
+            return data, seed, mlm, f"the training run's held-out records (the first {data.eval_records:,})"
+        return data, seed, mlm, (f"the training run's held-out split ({data.held_out:.0%} of the records, "
+                                 f"seed {seed}, block size {data.block_size}, mlm probability {mlm:g})")
+    if data.test_size is None:
+        return dataclasses.replace(data, test_size=0.0), cfg.seed, cfg.mlm_probability, "all of it"
+    return data, cfg.seed, cfg.mlm_probability, f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})"
+
+
+def run_eval(cfg, progress: bool = True) -> dict:
+    """`mlmtune eval`: perplexity of `cfg.model` on fixed masks, over the records `eval_plan` picks.
+
+    With `cfg.pseudo`, pseudo-perplexity too; it needs no blocks, so it works on texts of any length.
 
     Returns:
-        A dict with eval_loss, perplexity, eval_masked_tokens, eval_blocks and, with
-        `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
+        A dict with scored (which records), eval_texts, eval_loss, perplexity, eval_masked_tokens,
+        eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
     """
-    from mlmtune.blocks import Blocks, is_prepared, prepare_blocks
+    from datasets import Dataset, DatasetDict
+
+    from mlmtune.blocks import Blocks, TooFewTokens, build_blocks, is_prepared, prepare_blocks
     from mlmtune.data import load_texts
     from mlmtune.errors import MlmtuneError
     from mlmtune.masking import Masker, iter_eval_masks
     from mlmtune.model import check_block_size, load_model, pick_device
+    from mlmtune.stream import held_out_texts
 
     model, tokenizer = load_model(cfg.model)
-    check_block_size(cfg.data.block_size, model, tokenizer)
+    data, seed, mlm_probability, which = eval_plan(cfg)
+    check_block_size(data.block_size, model, tokenizer)
     model.to(pick_device())
-    blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
-    split = "test" if "test" in blocks else "train"
-    eval_blocks = Blocks(blocks[split])
-    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
-    result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, cfg.seed), cfg.batch_size,
-                           total=len(eval_blocks))
-    out = {"model": cfg.model, "eval_loss": result.loss, "perplexity": result.perplexity,
-           "eval_masked_tokens": result.masked_tokens, "eval_blocks": len(eval_blocks)}
-    if cfg.pseudo:
-        if is_prepared(cfg.data.dataset):
+    prepared = bool(data.dataset) and is_prepared(data.dataset)
+    if prepared:
+        which = "the test split of the prepared folder (or its only split)"
+
+    def texts_scored() -> list[str]:
+        if data.streaming:
+            return held_out_texts(data)
+        if prepared:
             raise MlmtuneError("--pseudo needs the texts, not prepared blocks: pass the original --dataset")
-        texts = list(load_texts(cfg.data, cfg.seed)[split]["text"])[: cfg.pseudo_max_texts]
-        pseudo = pseudo_perplexity(model, tokenizer, texts)
+        split = load_texts(data, seed)
+        return list(split["test" if "test" in split else "train"]["text"])
+
+    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which}
+    try:
+        if data.streaming:
+            blocks, stats = build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts_scored()})), tokenizer,
+                                         data.block_size)
+        else:
+            blocks, stats = prepare_blocks(data, tokenizer, seed)
+        split = "test" if "test" in blocks else "train"
+        eval_blocks = Blocks(blocks[split])
+        masker = Masker.from_tokenizer(tokenizer, mlm_probability)
+        result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, seed), cfg.batch_size,
+                               progress=progress, total=len(eval_blocks))
+        out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,
+                   eval_masked_tokens=result.masked_tokens, eval_blocks=len(eval_blocks))
+    except TooFewTokens as e:
+        if not cfg.pseudo:
+            raise MlmtuneError(f"{e}; or pass --pseudo, which scores texts of any length") from None
+        out.update(eval_loss=None, perplexity=None, eval_masked_tokens=0, eval_blocks=0,
+                   perplexity_skipped=str(e))
+    if cfg.pseudo:
+        texts = texts_scored()[: cfg.pseudo_max_texts]
+        pseudo = pseudo_perplexity(model, tokenizer, texts, progress=progress)
         out.update(pseudo_perplexity=pseudo.perplexity, pseudo_loss=pseudo.loss, pseudo_tokens=pseudo.masked_tokens,
                    pseudo_texts=len(texts))
+        out.setdefault("eval_texts", len(texts))
     return out

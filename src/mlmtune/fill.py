@@ -69,6 +69,15 @@ class FillMask:
             raise MlmtuneError(f"none of the targets {targets} maps to a token of this model")
         return np.array(ids)
 
+    def check_top_k(self, top_k: int, targets: list[str] | None = None) -> None:
+        """top_k must be positive and, without targets, at most the vocabulary size."""
+        if not 1 <= top_k:
+            raise MlmtuneError(f"top_k must be a positive integer, got {top_k}")
+        vocab = self.model.get_output_embeddings().out_features if self.model.get_output_embeddings() is not None \
+            else len(self.tokenizer)
+        if not targets and top_k > vocab:
+            raise MlmtuneError(f"top_k {top_k} is larger than the vocabulary of this model ({vocab:,} tokens)")
+
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
         """Tokenize and check each text: non-empty, has a mask, fits the model."""
         encoded = []
@@ -139,8 +148,7 @@ class FillMask:
         Raises:
             MlmtuneError: a text is empty, has no mask, or is longer than the model takes.
         """
-        if not 1 <= top_k:
-            raise MlmtuneError(f"top_k must be a positive integer, got {top_k}")
+        self.check_top_k(top_k, targets)
         target_ids = self.target_ids(targets) if targets else None
         encoded = self.encode(texts)
         logits = self.mask_logits(encoded)

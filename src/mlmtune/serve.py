@@ -9,7 +9,10 @@ loop. Every input limit answers with a 4xx JSON body `{"error": "..."}` that say
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +49,8 @@ def parse_request(body: bytes, limits: Limits) -> tuple[list[str], bool, int, li
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # `[[[[...` deeper than the parser's stack
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, 'the body must be a JSON object like {"text": "Paris is the <mask> of France."}')
     unknown = set(payload) - {"text", "top_k", "targets"}
@@ -169,6 +174,8 @@ def make_app(model: str | FillMask, limits: Limits = Limits(), max_batch: int = 
             state["batcher"] = batcher
         except MlmtuneError as e:
             state["error"] = str(e)
+        except Exception as e:  # a task that dies silently would leave /health at "loading" for ever
+            state["error"] = f"the model failed to load: {type(e).__name__}: {e}"
 
     @asynccontextmanager
     async def lifespan(app):
@@ -228,6 +235,7 @@ def make_app(model: str | FillMask, limits: Limits = Limits(), max_batch: int = 
                 if masks > limits.max_masks:
                     where = f"text {n}" if is_list else "the text"
                     raise BadRequest(422, f"{where} has {masks} masks; the limit is {limits.max_masks}")
+            filler.check_top_k(top_k, targets)
             target_ids = filler.target_ids(targets) if targets else None
         except BadRequest as e:
             return error(e.status, str(e))
@@ -244,8 +252,30 @@ def make_app(model: str | FillMask, limits: Limits = Limits(), max_batch: int = 
     return app
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or MlmtuneError saying why not (port in use, bad address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        hint = "; pass another --port, or --port 0 for a free one" if e.errno == errno.EADDRINUSE else ""
+        raise MlmtuneError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    except (OverflowError, socket.gaierror) as e:
+        sock.close()
+        raise MlmtuneError(f"cannot listen on {host}:{port}: {e}") from None
+    return sock
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Bind the port and serve until interrupted."""
+    """Bind the port (failing with one line when it cannot) and serve until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = bind(host, port)
+    bound = sock.getsockname()
+    print(f"mlmtune serve: http://{host}:{bound[1]}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from mlmtune import hub
 from mlmtune.blocks import is_prepared
@@ -60,9 +62,23 @@ def field_value(record: dict, dotted: str):
     return value
 
 
+def _records(records):
+    """Iterate a record stream; a record that does not parse is one MlmtuneError, not a traceback."""
+    n = 0
+    try:
+        for record in records:
+            yield record
+            n += 1
+    except (DatasetGenerationError, pa.ArrowException, UnicodeDecodeError, ValueError) as e:
+        cause = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise MlmtuneError(f"the stream cannot be read after {n:,} records ({type(cause).__name__}: {detail}); "
+                           f"fix the file or drop the bad records") from None
+
+
 def stream_texts(records, text_field: str, skip: int = 0, take: int | None = None):
     """Non-empty texts of a record stream: records [skip, skip + take)."""
-    for n, record in enumerate(records):
+    for n, record in enumerate(_records(records)):
         if n < skip:
             continue
         if take is not None and n >= skip + take:

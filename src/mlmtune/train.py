@@ -9,8 +9,10 @@ dropout an uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.blocks import Blocks, BlockStats, build_blocks, prepare_blocks
 from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
-from mlmtune.config import TrainConfig, save_config, to_dict
+from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.forward import backward_masked
@@ -53,15 +55,18 @@ def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to write over the work of another run, and fail now rather than after training."""
     if out.exists() and not out.is_dir():
         raise MlmtuneError(f"--output-dir {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise MlmtuneError(
-            f"--output-dir {out} is not empty; pass --resume to continue the run in it, or choose another --output-dir"
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not resume:
+            raise MlmtuneError(f"--output-dir {out} is not empty; pass --resume to continue the run in it, "
+                               f"or choose another --output-dir")
+        if not ckpt.is_run_dir(out):
+            raise MlmtuneError(f"--output-dir {out} holds files but no mlmtune run (no checkpoints/ or "
+                               f"{CONFIG_FILENAME}); --resume continues a run: choose another --output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".mlmtune-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=out)  # a name nobody else uses
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
 
@@ -234,7 +239,11 @@ def train(cfg: TrainConfig, progress: bool = True,
         while state.step < total_steps:
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
-            rows, global_blocks = step_batches(state.step)
+            try:
+                rows, global_blocks = step_batches(state.step)
+            except MlmtuneError as e:  # a stream that stops parsing mid-run: keep what was trained
+                saved = f"; checkpoint saved in {save()}, continue with --resume" if state.step else ""
+                raise MlmtuneError(f"{e}{saved}") from None
             mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + state.step + 1 + d.rank * _RANK_MIX)
             batches = [masker(r, mask_gen) for r in rows]
             n_local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
