@@ -140,12 +140,13 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, precision: str, lr: f
 
 
 def child_score(model_dir: str, corpus: str, seed: int) -> dict:
-    """fp32 fixed-mask perplexity of a model folder on the corpus' held-out split."""
+    """fp32 fixed-mask perplexity of a model folder on the corpus' held-out split (20%, the guide's and
+    mlmtune's; named explicitly so that every model, trained by mlmtune or not, is scored on it)."""
     from mlmtune.config import EvalConfig, resolve
     from mlmtune.evaluate import run_eval
 
     cfg = resolve(EvalConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
-                                   "seed": seed, "cache_dir": model_dir + "-evalcache"})
+                                   "seed": seed, "test_size": 0.2, "cache_dir": model_dir + "-evalcache"})
     return run_eval(cfg)
 
 

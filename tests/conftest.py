@@ -65,6 +65,26 @@ def tiny_model_dir(tmp_path_factory, docs_texts) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, docs_texts) -> Path:
+    """A saved tiny BERT masked-LM folder: WordPiece tokenizer whose mask token is `[MASK]`."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(docs_texts, vocab_size=600, min_frequency=2, show_progress=False,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wp.save_model(str(folder))
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def _tiny_loaded(tiny_model_dir):
     from mlmtune.model import load_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -70,3 +71,75 @@ def test_pseudo_perplexity_truncates_to_the_model_length(tiny, docs_texts):
     assert len(tok(long_text)["input_ids"]) > 64
     result = pseudo_perplexity(model, tok, [long_text], progress=False)
     assert result.masked_tokens == 64 - 2  # model length minus <s> and </s>
+
+
+# ---------------------------------------------------------------------------------------------
+# `mlmtune eval`: which records it scores
+
+
+def _eval(*args):
+    from mlmtune.config import EvalConfig, resolve
+    from mlmtune.evaluate import run_eval
+
+    flags = dict(zip(args[::2], args[1::2]))
+    return run_eval(resolve(EvalConfig, {}, flags), progress=False)
+
+
+def test_eval_on_the_training_source_reproduces_perplexity_after(tiny_model_dir, eli5_like, tmp_path, cache_dir):
+    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.train import train
+
+    out = tmp_path / "run"
+    cfg = resolve(TrainConfig, {}, {"model": str(tiny_model_dir), "dataset": str(eli5_like), "text_field":
+                                    "answers.text", "block_size": 32, "batch_size": 4, "max_steps": 3,
+                                    "learning_rate": 1e-2, "output_dir": str(out), "cache_dir": cache_dir,
+                                    "precision": "fp32", "seed": 7, "test_size": 0.3, "mlm_probability": 0.2})
+    metrics = train(cfg, progress=False).metrics
+    # the user names only the model and the data: the run's seed, split, block size and masking are its own
+    ev = _eval("model", str(out), "dataset", str(eli5_like), "text_field", "answers.text", "cache_dir", cache_dir)
+    assert "the training run's held-out split (30% of the records, seed 7, block size 32" in ev["scored"]
+    assert math.isclose(ev["perplexity"], metrics["perplexity_after"], rel_tol=1e-6)
+    assert ev["eval_masked_tokens"] == metrics["eval_masked_tokens"] and ev["eval_blocks"] == metrics["eval_blocks"]
+    records = sum(1 for _ in eli5_like.open())
+    assert ev["eval_texts"] == math.ceil(0.3 * records)  # datasets' train_test_split rounds the test share up
+
+
+def test_eval_on_another_dataset_scores_all_of_it(tiny_model_dir, tmp_path, docs_texts, cache_dir):
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n".join(docs_texts[200:320]) + "\n\n")
+    ev = _eval("model", str(tiny_model_dir), "dataset", str(corpus), "block_size", "32", "cache_dir", cache_dir)
+    assert ev["scored"] == "all of it" and ev["eval_texts"] == 120
+    tok_count = sum(len(t) for t in __import__("transformers").AutoTokenizer.from_pretrained(
+        tiny_model_dir)(docs_texts[200:320])["input_ids"])
+    assert ev["eval_blocks"] == tok_count // 32  # every record's tokens, grouped once
+    held = _eval("model", str(tiny_model_dir), "dataset", str(corpus), "block_size", "32", "cache_dir", cache_dir,
+                 "test_size", "0.25")
+    assert held["eval_texts"] == 30 and "a held-out 25%" in held["scored"]
+
+
+def test_pseudo_perplexity_of_a_text_shorter_than_a_block(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mlmtune.cli import main
+
+    text = "The for statement loops."
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(text + "\n")
+    assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(corpus), "--block-size", "32", "--pseudo",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["perplexity"] is None and "fewer than one block" in out["perplexity_skipped"]
+    # independent: each token masked in turn through the plain transformers model
+    model, tok = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
+        tiny_model_dir)
+    ids = tok(text)["input_ids"]
+    nll = []
+    with torch.no_grad():
+        for i in range(1, len(ids) - 1):
+            masked = torch.tensor([ids[:i] + [tok.mask_token_id] + ids[i + 1:]])
+            nll.append(-float(model(input_ids=masked).logits[0, i].log_softmax(-1)[ids[i]]))
+    assert out["pseudo_tokens"] == len(nll) and out["pseudo_texts"] == 1
+    assert math.isclose(out["pseudo_perplexity"], math.exp(sum(nll) / len(nll)), rel_tol=1e-5)
+    # without --pseudo the same file is one line that says what to do
+    assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(corpus), "--block-size", "32"]) == 1
+    assert "or pass --pseudo, which scores texts of any length" in capsys.readouterr().err

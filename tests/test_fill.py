@@ -48,8 +48,19 @@ def test_targets_match_the_pipeline(pipe, filler):
     assert_same_as_pipeline(filler(text, top_k=10, targets=targets), pipe(text, top_k=10, targets=targets))
 
 
-def test_both_mask_spellings_are_accepted(filler):
-    assert filler("The [MASK] statement.", top_k=2) == filler("The <mask> statement.", top_k=2)
+@pytest.mark.parametrize("model_fixture, ours, theirs", [
+    ("tiny_model_dir", "[MASK]", "<mask>"),  # a RoBERTa model, written the BERT way
+    ("tiny_bert_dir", "<mask>", "[MASK]"),   # a BERT model, written the RoBERTa way
+])
+def test_the_other_mask_spelling_fills_like_the_pipeline(request, model_fixture, ours, theirs):
+    from transformers import pipeline
+
+    folder = str(request.getfixturevalue(model_fixture))
+    ref = pipeline("fill-mask", model=folder, device="cpu")
+    fill = FillMask.from_pretrained(folder)
+    for text in ("The {} statement is used in a loop.", "A function is {} with {} keyword.", "{}"):
+        assert_same_as_pipeline(fill(text.format(*[ours] * text.count("{}")), top_k=4),
+                                ref(text.format(*[theirs] * text.count("{}")), top_k=4))
 
 
 @pytest.mark.parametrize("text, message", [

@@ -178,3 +178,59 @@ def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(tiny_model_dir, tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
     _assert_same_run(out, reference)
+
+
+# A child that trains with a real limit on file size (RLIMIT_FSIZE, SIGXFSZ ignored so that write()
+# fails with EFBIG instead of killing the process): the save paths meet the errors the real
+# libraries raise (safetensors' SafetensorError, torch.save's RuntimeError), not a faked OSError.
+FSIZE_DRIVER = textwrap.dedent("""
+    import json, resource, signal, sys
+    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.errors import MlmtuneError
+    from mlmtune.train import train
+
+    flags, at_step, limit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def shrink(step, _seconds):
+        if step == at_step:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        train(resolve(TrainConfig, {}, flags), progress=False, on_step=shrink)
+    except MlmtuneError as e:
+        print(f"mlmtune: error: {e}", file=sys.stderr)
+        sys.exit(1)
+""")
+
+
+@pytest.mark.parametrize("what, at_step, limit", [
+    ("weights (safetensors)", 3, 4096),              # smaller than model.safetensors
+    ("optimizer state (torch.save)", 3, "weights"),  # model.safetensors fits, optimizer.pt does not
+    ("final model", 8, 4096),                        # the last checkpoint is written, then the limit
+])
+def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, eli5_like, cache_dir,
+                                                           reference, what, at_step, limit):
+    import json
+
+    out = tmp_path / "fsize"
+    flags = _flags(tiny_model_dir, out, eli5_like, cache_dir)
+    if limit == "weights":
+        limit = (tiny_model_dir / "model.safetensors").stat().st_size + 4096
+    train(_cfg(tiny_model_dir, tmp_path / "warm", eli5_like, cache_dir, max_steps=1), progress=False)  # cache blocks
+    p = subprocess.run([sys.executable, "-c", FSIZE_DRIVER, json.dumps(flags), str(at_step), str(limit)],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr and last.startswith("mlmtune: error: ")
+    assert "File too large" in last, last
+    if what == "final model":
+        assert "writing the final model" in last and "checkpoints under" in last
+        assert [c.name for c in ckpt_mod.list_checkpoints(out)][-1] == "step-0000008"
+        assert not (out / "model.safetensors").exists()
+    else:
+        assert "saving checkpoint step-0000004 failed (File too large" in last
+        assert "); the last good checkpoint is" in last
+        assert [c.name for c in ckpt_mod.list_checkpoints(out)] == ["step-0000002"]
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".tmp-*"))
+    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)  # the limit is gone
+    _assert_same_run(out, reference)

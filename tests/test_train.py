@@ -63,7 +63,21 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_mode
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert resumed.metrics["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], rel=1e-6)
-    assert resumed.metrics["eval_loss_before"] == full.metrics["eval_loss_before"]
+    # the starting loss, independently: the plain transformers model's own (dense, token-weighted) loss on
+    # the same fixed masks, in one batch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mlmtune.blocks import Blocks, prepare_blocks
+    from mlmtune.masking import Masker, fixed_eval_masks
+
+    cfg = _cfg(tiny_model_dir, part, eli5_like, cache_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    blocks, _ = prepare_blocks(cfg.data, tok, cfg.seed)
+    inputs, labels = fixed_eval_masks(Blocks(blocks["test"]), Masker.from_tokenizer(tok), cfg.seed)
+    with torch.no_grad():
+        dense = float(AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval()(input_ids=inputs, labels=labels).loss)
+    assert resumed.metrics["eval_loss_before"] == pytest.approx(dense, rel=1e-5)
+    assert full.metrics["eval_loss_before"] == pytest.approx(dense, rel=1e-5)
     # and the run really moved, so equality means something
     assert full.metrics["eval_loss_after"] < full.metrics["eval_loss_before"] - 0.05
 

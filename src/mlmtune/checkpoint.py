@@ -8,9 +8,11 @@ whole; leftovers of an interrupted save are ignored and cleaned up.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -37,13 +39,28 @@ RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learn
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
-def write_error(e: BaseException) -> str:
-    """The reason of a failed write, in a few words."""
+def write_error(e: BaseException, folder: Path) -> str:
+    """The reason of a failed write into `folder`, in a few words.
+
+    The OS's reason where the error carries one (OSError, or safetensors' "(os error 28)");
+    torch.save's "unexpected pos" carries none, so the likely causes are checked: free space and
+    the process's file size limit.
+    """
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    m = re.search(r'message: "([^"]+)"', text)  # safetensors wraps the OS error: IoError(Os { .. message: "..." })
-    return m.group(1) if m else text
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return os.strerror(int(m.group(1)))
+    try:
+        if shutil.disk_usage(folder).free < 64 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        return f"{os.strerror(errno.EFBIG)}: this process may write files of at most {soft:,} bytes (ulimit -f)"
+    return text
 
 
 @dataclass
@@ -114,7 +131,7 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainS
     except WRITE_ERRORS as e:
         previous = list_checkpoints(output_dir)
         kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
-        raise MlmtuneError(f"saving checkpoint {final.name} failed ({write_error(e)}); {kept}") from None
+        raise MlmtuneError(f"saving checkpoint {final.name} failed ({write_error(e, root)}); {kept}") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -205,7 +222,7 @@ def publish(output_dir: Path, write) -> None:
         for f in sorted(tmp.iterdir()):
             os.replace(f, output_dir / f.name)
     except WRITE_ERRORS as e:
-        raise MlmtuneError(f"writing the final model to {output_dir} failed ({write_error(e)}); "
+        raise MlmtuneError(f"writing the final model to {output_dir} failed ({write_error(e, output_dir)}); "
                            f"the checkpoints under {checkpoints_dir(output_dir)} are intact: fix it and rerun "
                            f"with --resume") from None
     finally:

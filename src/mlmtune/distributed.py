@@ -121,6 +121,24 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
             dist.broadcast(p, src=0)
 
 
+def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
+    """A short sha256 of each rank's parameters, in rank order: all equal when the replicas are in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    mine = h.hexdigest()[:16]
+    if not d.enabled:
+        return [mine]
+    import torch.distributed as dist
+
+    every: list[str | None] = [None] * d.world
+    dist.all_gather_object(every, mine)
+    return [str(x) for x in every]
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         import torch.distributed as dist

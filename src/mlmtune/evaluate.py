@@ -177,7 +177,6 @@ def run_eval(cfg, progress: bool = True) -> dict:
 
     model, tokenizer = load_model(cfg.model)
     data, seed, mlm_probability, which = eval_plan(cfg)
-    check_block_size(data.block_size, model, tokenizer)
     model.to(pick_device())
     prepared = bool(data.dataset) and is_prepared(data.dataset)
     if prepared:
@@ -193,6 +192,7 @@ def run_eval(cfg, progress: bool = True) -> dict:
 
     out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which}
     try:
+        check_block_size(data.block_size, model, tokenizer)
         if data.streaming:
             blocks, stats = build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts_scored()})), tokenizer,
                                          data.block_size)
@@ -205,9 +205,10 @@ def run_eval(cfg, progress: bool = True) -> dict:
                                progress=progress, total=len(eval_blocks))
         out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,
                    eval_masked_tokens=result.masked_tokens, eval_blocks=len(eval_blocks))
-    except TooFewTokens as e:
+    except MlmtuneError as e:  # no blocks to score: pseudo-perplexity needs none
         if not cfg.pseudo:
-            raise MlmtuneError(f"{e}; or pass --pseudo, which scores texts of any length") from None
+            raise (MlmtuneError(f"{e}; or pass --pseudo, which scores texts of any length") if isinstance(
+                e, TooFewTokens) else e) from None
         out.update(eval_loss=None, perplexity=None, eval_masked_tokens=0, eval_blocks=0,
                    perplexity_skipped=str(e))
     if cfg.pseudo:

@@ -64,15 +64,12 @@ def field_value(record: dict, dotted: str):
 
 def _records(records):
     """Iterate a record stream; a record that does not parse is one MlmtuneError, not a traceback."""
-    n = 0
     try:
-        for record in records:
-            yield record
-            n += 1
+        yield from records
     except (DatasetGenerationError, pa.ArrowException, UnicodeDecodeError, ValueError) as e:
         cause = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise MlmtuneError(f"the stream cannot be read after {n:,} records ({type(cause).__name__}: {detail}); "
+        raise MlmtuneError(f"the stream cannot be read ({type(cause).__name__}: {detail}); "
                            f"fix the file or drop the bad records") from None
 
 

@@ -38,7 +38,7 @@ from mlmtune.model import check_block_size, load_model, pick_device, resolve_pre
 from mlmtune.report import plot_curves, write_metrics, write_model_card
 from mlmtune.stream import BlockStream, held_out_texts
 
-_RANK_MIX = 7_919_000_011  # spreads ranks apart; rank 0 draws what a single process draws
+_RANK_MIX = 7_919_000_011  # spreads the ranks' dropout apart; rank 0 draws what a single process draws
 
 
 @dataclass(frozen=True)
@@ -208,19 +208,22 @@ def train(cfg: TrainConfig, progress: bool = True,
         stream = BlockStream(cfg.data, tokenizer, cfg.seed, global_batch).batches(
             start=state.step * cfg.gradient_accumulation_steps, progress=progress)
 
-    def step_batches(step: int) -> tuple[list[torch.Tensor], int]:
-        """This rank's blocks for each micro-batch of optimizer step `step`, and the step's global block count."""
+    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This rank's masked (inputs, labels) for each micro-batch of optimizer step `step`, and the
+        step's global block count. Masks are drawn over the whole global micro-batch from (seed, step)
+        and then cut into shares, so N ranks train on exactly the masks one process would draw."""
         if stream is not None:
             micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-            mine = [m[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for m in micro]
-            return [m for m in mine if len(m)], sum(len(m) for m in micro)
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_blocks), cfg.seed, epoch)
-        first = in_epoch * cfg.gradient_accumulation_steps
-        micro = [order[i * global_batch : (i + 1) * global_batch]
-                 for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
-        mine = [idx[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for idx in micro]
-        return [train_blocks[idx] for idx in mine if len(idx)], sum(len(idx) for idx in micro)
+        else:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train_blocks), cfg.seed, epoch)
+            first = in_epoch * cfg.gradient_accumulation_steps
+            micro = [train_blocks[order[i * global_batch : (i + 1) * global_batch]]
+                     for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
+        mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + step + 1)
+        mine = [tuple(t[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for t in masker(m, mask_gen))
+                for m in micro]
+        return [b for b in mine if len(b[0])], sum(len(m) for m in micro)
 
     def save() -> Path:
         """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
@@ -240,16 +243,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
             try:
-                rows, global_blocks = step_batches(state.step)
+                batches, global_blocks = step_batches(state.step)
             except MlmtuneError as e:  # a stream that stops parsing mid-run: keep what was trained
+                bar.close()
                 saved = f"; checkpoint saved in {save()}, continue with --resume" if state.step else ""
                 raise MlmtuneError(f"{e}{saved}") from None
-            mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + state.step + 1 + d.rank * _RANK_MIX)
-            batches = [masker(r, mask_gen) for r in rows]
             n_local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
             # every rank needs the global masked count: it is the loss's denominator
             n_masked = int(distributed.all_reduce_sum(d, [n_local], device)[0])
-            my_tokens += sum(len(r) for r in rows) * cfg.data.block_size
+            my_tokens += sum(len(inputs) for inputs, _ in batches) * cfg.data.block_size
             torch.manual_seed(cfg.seed * SEED_MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
             # token-weighted loss over the whole accumulated batch
@@ -330,10 +332,14 @@ def train(cfg: TrainConfig, progress: bool = True,
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], device)],
+        "rank_weights_sha256": distributed.weights_digests(d, model),
         "precision": "bf16" if autocast_dtype else "fp32",
         "torch_threads": torch.get_num_threads(),
     }
 
+    if len(set(metrics["rank_weights_sha256"])) > 1:
+        say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
+            f"the model saved is rank 0's")
     if not d.main:  # rank 0 writes the model, metrics, plots and card, once
         distributed.close(d)
         return TrainResult(output_dir=out, metrics=metrics)
