@@ -60,7 +60,8 @@ def test_both_mask_spellings(client, pipe):
 def test_health_info_and_page(client, filler):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
-    assert info["mask_token"] == "<mask>" and info["max_length"] == 64 and info["precision"] == "fp32"
+    assert info["mask_token"] == "<mask>" and info["max_length"] == 64
+    assert info["precision"] == "fp32" and info["device"] == "cpu"
     page = client.get("/")
     assert page.status_code == 200 and "<form" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN

@@ -170,8 +170,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     state = read_state(path)
     try:
         load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        # on the CPU first: a checkpoint written on cuda:0 resumes on any rank, and on a machine without a
+        # GPU; the optimizer moves its state to each parameter's device itself
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
         raise MlmtuneError(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
                            f"delete it to resume from an older one") from None

@@ -173,7 +173,7 @@ def cmd_fill(args) -> int:
     texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
-    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size)
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
     results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets)
     for text, result in zip(texts, results):
         print(json.dumps(result, ensure_ascii=False) if args.json else _format_table(text, result) + "\n")
@@ -187,7 +187,7 @@ def cmd_serve(args) -> int:
     cfg = _config(ServeConfig, args)
     # the model loads before the port is bound: a model that cannot load is an exit 1 here, not a
     # server that answers 500 for ever
-    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True)
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device)
     serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue),
           cfg.host, cfg.port)
     return 0

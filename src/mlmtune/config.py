@@ -154,6 +154,8 @@ class EvalConfig:
     mlm_probability: float = 0.15
     seed: int = 42
     batch_size: int = 16
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
     pseudo: bool = False
     """Also compute pseudo-perplexity (every token masked in turn; slow)."""
     pseudo_max_texts: int | None = None
@@ -174,6 +176,8 @@ class FillConfig:
     targets: list[str] | None = None
     """Restrict candidates to these words (comma-separated on the command line)."""
     batch_size: int = 32
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
 
     def __post_init__(self):
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
@@ -363,6 +367,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address to bind; the default answers this machine only."""
     port: int = 8000
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
     max_batch: int = 32
     """Most texts in one forward pass (1 turns batching off)."""
     batch_window_ms: float = 5.0

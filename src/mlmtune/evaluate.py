@@ -172,12 +172,12 @@ def run_eval(cfg, progress: bool = True) -> dict:
     from mlmtune.data import load_texts
     from mlmtune.errors import MlmtuneError
     from mlmtune.masking import Masker, iter_eval_masks
-    from mlmtune.model import check_block_size, load_model, pick_device
+    from mlmtune.model import check_block_size, load_model, resolve_device
     from mlmtune.stream import held_out_texts
 
     model, tokenizer = load_model(cfg.model)
     data, seed, mlm_probability, which = eval_plan(cfg)
-    model.to(pick_device())
+    model.to(resolve_device(cfg.device))
     prepared = bool(data.dataset) and is_prepared(data.dataset)
     if prepared:
         which = "the test split of the prepared folder (or its only split)"

@@ -15,7 +15,7 @@ import torch
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at
-from mlmtune.model import load_model, max_positions
+from mlmtune.model import load_model, max_positions, resolve_device
 
 MASK_SPELLINGS = ("<mask>", "[MASK]")
 
@@ -31,17 +31,19 @@ class FillMask:
         [{'score': 0.91, 'token': 812, 'token_str': ' capital', 'sequence': 'Paris is the capital of France.'}, ...]
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_positions(model, tokenizer)
-        self.device = next(model.parameters()).device
+        self.precision = "fp32"  # scores equal the pipeline's to float32 precision, on any device
 
     @classmethod
-    def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False) -> FillMask:
+    def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False,
+                        device: str | torch.device | None = None) -> FillMask:
         model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        return cls(model, tokenizer, batch_size=batch_size)
+        return cls(model, tokenizer, batch_size=batch_size, device=device)
 
     def normalize(self, text: str) -> str:
         """Spell every mask the way this model's tokenizer does."""
@@ -110,8 +112,9 @@ class FillMask:
                 ids[row, : len(encoded[i])] = encoded[i]
                 attention[row, : len(encoded[i])] = 1
             where = (ids == self.tokenizer.mask_token_id) & attention.bool()
-            logits = logits_at(self.model, ids.to(self.device), where.to(self.device),
-                               attention.to(self.device)).float().cpu()  # (masks in batch, V)
+            # (masks in batch, V), left on the device: softmax and top-k run there too
+            logits = logits_at(self.model, ids.to(self.device, non_blocking=True), where.to(self.device),
+                               attention.to(self.device, non_blocking=True)).float()
             counts = where.sum(1).tolist()
             for row, chunk in zip(idx, logits.split(counts)):
                 out[row] = chunk
@@ -125,8 +128,8 @@ class FillMask:
         positions = torch.nonzero(ids == self.tokenizer.mask_token_id).flatten()
         probs = logits.softmax(dim=-1)
         if target_ids is not None:
-            probs = probs[..., target_ids]
-        values, indices = probs.topk(top_k)
+            probs = probs[..., torch.as_tensor(target_ids, device=probs.device)]
+        values, indices = (t.cpu() for t in probs.topk(top_k))  # one copy of (masks, k) to the host
         single_mask = values.shape[0] == 1
         result = []
         for i, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):

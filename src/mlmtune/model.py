@@ -191,6 +191,20 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`--device`: None picks the GPU when there is one; a CUDA device that is not here is an error."""
+    if device is None or device == "auto":
+        return pick_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MlmtuneError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MlmtuneError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                           f"use --device cpu")
+    return dev
+
+
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run fast here: Ampere+ GPUs, CPUs with AVX-512 bf16 or AMX."""
     if device.type == "cuda":

@@ -154,7 +154,7 @@ def _page() -> str:
 
 
 def make_app(model: str | FillMask, limits: Limits = Limits(), max_batch: int = 32, window_ms: float = 5.0,
-             max_queue: int = 256, precision: str = "fp32"):
+             max_queue: int = 256):
     """The HTTP app. With a model name, the model loads in the background after start-up and
     /health says 503 until it is ready; with a FillMask it is ready at once.
 
@@ -211,7 +211,7 @@ def make_app(model: str | FillMask, limits: Limits = Limits(), max_batch: int = 
             return error(503, "the model is still loading")
         f = batcher.filler
         return {"model": name, "model_type": f.model.config.model_type, "mask_token": f.tokenizer.mask_token,
-                "max_length": f.max_length, "precision": precision, "max_batch": max_batch,
+                "max_length": f.max_length, "device": str(f.device), "precision": f.precision, "max_batch": max_batch,
                 "limits": limits.__dict__}
 
     @app.get("/", response_class=HTMLResponse)

