@@ -182,3 +182,140 @@ def test_playground_in_a_real_browser(live_server, pipe):
     assert tokens == [p["token_str"] for p in expected]
     assert scores == [f"{100 * p['score']:.1f}%" for p in expected]
     assert filled == expected[0]["sequence"]
+
+
+# --- the Inference API shape, /metrics, /openapi.json and the API key ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/fill"])
+@pytest.mark.parametrize("body, kwargs", [
+    ({"inputs": "The <mask> statement is used in a loop."}, {}),
+    ({"inputs": "The <mask> statement.", "parameters": {"top_k": 3, "targets": ["Ġloop", "Ġdef", "Ġthe"]}},
+     {"top_k": 3, "targets": ["Ġloop", "Ġdef", "Ġthe"]}),
+    ({"inputs": ["A <mask> is defined.", "The <mask> keyword."], "parameters": {"top_k": 2}}, {"top_k": 2}),
+    ({"inputs": "The <mask> statement.", "parameters": {"top_k": None, "targets": None}}, {}),  # client's nulls
+])
+def test_inference_api_shape_matches_the_pipeline(client, pipe, path, body, kwargs):
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    assert_same_as_pipeline(r.json(), pipe(body["inputs"], **kwargs))
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": 7}, '"inputs" must be a string or a non-empty list of strings'),
+    ({"inputs": "A <mask>.", "parameters": {"topk": 3}}, "unknown field(s) in parameters: topk"),
+    ({"inputs": "A <mask>.", "parameters": [3]}, '"parameters" must be an object'),
+    ({"inputs": "A <mask>.", "text": "A <mask>."}, "unknown field(s): text"),
+    ({"inputs": "A <mask>.", "parameters": {"top_k": 0}}, '"top_k" must be an integer from 1 to 100'),
+])
+def test_inference_api_shape_errors(client, body, message):
+    r = client.post("/", json=body)
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
+def test_openapi_describes_both_shapes(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/", "/fill"):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert [s["title"] for s in body["schema"]["oneOf"]] == ["mlmtune", "Inference API"]
+        assert body["examples"]["inference_api"]["value"]["inputs"].count("<mask>") == 1
+    assert client.get("/docs").status_code == 200
+
+
+def test_non_loopback_host_needs_a_key_or_insecure(tiny_model_dir, capsys, monkeypatch):
+    from mlmtune.cli import main
+    from mlmtune.serve import check_exposure
+
+    monkeypatch.delenv("MLMTUNE_API_KEY", raising=False)
+    assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "MLMTUNE_API_KEY" in err and "--insecure" in err
+    check_exposure("0.0.0.0", "s3cret", insecure=False)  # a key, or --insecure, lets it through
+    check_exposure("0.0.0.0", None, insecure=True)
+    check_exposure("::1", None, insecure=False)
+    check_exposure("localhost", None, insecure=False)
+    with pytest.raises(Exception, match="the API key is empty"):
+        check_exposure("127.0.0.1", " ", insecure=False)
+
+
+def _scrape(base: str, headers: dict) -> dict:
+    """Prometheus text -> {(sample name, sorted labels): value}, read by prometheus_client's own parser."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(base + "/metrics", headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model_dir):
+    """The real `mlmtune serve` with an API key from the environment, on a free loopback port."""
+    import subprocess
+    import sys
+
+    key = "test-key-" + os.urandom(8).hex()
+    env = {**os.environ, "MLMTUNE_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-m", "mlmtune", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "--max-batch", "4"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # "mlmtune serve: http://127.0.0.1:PORT/ (Ctrl-C stops)" once it listens
+            if line.startswith("mlmtune serve: http://"):
+                url = line.split()[2].rstrip("/")
+                break
+        assert url, "mlmtune serve did not start"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        yield url, key
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_inference_client_against_mlmtune_serve(keyed_server, pipe, monkeypatch):
+    """huggingface_hub's own client, pointed at the server's URL, gets what the pipeline returns."""
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite's offline mode refuses even loopback URLs
+
+    url, key = keyed_server
+    client = InferenceClient(model=url, token=key)
+    text = "The <mask> statement is used in a loop."
+    got = client.fill_mask(text, top_k=3)
+    assert_same_as_pipeline([dict(p) for p in got], pipe(text, top_k=3))
+    targets = ["Ġloop", "Ġdef", "Ġthe"]
+    got = client.fill_mask(text, targets=targets, top_k=2)
+    assert_same_as_pipeline([dict(p) for p in got], pipe(text, targets=targets, top_k=2))
+
+
+def test_api_key_and_metrics(keyed_server):
+    import httpx
+
+    url, key = keyed_server
+    auth = {"Authorization": f"Bearer {key}"}
+    before = _scrape(url, auth)
+    assert httpx.get(url + "/health").status_code == 200  # the one open route, for load balancers
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+        for method, path in (("POST", "/"), ("POST", "/fill"), ("GET", "/info"), ("GET", "/metrics"),
+                             ("GET", "/"), ("GET", "/openapi.json")):
+            r = httpx.request(method, url + path, headers=headers, json={"inputs": "A <mask>."})
+            assert r.status_code == 401 and "API key" in r.json()["error"], (method, path, headers)
+    for _ in range(3):
+        assert httpx.post(url + "/", headers=auth, json={"inputs": "A <mask> here."}).status_code == 200
+    assert httpx.post(url + "/fill", headers=auth, json={"text": "No mask."}).status_code == 422
+
+    after = _scrape(url, auth)
+
+    def delta(name, **labels):
+        key_ = (name, tuple(sorted(labels.items())))
+        return after.get(key_, 0) - before.get(key_, 0)
+
+    assert delta("mlmtune_requests_total", route="/", method="POST", status="200") == 3
+    assert delta("mlmtune_requests_total", route="/", method="POST", status="401") == 3
+    assert delta("mlmtune_requests_total", route="/fill", method="POST", status="422") == 1
+    assert delta("mlmtune_requests_total", route="/health", method="GET", status="200") == 1
+    assert delta("mlmtune_request_duration_seconds_count", route="/") == 6  # 401s included
+    assert delta("mlmtune_batch_texts_count") == 3 and delta("mlmtune_batch_texts_sum") == 3
+    assert after[("mlmtune_queue_depth", ())] == 0
+    assert after[("mlmtune_model_load_seconds", ())] > 0

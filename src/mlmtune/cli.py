@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, FillConfig)
     p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
     p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
-    p = sub.add_parser("serve", help="fill masks over HTTP (POST /fill, GET /health, /info, / playground)")
+    p = sub.add_parser("serve", help="fill masks over HTTP (POST / or /fill, GET /health, /info, /metrics, /docs, "
+                                     "/ playground)")
     _add_config_flags(p, ServeConfig)
     p = sub.add_parser("quickstart", help="offline demo: adapt a small pretrained model to the Python docs")
     _add_config_flags(p, TrainConfig, QUICKSTART_DEFAULTS)
@@ -182,14 +184,18 @@ def cmd_fill(args) -> int:
 
 def cmd_serve(args) -> int:
     from mlmtune.fill import FillMask
-    from mlmtune.serve import make_app, serve
+    from mlmtune.serve import check_exposure, is_loopback, make_app, serve
 
     cfg = _config(ServeConfig, args)
+    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("MLMTUNE_API_KEY")
+    check_exposure(cfg.host, api_key, cfg.insecure)
+    if cfg.insecure and not is_loopback(cfg.host) and api_key is None:
+        warn(f"serving {cfg.host} with no API key (--insecure): anyone who can reach the port can use the model")
     # the model loads before the port is bound: a model that cannot load is an exit 1 here, not a
     # server that answers 500 for ever
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device)
-    serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue),
-          cfg.host, cfg.port)
+    serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue,
+                   api_key=api_key), cfg.host, cfg.port)
     return 0
 
 

@@ -8,6 +8,7 @@ mask token is.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,16 @@ class FillMask:
         self.batch_size = batch_size
         self.max_length = max_positions(model, tokenizer)
         self.precision = "fp32"  # scores equal the pipeline's to float32 precision, on any device
+        self.load_seconds: float | None = None  # set by from_pretrained
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False,
                         device: str | torch.device | None = None) -> FillMask:
+        t0 = time.perf_counter()
         model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        return cls(model, tokenizer, batch_size=batch_size, device=device)
+        filler = cls(model, tokenizer, batch_size=batch_size, device=device)
+        filler.load_seconds = time.perf_counter() - t0
+        return filler
 
     def normalize(self, text: str) -> str:
         """Spell every mask the way this model's tokenizer does."""
