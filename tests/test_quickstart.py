@@ -39,7 +39,7 @@ def test_changed_package_weights_are_refused(tmp_path, monkeypatch):
 
 def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--max-steps", "6", "--output-dir", str(out)]) == 0
+    assert main(["quickstart", "--time-budget", "none", "--max-steps", "6", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["perplexity_after"] < metrics["perplexity_before"] / 10  # a new head learns fast

@@ -6,10 +6,7 @@ the probe) at its start and stops on the first error.
 
 from __future__ import annotations
 
-import copy
 import math
-import resource
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +14,7 @@ import torch
 from mlmtune.blocks import BlockStats
 from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError
+from mlmtune.schedule import steps_for, timed_probe
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 
@@ -63,45 +61,6 @@ def check_data(stats: BlockStats, block_size: int, report: Report) -> None:
     for split in stats.blocks:
         report.add(OK, f"{split}: {stats.blocks[split]:,} blocks of {block_size} tokens, "
                        f"{stats.dropped_tokens[split]} tokens dropped by grouping")
-
-
-def steps_for(cfg: TrainConfig, n_train_blocks: int, world: int = 1) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) of a run on `world` processes."""
-    micro = math.ceil(n_train_blocks / (cfg.batch_size * world))
-    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
-    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
-
-
-def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3) -> dict:
-    """Seconds per optimizer step and peak memory, from a few real steps on a copy of the model."""
-    from mlmtune.forward import backward_masked
-    from mlmtune.masking import IGNORE_INDEX, Masker
-    from mlmtune.model import pick_device, resolve_precision
-
-    device = pick_device()
-    probe = copy.deepcopy(model).to(device).train()
-    dtype = resolve_precision(cfg.precision, device)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.learning_rate, fused=True)
-    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        batches = [masker(train_blocks[torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),),
-                                                     generator=generator)], generator)
-                   for _ in range(cfg.gradient_accumulation_steps)]
-        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        backward_masked(probe, batches, n_masked, device, dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    del probe, optimizer
-    warm = sorted(times[1:] or times)  # the first step pays for one-time allocations
-    return {"step_seconds": warm[len(warm) // 2], "peak_memory_gb": round(peak_gb, 2)}
 
 
 def preflight(cfg: TrainConfig, probe: bool = True) -> Report:

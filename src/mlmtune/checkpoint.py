@@ -31,7 +31,9 @@ _NAME = re.compile(r"^step-(\d+)$")
 
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
-               "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed")
+               "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
+               "head_warmup_steps", "head_learning_rate")
+RESUME_DEFAULTS = {"head_warmup_steps": 0}  # what a checkpoint from before a setting existed ran with
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -148,6 +150,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    saved = {**RESUME_DEFAULTS, **saved}
     diffs = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diffs)
@@ -163,6 +166,16 @@ def read_state(path: Path) -> TrainState:
     except (OSError, ValueError, TypeError) as e:
         raise MlmtuneError(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
                            f"delete it to resume from an older one") from None
+
+
+def newest_config(output_dir: Path) -> dict[str, Any] | None:
+    """The config saved with the newest readable checkpoint, or None."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            return read_state(path).config
+        except MlmtuneError:
+            continue
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:

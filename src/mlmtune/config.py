@@ -83,6 +83,14 @@ class TrainConfig:
     epochs: float = 3
     max_steps: int | None = None
     """Total optimizer steps; overrides --epochs when set."""
+    time_budget: str | None = None
+    """Train for as many steps as fit this long on this machine (90s, 3m, 1h); a probe at the start picks the
+    count, which the saved config records. --max-steps, when given too, caps it."""
+    head_warmup_steps: int | None = None
+    """The first N optimizer steps train only the masked-LM head, the encoder frozen (default: 0 when the model
+    comes with its head; with a new head, a share of the run)."""
+    head_learning_rate: float | None = None
+    """Learning rate of the head warm-up steps, constant (default: 1e-3)."""
     learning_rate: float = 2e-5
     weight_decay: float = 0.01
     batch_size: int = 8
@@ -101,6 +109,8 @@ class TrainConfig:
     save_total_limit: int = 2
     """How many checkpoints to keep under output_dir/checkpoints."""
     logging_steps: int = 10
+    report_to: str = "none"
+    """Where to log while training: none, or tensorboard (event files under OUTPUT_DIR/runs/)."""
     output_dir: str = "mlmtune-output"
     resume: bool = False
     """Continue from the newest checkpoint in --output-dir."""
@@ -113,9 +123,16 @@ class TrainConfig:
             math.isfinite(self.learning_rate) and self.learning_rate > 0,
             f"--learning-rate must be positive, got {self.learning_rate}",
         )
+        _require(self.head_learning_rate is None or self.head_learning_rate > 0,
+                 f"--head-learning-rate must be positive, got {self.head_learning_rate}")
         _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be a positive integer")
+        _require(self.head_warmup_steps is None or self.head_warmup_steps >= 0, "--head-warmup-steps must be >= 0")
+        if self.time_budget is not None:
+            from mlmtune.schedule import parse_duration
+
+            _require(parse_duration(self.time_budget) > 0, "--time-budget must be longer than 0s")
         _require(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1")
         _require(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         _require(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
@@ -124,11 +141,15 @@ class TrainConfig:
         _require(self.save_steps is None or self.save_steps >= 1, "--save-steps must be a positive integer")
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
+        _require(self.report_to in ("none", "tensorboard"), f"--report-to must be none or tensorboard, "
+                 f"got {self.report_to!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "
                  "or builtin:python-docs)")
         _require(not self.data.streaming or self.max_steps is not None,
                  "--streaming needs --max-steps: a stream has no length to count epochs by")
+        _require(not (self.data.streaming and self.time_budget), "--time-budget does not work with --streaming yet; "
+                 "give --max-steps")
 
 
 @dataclass(frozen=True)
@@ -249,6 +270,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             raise MlmtuneError(f"option {name!r} has no value; give one (e.g. `{name}: {_example(tp)}`) "
                                f"or remove the line")
         return None
+    if _optional(tp) and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None  # `--time-budget none` undoes a default
     base = _base_type(tp)
     try:
         if base is bool:
@@ -375,6 +398,11 @@ class ServeConfig:
     """How long the first request of a batch waits for others."""
     max_queue: int = 256
     """Requests waiting beyond this get 503 at once."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on every route but /health (default: $MLMTUNE_API_KEY; the
+    environment keeps the key out of the process list)."""
+    insecure: bool = False
+    """Serve a non-loopback --host with no API key."""
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")

@@ -47,7 +47,7 @@ def has_sparse_head(model) -> bool:
 
 
 def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+              attention_mask: torch.Tensor | None = None, encoder_grad: bool = True) -> torch.Tensor:
     """Vocabulary logits at the positions where `where` is True, in row-major order.
 
     Args:
@@ -55,6 +55,8 @@ def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
         input_ids: (B, T) token ids.
         where: (B, T) bool, the positions to predict.
         attention_mask: (B, T) or None when every position is real.
+        encoder_grad: False runs the encoder without autograd (a head-only step); only the head,
+            its tied projection included, gets gradients. The dense path relies on `freeze_encoder`.
 
     Returns:
         (P, V) logits, P = where.sum().
@@ -62,20 +64,35 @@ def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
     head = SPARSE_HEADS.get(type(model).__name__)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+    with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
     return head(model, hidden[where])  # (P, V)
 
 
-def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def freeze_encoder(model, frozen: bool) -> None:
+    """Freeze (or unfreeze) everything but the masked-LM head, for head-only steps.
+
+    With a sparse head the encoder runs without autograd, so a decoder tied to the input embedding
+    stays trainable as part of the head; on the dense path it is frozen with the encoder (training it
+    there would run the backward pass through the whole encoder to reach the input embedding).
+    """
+    for p in model.base_model.parameters():
+        p.requires_grad_(not frozen)
+    if frozen and has_sparse_head(model):
+        model.get_output_embeddings().weight.requires_grad_(True)
+
+
+def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor,
+                   head_only: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of -log p(label) over the labelled positions of one batch, and how many there were."""
     where = labels != IGNORE_INDEX  # (B, T)
-    logits = logits_at(model, inputs, where)  # (P, V)
+    logits = logits_at(model, inputs, where, encoder_grad=not head_only)  # (P, V)
     nll = torch.nn.functional.cross_entropy(logits.float(), labels[where], reduction="sum")
     return nll, int(where.sum())
 
 
 def backward_masked(model, batches, denominator: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None) -> float:
+                    autocast_dtype: torch.dtype | None, head_only: bool = False) -> float:
     """Forward and backward over micro-batches, the loss weighted by tokens over `denominator`.
 
     Args:
@@ -83,6 +100,7 @@ def backward_masked(model, batches, denominator: int, device: torch.device,
         denominator: masked tokens of the whole step (over all ranks in a distributed run), so
             the accumulated gradient is that of the step's token-weighted mean loss.
         autocast_dtype: bf16 for mixed precision, None for fp32.
+        head_only: a head warm-up step: no backward pass through the encoder.
 
     Returns:
         The summed negative log-likelihood of these batches.
@@ -90,7 +108,7 @@ def backward_masked(model, batches, denominator: int, device: torch.device,
     total = 0.0
     for inputs, labels in batches:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device))
+            nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device), head_only)
         (nll / max(denominator, 1)).backward()
         total += float(nll.detach())
     return total

@@ -129,11 +129,20 @@ def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedMod
     if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
         raise MlmtuneError(f"the tokenizer of {name} has no mask token, so it cannot do masked-LM")
     with _quiet_transformers():
-        model = _from_pretrained(AutoModelForMaskedLM, path, local, "model",
-                                 use_safetensors=True if safetensors_only else None)
+        model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
+                                       use_safetensors=True if safetensors_only else None)
+    # the weights the folder did not have were initialised here: a new head (see `has_new_head`)
+    model.mlmtune_new_weights = sorted(info.get("missing_keys", ()))
     check_vocabulary(model, tokenizer, name)
     model.eval()
     return model, tokenizer
+
+
+def has_new_head(model: PreTrainedModel) -> bool:
+    """Whether `load_model` had to initialise weights that the checkpoint lacked (an encoder-only
+    checkpoint such as a sentence-transformers model gets a new, random masked-LM head)."""
+    encoder = model.base_model_prefix + "."
+    return any(not k.startswith(encoder) for k in getattr(model, "mlmtune_new_weights", ()))
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:

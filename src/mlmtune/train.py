@@ -8,6 +8,7 @@ dropout an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -22,23 +23,25 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import distributed
+from mlmtune import dashboard, distributed
 from mlmtune.blocks import Blocks, BlockStats, build_blocks, prepare_blocks
-from mlmtune.check import WARNING, Report, check_data, check_tokenizer, steps_for
+from mlmtune.check import WARNING, Report, check_data, check_tokenizer
 from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
-from mlmtune.forward import backward_masked
+from mlmtune.forward import backward_masked, freeze_encoder
 from mlmtune.hub import push_folder
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, iter_eval_masks
-from mlmtune.model import check_block_size, load_model, pick_device, resolve_precision
+from mlmtune.model import check_block_size, has_new_head, load_model, pick_device, resolve_precision
 from mlmtune.report import plot_curves, write_metrics, write_model_card
+from mlmtune.schedule import lr_factor, plan_budget, steps_for
 from mlmtune.stream import BlockStream, held_out_texts
 
 _RANK_MIX = 7_919_000_011  # spreads the ranks' dropout apart; rank 0 draws what a single process draws
+AUTO_HEAD_SHARE = 0.1  # of a run's steps that train a new head alone, when no count or budget is given
+DEFAULT_HEAD_LR = 1e-3  # Adam's usual rate for fitting a linear probe, whatever --learning-rate the encoder gets
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,36 @@ def _held_out_blocks(cfg: TrainConfig, tokenizer):
     return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
 
 
+def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train_blocks, device,
+                  say: Callable[[str], None]) -> TrainConfig:
+    """Turn --time-budget, an automatic --head-warmup-steps and its learning rate into numbers, once per run.
+
+    A resumed run takes the counts its checkpoints were made with; a new one measures (rank 0 probes,
+    every rank gets its numbers). The returned config is the one saved with the run.
+    """
+    new_head = has_new_head(model)
+    head = cfg.head_warmup_steps
+    max_steps = cfg.max_steps
+    saved = ckpt.newest_config(Path(cfg.output_dir)) if cfg.resume and cfg.time_budget is not None else None
+    if saved is not None and saved.get("time_budget") == cfg.time_budget:
+        max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
+    elif cfg.time_budget is not None:
+        counts = [0, 0]
+        if d.main:
+            plan = plan_budget(cfg, model, tokenizer, train_blocks, new_head, device=device)
+            say(plan.describe(cfg.time_budget))
+            counts = [plan.max_steps, plan.head_warmup_steps]
+        max_steps, head = (int(c) for c in distributed.all_reduce_sum(d, counts, device))
+    elif head is None:
+        total = cfg.max_steps if train_blocks is None else steps_for(cfg, len(train_blocks), d.world)[1]
+        head = round(AUTO_HEAD_SHARE * total) if new_head else 0
+        if head:
+            say(f"The model has no masked-LM head: the first {head} of {total} steps train the new head alone "
+                f"(--head-warmup-steps sets this)")
+    head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
+    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
+
+
 def train(cfg: TrainConfig, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fine-tune a masked-LM with dynamic masking and measure it before and after on fixed masks.
@@ -137,6 +170,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     say = log if d.main else (lambda message: None)
     progress = progress and d.main
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
+    dashboard.require(cfg.report_to)
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
     model, tokenizer = load_model(cfg.model)
     check_block_size(cfg.data.block_size, model, tokenizer)
@@ -163,6 +197,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     device = distributed.device_for(d) if d.enabled else pick_device()
     model.to(device)
     distributed.broadcast_parameters(d, model)
+    cfg = resolve_steps(cfg, d, model, tokenizer, train_blocks, device, say)
     autocast_dtype = resolve_precision(cfg.precision, device)
     say(f"Training precision: {'bf16 autocast' if autocast_dtype else 'fp32'}; evaluation in fp32"
         + (f"; {d.world} processes, {cfg.batch_size} blocks each per micro-batch" if d.enabled else ""))
@@ -187,7 +222,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), d.world)
     # fused AdamW: one kernel over all parameters (5x faster than foreach on CPU for DistilRoBERTa)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps, cfg.warmup_steps, cfg.head_warmup_steps,
+        (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate))
     save_every = cfg.save_steps or steps_per_epoch
 
     config_dict = to_dict(cfg)
@@ -202,6 +239,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         state.eval_before = _eval_entry(before) if before else None
         if before:
             say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
+    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
+    if resumed is None and state.eval_before:
+        dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
 
     stream = None
     if train_blocks is None:
@@ -233,13 +273,20 @@ def train(cfg: TrainConfig, progress: bool = True,
         return path
 
     model.train()
+    head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
+    freeze_encoder(model, head_only)
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
-    window: list[float] = []
+    window: list[float] = []  # losses since the last log line, and their seconds and tokens
+    window_time, window_tokens = 0.0, 0
     stop_requested = threading.Event()
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
     restore_sigint = stop_on_ctrl_c(stop_requested)
     try:
         while state.step < total_steps:
+            if head_only and state.step >= cfg.head_warmup_steps:
+                head_only = False
+                freeze_encoder(model, False)
+                bar.write(f"step {state.step}: head warm-up done, training the whole model")
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
             try:
@@ -255,7 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True,
             torch.manual_seed(cfg.seed * SEED_MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
             # token-weighted loss over the whole accumulated batch
-            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype)
+            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype, head_only)
             distributed.sum_gradients(d, model)
             if d.enabled:
                 step_nll = distributed.all_reduce_sum(d, [step_nll], device)[0]
@@ -270,11 +317,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             state.train_seconds += seconds
             state.train_tokens += global_blocks * cfg.data.block_size
             window.append(step_nll / max(n_masked, 1))
+            window_time += seconds
+            window_tokens += global_blocks * cfg.data.block_size
             bar.update(1)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 state.train_loss.append({"step": state.step, "loss": sum(window) / len(window)})
                 bar.set_postfix(loss=f"{state.train_loss[-1]['loss']:.4f}")
-                window = []
+                dash.train(state.step, state.train_loss[-1]["loss"], scheduler.get_last_lr()[0],
+                           window_tokens / window_time if window_time else None)
+                window, window_time, window_tokens = [], 0.0, 0
 
             epoch_end = state.step % steps_per_epoch == 0
             if epoch_end or state.step == total_steps:
@@ -286,6 +337,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                     state.epochs.append(entry)
                     where = f"step {state.step}" if stream else f"epoch {entry['epoch']:g} step {state.step}"
                     bar.write(f"{where}: eval loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
+                    dash.eval(state.step, result.loss, result.perplexity)
                 model.train()
             if state.step % save_every == 0 or state.step == total_steps:
                 save()
@@ -301,6 +353,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                            f"continue with the same command and --resume") from None
     finally:
         restore_sigint()
+        dash.close()
     bar.close()
     model.eval()
 
@@ -320,6 +373,8 @@ def train(cfg: TrainConfig, progress: bool = True,
         "epochs": state.epochs,
         "train_loss": state.train_loss,
         "train_steps": state.step,
+        "head_warmup_steps": cfg.head_warmup_steps,
+        "time_budget": cfg.time_budget,
         "train_tokens": state.train_tokens,
         "train_seconds": round(state.train_seconds, 3),
         "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
