@@ -147,3 +147,22 @@ def test_push_to_unreachable_hub_keeps_the_model_and_says_so(tiny_model_dir, tmp
         train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=1, push_to_hub=True, hub_model_id="me/tiny"),
               progress=False)
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def test_fp16_scales_the_loss_and_resumes_with_the_same_scale(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+    """--precision fp16 (for GPUs before Ampere; CPU autocast runs it too): a GradScaler scales the loss,
+    its state rides in every checkpoint, and a resumed run ends with the uninterrupted run's weights."""
+    full = train(_cfg(tiny_model_dir, tmp_path / "full", eli5_like, cache_dir, precision="fp16"), progress=False)
+    m = full.metrics
+    assert m["precision"] == "fp16" and m["eval_loss_after"] < m["eval_loss_before"] - 0.05
+    from mlmtune import checkpoint as ckpt
+
+    scale = ckpt.read_state(tmp_path / "full" / "checkpoints" / "step-0000002").grad_scaler
+    assert scale and scale["scale"] > 1  # 65536 at the start, halved on each overflow
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    train(_cfg(tiny_model_dir, part, eli5_like, cache_dir, precision="fp16", resume=True), progress=False)
+    a, b = _weights(tmp_path / "full"), _weights(part)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)

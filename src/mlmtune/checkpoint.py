@@ -76,6 +76,7 @@ class TrainState:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    grad_scaler: dict[str, Any] | None = None  # fp16's loss scale and growth tracker
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

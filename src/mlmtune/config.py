@@ -23,7 +23,7 @@ DEFAULT_MODEL = "distilbert/distilroberta-base"
 QUICKSTART_MODEL = "builtin:all-minilm-l6-v2"
 QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TEST_SIZE = 0.2
 
 
@@ -100,7 +100,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     warmup_steps: int = 0
     precision: str = "auto"
-    """Training matmul precision: auto (bf16 where the hardware runs it fast), fp32 or bf16. Eval is fp32."""
+    """Training precision: auto (bf16 where the hardware runs it fast, fp16 with a gradient scaler on GPUs before
+    Ampere, else fp32), fp32, bf16 or fp16. Eval is fp32."""
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (the Trainer's default); 0 turns clipping off."""
     seed: int = 42

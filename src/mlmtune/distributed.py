@@ -11,10 +11,12 @@ when the wrapped module's own forward runs (mlmtune calls the encoder and the he
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +30,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    gpu: int | None = None  # this rank's CUDA device index, None on CPUs
+    wait_group: Any = field(default=None, compare=False, repr=False)  # gloo group for long waits
 
     @property
     def enabled(self) -> bool:
@@ -38,27 +42,85 @@ class Dist:
         return self.rank == 0
 
 
+# A collective that has not finished in this time is a hang: fail, rather than hold every GPU for hours.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# Ranks other than 0 wait this long, on a CPU (gloo) group of their own, while rank 0 tokenizes a corpus.
+WAIT_TIMEOUT = timedelta(hours=6)
+
+
+def gpu_index(local_rank: int) -> int:
+    """This rank's GPU: LOCAL_RANK when it can see all of the node's GPUs, or the one GPU it can see
+    when the scheduler shows each task only its own (SLURM with one GPU per task)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise MlmtuneError(f"LOCAL_RANK is {local_rank} but this process sees {count} GPUs; launch one process per "
+                       f"GPU (torchrun --nproc_per_node={count})")
+
+
 def init() -> Dist:
-    """Join the process group that torchrun or accelerate set up through the environment."""
+    """Join the process group that torchrun or accelerate set up through the environment.
+
+    The GPU is chosen before the group starts (NCCL binds each rank to it, `device_id`), and the
+    group's timeout is COLLECTIVE_TIMEOUT; the long wait for rank 0's tokenization runs on a
+    separate gloo group with WAIT_TIMEOUT.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # long: the other ranks wait here while rank 0 tokenizes a large corpus
-        dist.init_process_group(backend, timeout=timedelta(hours=6))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = None
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+        gpu = gpu_index(local)
+        torch.cuda.set_device(gpu)
+    if not dist.is_initialized():
+        if gpu is not None:
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", gpu))
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, gpu=gpu, wait_group=wait_group)
 
 
 def device_for(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank)
+    if d.gpu is not None:
+        return torch.device("cuda", d.gpu)
     return torch.device("cpu")
+
+
+def check_shared_dir(d: Dist, folder: Path) -> None:
+    """Every rank must see the files rank 0 writes in `folder` (checkpoints, for --resume): on several
+    machines that means a shared filesystem. Rank 0 writes a token; each rank reads it back."""
+    if not d.enabled:
+        return
+    import torch.distributed as dist
+
+    name = [None]
+    if d.main:
+        fd, path = tempfile.mkstemp(prefix=".tmp-write-test-", dir=folder)
+        token = os.urandom(8).hex()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token)
+        name = [(Path(path).name, token)]
+    dist.broadcast_object_list(name, src=0, group=d.wait_group)
+    filename, token = name[0]
+    try:
+        seen = (folder / filename).read_text() == token
+    except OSError:
+        seen = False
+    every: list[tuple[int, bool] | None] = [None] * d.world
+    dist.all_gather_object(every, (d.rank, seen), group=d.wait_group)
+    if d.main:
+        os.unlink(folder / filename)
+    blind = [rank for rank, ok in every if not ok]
+    if blind:
+        raise MlmtuneError(f"--output-dir {folder} is not shared: rank(s) {', '.join(map(str, blind))} cannot read "
+                           f"what rank 0 writes there; on several machines put --output-dir on a filesystem every "
+                           f"node mounts, so that checkpoints and --resume reach every rank")
 
 
 def main_first(d: Dist, fn: Callable[[], T]) -> T:
@@ -75,7 +137,7 @@ def main_first(d: Dist, fn: Callable[[], T]) -> T:
             result = fn()
         except MlmtuneError as e:
             status[0] = str(e)
-    dist.broadcast_object_list(status, src=0)
+    dist.broadcast_object_list(status, src=0, group=d.wait_group)
     if status[0] is not None:
         raise MlmtuneError(status[0])
     return result if d.main else fn()

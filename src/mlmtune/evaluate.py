@@ -52,17 +52,19 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll, count = 0.0, 0
+    sums, count = [], 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="block")
     for inputs, labels in chunks:
         for start in range(0, len(inputs), batch_size):
-            nll, n = masked_nll_sum(model, inputs[start : start + batch_size].to(device),
-                                    labels[start : start + batch_size].to(device))
-            total_nll += float(nll)
+            # labels stay on the CPU, where their positions are found; the sums stay on the device
+            nll, n = masked_nll_sum(model, inputs[start : start + batch_size], labels[start : start + batch_size],
+                                    device=device)
+            sums.append(nll.double())
             count += n
             bar.update(len(inputs[start : start + batch_size]))
     bar.close()
     model.train(was_training)
+    total_nll = float(torch.stack(sums).sum()) if sums else 0.0
     if reduce is not None:
         total_nll, count = reduce([total_nll, float(count)])
         count = int(count)

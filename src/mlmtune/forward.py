@@ -46,27 +46,37 @@ def has_sparse_head(model) -> bool:
     return type(model).__name__ in SPARSE_HEADS
 
 
-def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
-              attention_mask: torch.Tensor | None = None, encoder_grad: bool = True) -> torch.Tensor:
-    """Vocabulary logits at the positions where `where` is True, in row-major order.
+def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None, encoder_grad: bool = True) -> torch.Tensor:
+    """Vocabulary logits at flat positions (row-major indices into the (B, T) batch).
+
+    Indexing by positions, not by a boolean mask, lets the caller find them on the CPU, where the
+    masks were drawn: the device never waits for the host to learn how many there are.
 
     Args:
         model: a masked-LM.
         input_ids: (B, T) token ids.
-        where: (B, T) bool, the positions to predict.
+        positions: (P,) long, indices into the flattened (B*T) batch, on the model's device.
         attention_mask: (B, T) or None when every position is real.
         encoder_grad: False runs the encoder without autograd (a head-only step); only the head,
             its tied projection included, gets gradients. The dense path relies on `freeze_encoder`.
 
     Returns:
-        (P, V) logits, P = where.sum().
+        (P, V) logits.
     """
     head = SPARSE_HEADS.get(type(model).__name__)
     if head is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[where]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
     with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
-    return head(model, hidden[where])  # (P, V)
+    return head(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))  # (P, V)
+
+
+def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocabulary logits at the positions where `where` ((B, T) bool) is True, in row-major order: (P, V)."""
+    return logits_at_positions(model, input_ids, torch.nonzero(where.reshape(-1)).squeeze(1), attention_mask)
 
 
 def freeze_encoder(model, frozen: bool) -> None:
@@ -82,33 +92,45 @@ def freeze_encoder(model, frozen: bool) -> None:
         model.get_output_embeddings().weight.requires_grad_(True)
 
 
-def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor,
-                   head_only: bool = False) -> tuple[torch.Tensor, int]:
-    """Sum of -log p(label) over the labelled positions of one batch, and how many there were."""
-    where = labels != IGNORE_INDEX  # (B, T)
-    logits = logits_at(model, inputs, where, encoder_grad=not head_only)  # (P, V)
-    nll = torch.nn.functional.cross_entropy(logits.float(), labels[where], reduction="sum")
-    return nll, int(where.sum())
+def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor, head_only: bool = False,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of -log p(label) over the labelled positions of one batch, and how many there were.
+
+    Labels left on the CPU (where the masker made them) give positions and count without a device
+    sync; the tensors are then moved to `device` (default: where `inputs` is).
+    """
+    device = device or inputs.device
+    positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)  # (P,), on labels' device
+    targets = labels.reshape(-1).index_select(0, positions)  # (P,)
+    logits = logits_at_positions(model, inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
+                                 encoder_grad=not head_only)  # (P, V)
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets.to(device, non_blocking=True), reduction="sum")
+    return nll, positions.numel()
 
 
 def backward_masked(model, batches, denominator: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None, head_only: bool = False) -> float:
+                    autocast_dtype: torch.dtype | None, head_only: bool = False, scaler=None) -> torch.Tensor:
     """Forward and backward over micro-batches, the loss weighted by tokens over `denominator`.
 
+    Nothing here waits for the device: batches stay on the CPU until their copy, positions are found
+    there, and the loss comes back as a tensor.
+
     Args:
-        batches: (inputs, labels) pairs of one optimizer step.
+        batches: (inputs, labels) pairs of one optimizer step, on the CPU.
         denominator: masked tokens of the whole step (over all ranks in a distributed run), so
             the accumulated gradient is that of the step's token-weighted mean loss.
         autocast_dtype: bf16 for mixed precision, None for fp32.
         head_only: a head warm-up step: no backward pass through the encoder.
+        scaler: fp16's `torch.amp.GradScaler` (the loss is scaled before backward), or None.
 
     Returns:
-        The summed negative log-likelihood of these batches.
+        The summed negative log-likelihood of these batches, a 0-d tensor on `device`.
     """
-    total = 0.0
+    total = torch.zeros((), device=device)
     for inputs, labels in batches:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            nll, _ = masked_nll_sum(model, inputs.to(device), labels.to(device), head_only)
-        (nll / max(denominator, 1)).backward()
-        total += float(nll.detach())
+            nll, _ = masked_nll_sum(model, inputs, labels, head_only, device=device)
+        loss = nll / max(denominator, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += nll.detach()
     return total

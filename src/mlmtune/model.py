@@ -224,7 +224,18 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training, or None for plain fp32."""
-    if precision == "fp32" or (precision == "auto" and not fast_bf16(device)):
+    """The autocast dtype for training, or None for plain fp32.
+
+    `auto`: bf16 where it runs fast; fp16 (with a gradient scaler) on GPUs before Ampere (V100, T4);
+    fp32 on CPUs without fast bf16.
+    """
+    if precision == "fp32":
         return None
-    return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or fast_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else None
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

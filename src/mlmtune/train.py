@@ -31,10 +31,18 @@ from mlmtune.check import WARNING, Report, check_data, check_tokenizer
 from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
+from mlmtune.feed import Prefetcher
 from mlmtune.forward import backward_masked, freeze_encoder
 from mlmtune.hub import push_folder
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, iter_eval_masks
-from mlmtune.model import check_block_size, has_new_head, load_model, pick_device, resolve_precision
+from mlmtune.model import (
+    PRECISION_NAMES,
+    check_block_size,
+    has_new_head,
+    load_model,
+    pick_device,
+    resolve_precision,
+)
 from mlmtune.report import plot_curves, write_metrics, write_model_card
 from mlmtune.schedule import lr_factor, plan_budget, steps_for
 from mlmtune.stream import BlockStream, held_out_texts
@@ -170,6 +178,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     say = log if d.main else (lambda message: None)
     progress = progress and d.main
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
+    distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
     dashboard.require(cfg.report_to)
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
     model, tokenizer = load_model(cfg.model)
@@ -199,7 +208,12 @@ def train(cfg: TrainConfig, progress: bool = True,
     distributed.broadcast_parameters(d, model)
     cfg = resolve_steps(cfg, d, model, tokenizer, train_blocks, device, say)
     autocast_dtype = resolve_precision(cfg.precision, device)
-    say(f"Training precision: {'bf16 autocast' if autocast_dtype else 'fp32'}; evaluation in fp32"
+    precision = PRECISION_NAMES[autocast_dtype]
+    # fp16's narrow range needs the loss scaled (and the gradients unscaled before clipping)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    if device.type == "cuda":  # TF32 for the matmuls that stay fp32 (evaluation, --precision fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    say(f"Training precision: {precision if precision == 'fp32' else precision + ' autocast'}; evaluation in fp32"
         + (f"; {d.world} processes, {cfg.batch_size} blocks each per micro-batch" if d.enabled else ""))
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
@@ -231,6 +245,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, say) if cfg.resume else None
     if resumed is not None:
         state = resumed
+        if scaler is not None and state.grad_scaler:
+            scaler.load_state_dict(state.grad_scaler)
     else:
         if cfg.resume:
             say(f"--resume: no checkpoint in {out}, starting from the beginning")
@@ -248,10 +264,11 @@ def train(cfg: TrainConfig, progress: bool = True,
         stream = BlockStream(cfg.data, tokenizer, cfg.seed, global_batch).batches(
             start=state.step * cfg.gradient_accumulation_steps, progress=progress)
 
-    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
         """This rank's masked (inputs, labels) for each micro-batch of optimizer step `step`, and the
-        step's global block count. Masks are drawn over the whole global micro-batch from (seed, step)
-        and then cut into shares, so N ranks train on exactly the masks one process would draw."""
+        step's global block and masked-token counts. Masks are drawn over the whole global micro-batch
+        from (seed, step) and then cut into shares, so N ranks train on exactly the masks one process
+        would draw, and every rank knows the global count (the loss's denominator) without asking."""
         if stream is not None:
             micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         else:
@@ -261,13 +278,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             micro = [train_blocks[order[i * global_batch : (i + 1) * global_batch]]
                      for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
         mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + step + 1)
-        mine = [tuple(t[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for t in masker(m, mask_gen))
-                for m in micro]
-        return [b for b in mine if len(b[0])], sum(len(m) for m in micro)
+        masked = [masker(m, mask_gen) for m in micro]
+        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
+        mine = [tuple(t[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for t in b) for b in masked]
+        return [b for b in mine if len(b[0])], sum(len(m) for m in micro), n_masked
 
     def save() -> Path:
         """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
         path = ckpt.checkpoints_dir(out) / f"step-{state.step:07d}"
+        state.grad_scaler = scaler.state_dict() if scaler is not None else None
         if d.main:
             path = ckpt.save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
         return path
@@ -281,6 +300,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     stop_requested = threading.Event()
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
     restore_sigint = stop_on_ctrl_c(stop_requested)
+    # the next steps' batches are read, masked (and pinned, for a GPU) in a thread while this one runs
+    feed = Prefetcher(step_batches, state.step, total_steps, pin_memory=device.type == "cuda")
     try:
         while state.step < total_steps:
             if head_only and state.step >= cfg.head_warmup_steps:
@@ -290,25 +311,26 @@ def train(cfg: TrainConfig, progress: bool = True,
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
             try:
-                batches, global_blocks = step_batches(state.step)
+                batches, global_blocks, n_masked = feed.get(state.step)
             except MlmtuneError as e:  # a stream that stops parsing mid-run: keep what was trained
                 bar.close()
                 saved = f"; checkpoint saved in {save()}, continue with --resume" if state.step else ""
                 raise MlmtuneError(f"{e}{saved}") from None
-            n_local = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-            # every rank needs the global masked count: it is the loss's denominator
-            n_masked = int(distributed.all_reduce_sum(d, [n_local], device)[0])
             my_tokens += sum(len(inputs) for inputs, _ in batches) * cfg.data.block_size
             torch.manual_seed(cfg.seed * SEED_MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
-            # token-weighted loss over the whole accumulated batch
-            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype, head_only)
+            # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor
+            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype, head_only, scaler)
             distributed.sum_gradients(d, model)
-            if d.enabled:
-                step_nll = distributed.all_reduce_sum(d, [step_nll], device)[0]
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -316,12 +338,14 @@ def train(cfg: TrainConfig, progress: bool = True,
             seconds = time.perf_counter() - t0
             state.train_seconds += seconds
             state.train_tokens += global_blocks * cfg.data.block_size
-            window.append(step_nll / max(n_masked, 1))
+            window.append(step_nll / max(n_masked, 1))  # this rank's share of the step's mean loss
             window_time += seconds
             window_tokens += global_blocks * cfg.data.block_size
             bar.update(1)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                state.train_loss.append({"step": state.step, "loss": sum(window) / len(window)})
+            log_step = state.step % cfg.logging_steps == 0 or state.step == total_steps
+            if log_step:  # the one host sync (and, on several ranks, the one collective) of the window
+                shares = distributed.all_reduce_sum(d, torch.stack(window).tolist(), device)
+                state.train_loss.append({"step": state.step, "loss": sum(shares) / len(shares)})
                 bar.set_postfix(loss=f"{state.train_loss[-1]['loss']:.4f}")
                 dash.train(state.step, state.train_loss[-1]["loss"], scheduler.get_last_lr()[0],
                            window_tokens / window_time if window_time else None)
@@ -343,8 +367,10 @@ def train(cfg: TrainConfig, progress: bool = True,
                 save()
             if on_step is not None:
                 on_step(state.step, seconds)
-            # all ranks stop after the same step when any of them got Ctrl-C
-            if distributed.all_reduce_sum(d, [float(stop_requested.is_set())], device)[0]:
+            # all ranks stop after the same step when any of them got Ctrl-C; on several ranks they agree
+            # on it when they log, not at every step
+            if (log_step or not d.enabled) and distributed.all_reduce_sum(
+                    d, [float(stop_requested.is_set())], device)[0]:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
@@ -352,6 +378,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         raise MlmtuneError(f"interrupted at step {state.step}; checkpoint saved in {saved_to}, "
                            f"continue with the same command and --resume") from None
     finally:
+        feed.close()
         restore_sigint()
         dash.close()
     bar.close()
@@ -388,7 +415,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], device)],
         "rank_weights_sha256": distributed.weights_digests(d, model),
-        "precision": "bf16" if autocast_dtype else "fp32",
+        "precision": precision,
         "torch_threads": torch.get_num_threads(),
     }
 
