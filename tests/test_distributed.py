@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,33 +29,42 @@ def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def no_dropout_model(tiny_model_dir, tmp_path):
-    """The tiny model without dropout: then one process and two see exactly the same computation
-    (the same masks by construction), and only the order of floating-point sums differs."""
+    """The tiny model's encoder without dropout and without its head: then one process and two see
+    exactly the same computation (the same masks by construction, the same new head from the seed),
+    and only the order of floating-point sums differs."""
+    from transformers import AutoTokenizer, RobertaForMaskedLM
+
     folder = tmp_path / "no-dropout"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
+    model = RobertaForMaskedLM.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0)
+    model.roberta.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
 
 
 def test_torchrun_two_processes_match_one_process(no_dropout_model, eli5_like, tmp_path):
+    """DDP over gloo: 4 head-only steps (DDP over the head), then the whole model (DDP built again),
+    10 accumulated micro-batches per step, and an epoch's last micro-batch of 2 blocks, which leaves
+    rank 1 with none of it (it runs a block without labels, so that DDP's collectives still match)."""
     common = ["--model", str(no_dropout_model), "--dataset", str(eli5_like), "--text-field", "answers.text",
               "--block-size", "32", "--max-steps", "12", "--learning-rate", "1e-2", "--precision", "fp32",
+              "--gradient-accumulation-steps", "10", "--head-warmup-steps", "4", "--head-learning-rate", "1e-2",
               "--save-steps", "6", "--cache-dir", str(tmp_path / "cache")]
-    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "8",
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6",
           "--output-dir", str(tmp_path / "one")], tmp_path)
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                "-m", "mlmtune", "train", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "two")],
+                "-m", "mlmtune", "train", *common, "--batch-size", "3", "--output-dir", str(tmp_path / "two")],
                tmp_path)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
 
-    # both ranks took part, each on its half of every global batch
+    # both ranks took part, each on its half of every global batch; the 2-block tail went to rank 0
     assert m2["world_size"] == 2 and m1["world_size"] == 1
-    assert m2["rank_train_tokens"] == [m1["train_tokens"] // 2] * 2
-    assert m2["train_steps"] == m1["train_steps"] == 12
+    assert m1["train_blocks"] % 6 == 2 and m1["train_tokens"] == m1["train_blocks"] * 32  # the epoch, tail included
+    assert sum(m2["rank_train_tokens"]) == m1["train_tokens"]
+    assert m2["rank_train_tokens"][0] - m2["rank_train_tokens"][1] == 2 * 32
+    assert m2["train_steps"] == m1["train_steps"] == 12 and m2["head_warmup_steps"] == 4
     # the replicas are bit-identical at the end: the gradients really were summed over the ranks
     digests = m2["rank_weights_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]

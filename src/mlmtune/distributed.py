@@ -2,10 +2,10 @@
 collectives the training loop needs. With WORLD_SIZE unset or 1 every helper is a no-op, so the
 single-process path is the same code.
 
-Gradients are summed with one all-reduce over a flat buffer after each optimizer step's backward
-passes (the loss is already divided by the global count of masked tokens, so the sum is the
-gradient of the global token-weighted loss), rather than through DDP, whose hooks only fire
-when the wrapped module's own forward runs (mlmtune calls the encoder and the head separately).
+Gradients go through DistributedDataParallel (`wrap`), which wraps the whole training forward
+(`forward.MaskedLMLoss`): its all-reduce overlaps the last micro-batch's backward pass, and the
+loss, multiplied by the world size over the global masked count, makes DDP's average the gradient
+of the global token-weighted loss.
 """
 
 from __future__ import annotations
@@ -154,22 +154,19 @@ def all_reduce_sum(d: Dist, values: list[float], device: torch.device) -> list[f
     return t.tolist()
 
 
-def sum_gradients(d: Dist, model: torch.nn.Module) -> None:
-    """Sum every parameter's gradient over all ranks, in one flat buffer."""
+def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
+    """The module under DistributedDataParallel on several ranks (as it is, on one). Build it again
+    after changing which parameters train: DDP registers its gradient hooks on the trainable ones."""
     if not d.enabled:
-        return
-    import torch.distributed as dist
+        return module
+    import inspect
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
-            flat[offset : offset + n].view_as(p))
-        offset += n
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the buffers (position ids) never change: no broadcast before every forward. torch 2.13 renamed the flag.
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None, **no_buffer_sync)
 
 
 def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
@@ -209,8 +206,12 @@ def barrier(d: Dist) -> None:
 
 
 def close(d: Dist) -> None:
+    """Leave the job together: every rank waits (on the gloo group, so rank 0 may take long to write the
+    model) until all have arrived, then the groups are torn down; no rank exits while another still
+    talks to it."""
     if d.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier(group=d.wait_group)
             dist.destroy_process_group()

@@ -10,6 +10,7 @@ logits at those positions; architectures without a known head layout take the de
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -92,6 +93,30 @@ def freeze_encoder(model, frozen: bool) -> None:
         model.get_output_embeddings().weight.requires_grad_(True)
 
 
+class MaskedLMLoss(torch.nn.Module):
+    """A training forward as one module: (input ids, positions, targets) -> summed NLL at those positions.
+
+    DDP, FSDP and torch.compile wrap a module whose forward is the whole computation; calling the
+    encoder and the head separately would bypass their hooks. This module is that whole computation.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                head_only: bool = False) -> torch.Tensor:
+        logits = logits_at_positions(self.model, input_ids, positions, encoder_grad=not head_only)  # (P, V)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def positions_and_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of the labelled tokens and their labels: (P,), (P,), on labels' device (the CPU
+    in training, where the masks are drawn, so that nothing waits for a GPU to count them)."""
+    positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
+    return positions, labels.reshape(-1).index_select(0, positions)
+
+
 def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor, head_only: bool = False,
                    device: torch.device | None = None) -> tuple[torch.Tensor, int]:
     """Sum of -log p(label) over the labelled positions of one batch, and how many there were.
@@ -100,37 +125,45 @@ def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor, head_only:
     sync; the tensors are then moved to `device` (default: where `inputs` is).
     """
     device = device or inputs.device
-    positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)  # (P,), on labels' device
-    targets = labels.reshape(-1).index_select(0, positions)  # (P,)
-    logits = logits_at_positions(model, inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
-                                 encoder_grad=not head_only)  # (P, V)
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets.to(device, non_blocking=True), reduction="sum")
+    positions, targets = positions_and_targets(labels)
+    nll = MaskedLMLoss(model)(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
+                              targets.to(device, non_blocking=True), head_only)
     return nll, positions.numel()
 
 
-def backward_masked(model, batches, denominator: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None, head_only: bool = False, scaler=None) -> torch.Tensor:
+def backward_masked(step: torch.nn.Module, batches, denominator: int, device: torch.device,
+                    autocast_dtype: torch.dtype | None, head_only: bool = False, scaler=None,
+                    world: int = 1) -> torch.Tensor:
     """Forward and backward over micro-batches, the loss weighted by tokens over `denominator`.
 
     Nothing here waits for the device: batches stay on the CPU until their copy, positions are found
-    there, and the loss comes back as a tensor.
+    there, and the loss comes back as a tensor. Under DDP the gradients are all-reduced during the
+    last micro-batch's backward (the others run under `no_sync`), overlapping communication with it.
 
     Args:
-        batches: (inputs, labels) pairs of one optimizer step, on the CPU.
+        step: a `MaskedLMLoss`, or the DDP module wrapping it.
+        batches: (inputs, labels) pairs of one optimizer step, on the CPU; every rank has as many.
         denominator: masked tokens of the whole step (over all ranks in a distributed run), so
             the accumulated gradient is that of the step's token-weighted mean loss.
-        autocast_dtype: bf16 for mixed precision, None for fp32.
+        autocast_dtype: bf16 or fp16 for mixed precision, None for fp32.
         head_only: a head warm-up step: no backward pass through the encoder.
         scaler: fp16's `torch.amp.GradScaler` (the loss is scaled before backward), or None.
+        world: ranks whose gradients DDP averages; the loss is multiplied by it, so the average is
+            the gradient of the global token-weighted loss.
 
     Returns:
-        The summed negative log-likelihood of these batches, a 0-d tensor on `device`.
+        This rank's summed negative log-likelihood, a 0-d tensor on `device`.
     """
     total = torch.zeros((), device=device)
-    for inputs, labels in batches:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            nll, _ = masked_nll_sum(model, inputs, labels, head_only, device=device)
-        loss = nll / max(denominator, 1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, (inputs, labels) in enumerate(batches):
+        positions, targets = positions_and_targets(labels)
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(step, "no_sync") else step.no_sync():
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                nll = step(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
+                           targets.to(device, non_blocking=True), head_only)
+            loss = nll * (world / max(denominator, 1))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += nll.detach()
     return total

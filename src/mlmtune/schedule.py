@@ -66,7 +66,7 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
 
     The first step pays for one-time allocations and is left out of the median.
     """
-    from mlmtune.forward import backward_masked, freeze_encoder
+    from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
     from mlmtune.masking import IGNORE_INDEX, Masker
     from mlmtune.model import pick_device, resolve_precision
 
@@ -85,7 +85,7 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
                                                      generator=generator)], generator)
                    for _ in range(cfg.gradient_accumulation_steps)]
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        backward_masked(probe, batches, n_masked, device, dtype, head_only=head_only)
+        backward_masked(MaskedLMLoss(probe), batches, n_masked, device, dtype, head_only=head_only)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -32,7 +32,7 @@ from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import Prefetcher
-from mlmtune.forward import backward_masked, freeze_encoder
+from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
 from mlmtune.hub import push_folder
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, iter_eval_masks
 from mlmtune.model import (
@@ -264,11 +264,13 @@ def train(cfg: TrainConfig, progress: bool = True,
         stream = BlockStream(cfg.data, tokenizer, cfg.seed, global_batch).batches(
             start=state.step * cfg.gradient_accumulation_steps, progress=progress)
 
-    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
-        """This rank's masked (inputs, labels) for each micro-batch of optimizer step `step`, and the
-        step's global block and masked-token counts. Masks are drawn over the whole global micro-batch
-        from (seed, step) and then cut into shares, so N ranks train on exactly the masks one process
-        would draw, and every rank knows the global count (the loss's denominator) without asking."""
+    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int, int]:
+        """This rank's masked (inputs, labels) for each micro-batch of optimizer step `step`, the step's
+        global block and masked-token counts, and this rank's block count. Masks are drawn over the
+        whole global micro-batch from (seed, step) and then cut into shares, so N ranks train on exactly
+        the masks one process would draw, and every rank knows the global count (the loss's denominator)
+        without asking. A rank whose share of an epoch's last micro-batch is empty gets one block with no
+        labels instead: DDP needs every rank to run the same forward and backward passes."""
         if stream is not None:
             micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         else:
@@ -281,7 +283,10 @@ def train(cfg: TrainConfig, progress: bool = True,
         masked = [masker(m, mask_gen) for m in micro]
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
         mine = [tuple(t[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for t in b) for b in masked]
-        return [b for b in mine if len(b[0])], sum(len(m) for m in micro), n_masked
+        my_blocks = sum(len(inputs) for inputs, _ in mine)
+        mine = [(inputs, labels) if len(inputs) else (b[0][:1], torch.full_like(b[1][:1], IGNORE_INDEX))
+                for (inputs, labels), b in zip(mine, masked)]
+        return mine, sum(len(m) for m in micro), n_masked, my_blocks
 
     def save() -> Path:
         """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
@@ -294,6 +299,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     model.train()
     head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
     freeze_encoder(model, head_only)
+    step_loss = distributed.wrap(d, MaskedLMLoss(model))  # under DDP on several ranks
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
     window: list[float] = []  # losses since the last log line, and their seconds and tokens
     window_time, window_tokens = 0.0, 0
@@ -307,21 +313,22 @@ def train(cfg: TrainConfig, progress: bool = True,
             if head_only and state.step >= cfg.head_warmup_steps:
                 head_only = False
                 freeze_encoder(model, False)
+                step_loss = distributed.wrap(d, MaskedLMLoss(model))  # DDP hooks for the encoder too
                 bar.write(f"step {state.step}: head warm-up done, training the whole model")
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
             try:
-                batches, global_blocks, n_masked = feed.get(state.step)
+                batches, global_blocks, n_masked, my_blocks = feed.get(state.step)
             except MlmtuneError as e:  # a stream that stops parsing mid-run: keep what was trained
                 bar.close()
                 saved = f"; checkpoint saved in {save()}, continue with --resume" if state.step else ""
                 raise MlmtuneError(f"{e}{saved}") from None
-            my_tokens += sum(len(inputs) for inputs, _ in batches) * cfg.data.block_size
+            my_tokens += my_blocks * cfg.data.block_size
             torch.manual_seed(cfg.seed * SEED_MIX + state.step + d.rank * _RANK_MIX)  # dropout of this step
 
             # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor
-            step_nll = backward_masked(model, batches, n_masked, device, autocast_dtype, head_only, scaler)
-            distributed.sum_gradients(d, model)
+            step_nll = backward_masked(step_loss, batches, n_masked, device, autocast_dtype, head_only, scaler,
+                                       d.world)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.max_grad_norm > 0:
@@ -422,7 +429,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
-    if not d.main:  # rank 0 writes the model, metrics, plots and card, once
+    del step_loss  # DDP's hooks and buffers, before the process group goes
+    if not d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
         distributed.close(d)
         return TrainResult(output_dir=out, metrics=metrics)
 
@@ -435,8 +443,10 @@ def train(cfg: TrainConfig, progress: bool = True,
         plot_curves(metrics, folder)
         write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
 
-    ckpt.publish(out, write)
-    distributed.close(d)
+    try:
+        ckpt.publish(out, write)
+    finally:
+        distributed.close(d)
     if cfg.push_to_hub:
         repo = cfg.hub_model_id or out.resolve().name
         log(f"Pushed to {push_folder(str(out), repo)}")
