@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlmtune import forward as forward_mod
 from mlmtune.config import TrainConfig, resolve
 from mlmtune.errors import MlmtuneError
 from mlmtune.train import train
@@ -86,7 +85,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(tiny_model_dir, 
                                                                 monkeypatch):
     full = train(_cfg(tiny_model_dir, tmp_path / "full", eli5_like, cache_dir, save_steps=100), progress=False)
 
-    real = forward_mod.masked_nll_sum
+    import mlmtune.train as train_mod
+
+    real = train_mod.backward_masked  # one call per optimizer step
     calls = {"n": 0}
 
     def interrupt_in_step_4(*args, **kwargs):
@@ -97,10 +98,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(tiny_model_dir, 
 
     out = tmp_path / "interrupted"
     cfg = _cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100)
-    monkeypatch.setattr(forward_mod, "masked_nll_sum", interrupt_in_step_4)
+    monkeypatch.setattr(train_mod, "backward_masked", interrupt_in_step_4)
     with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*--resume"):
         train(cfg, progress=False)
-    monkeypatch.setattr(forward_mod, "masked_nll_sum", real)
+    monkeypatch.setattr(train_mod, "backward_masked", real)
 
     resumed = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, save_steps=100, resume=True), progress=False)
     a, b = _weights(tmp_path / "full"), _weights(out)

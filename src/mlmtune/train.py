@@ -306,6 +306,18 @@ def train(cfg: TrainConfig, progress: bool = True,
     stop_requested = threading.Event()
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
     restore_sigint = stop_on_ctrl_c(stop_requested)
+    clock = [time.perf_counter()]  # where the training time not yet counted began
+
+    def count_time() -> float:
+        """Add the training time since the last count to the run's total and return it. It waits for the
+        GPU first: steps are queued without a sync, so only then is the time the GPU's, not the launches'."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        elapsed, clock[0] = now - clock[0], now
+        state.train_seconds += elapsed
+        return elapsed
+
     # the next steps' batches are read, masked (and pinned, for a GPU) in a thread while this one runs
     feed = Prefetcher(step_batches, state.step, total_steps, pin_memory=device.type == "cuda")
     try:
@@ -321,6 +333,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                 batches, global_blocks, n_masked, my_blocks = feed.get(state.step)
             except MlmtuneError as e:  # a stream that stops parsing mid-run: keep what was trained
                 bar.close()
+                count_time()
                 saved = f"; checkpoint saved in {save()}, continue with --resume" if state.step else ""
                 raise MlmtuneError(f"{e}{saved}") from None
             my_tokens += my_blocks * cfg.data.block_size
@@ -342,16 +355,15 @@ def train(cfg: TrainConfig, progress: bool = True,
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
 
-            seconds = time.perf_counter() - t0
-            state.train_seconds += seconds
+            seconds = time.perf_counter() - t0  # launch time on a GPU; `count_time` measures the GPU's
             state.train_tokens += global_blocks * cfg.data.block_size
             window.append(step_nll / max(n_masked, 1))  # this rank's share of the step's mean loss
-            window_time += seconds
             window_tokens += global_blocks * cfg.data.block_size
             bar.update(1)
             log_step = state.step % cfg.logging_steps == 0 or state.step == total_steps
             if log_step:  # the one host sync (and, on several ranks, the one collective) of the window
                 shares = distributed.all_reduce_sum(d, torch.stack(window).tolist(), device)
+                window_time += count_time()
                 state.train_loss.append({"step": state.step, "loss": sum(shares) / len(shares)})
                 bar.set_postfix(loss=f"{state.train_loss[-1]['loss']:.4f}")
                 dash.train(state.step, state.train_loss[-1]["loss"], scheduler.get_last_lr()[0],
@@ -359,6 +371,9 @@ def train(cfg: TrainConfig, progress: bool = True,
                 window, window_time, window_tokens = [], 0.0, 0
 
             epoch_end = state.step % steps_per_epoch == 0
+            pause = epoch_end or state.step == total_steps or state.step % save_every == 0
+            if pause:  # evaluation and checkpoints are not training time
+                window_time += count_time()
             if epoch_end or state.step == total_steps:
                 result = evaluate(f"Eval (step {state.step})")
                 if result:
@@ -372,6 +387,8 @@ def train(cfg: TrainConfig, progress: bool = True,
                 model.train()
             if state.step % save_every == 0 or state.step == total_steps:
                 save()
+            if pause:
+                clock[0] = time.perf_counter()
             if on_step is not None:
                 on_step(state.step, seconds)
             # all ranks stop after the same step when any of them got Ctrl-C; on several ranks they agree
@@ -381,6 +398,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
+        count_time()
         saved_to = save()  # a consistent state: the loop stops between steps
         raise MlmtuneError(f"interrupted at step {state.step}; checkpoint saved in {saved_to}, "
                            f"continue with the same command and --resume") from None
