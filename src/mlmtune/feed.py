@@ -1,9 +1,11 @@
-"""Masked batches, made ahead: a thread reads, masks and pins step s+1's batches while step s runs.
+"""Blocks -> each optimizer step's masked batches, made ahead of the loop.
 
-Every batch is a function of (seed, step) alone (see `train.py`), so making it in another thread,
-earlier, changes nothing in what a step sees: the masks are the same on every device and a resumed
-run still sees exactly the batches of an uninterrupted one. On a GPU the copies come from pinned
-memory, so they can overlap the compute.
+`StepBatches` says what step s trains on: the order of blocks in epoch e comes from a generator
+seeded with (seed, e), and the masks of step s from one seeded with (seed, s), so a resumed run
+sees exactly the batches of an uninterrupted one. Because a batch is a function of (seed, step)
+alone, `Prefetcher` can make it in another thread, earlier: it reads, masks and pins step s+1's
+batches while step s runs, and nothing in what a step sees changes. On a GPU the copies then
+come from pinned memory and can overlap the compute.
 """
 
 from __future__ import annotations
@@ -15,7 +17,55 @@ from typing import Any
 
 import torch
 
+from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
+
 _DONE = object()
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each (B, T)
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * SEED_MIX + epoch))
+
+
+class StepBatches:
+    """Optimizer step -> this rank's masked micro-batches.
+
+    Masks are drawn over the whole global micro-batch from (seed, step) and then cut into shares, so
+    N ranks train on exactly the masks one process would draw, and every rank knows the global count
+    of masked tokens (the loss's denominator) without asking. A rank whose share of an epoch's last
+    micro-batch is empty gets one block with no labels instead: DDP needs every rank to run the same
+    forward and backward passes.
+    """
+
+    def __init__(self, blocks, stream, masker: Masker, seed: int, batch_size: int, accumulation: int,
+                 rank: int = 0, world: int = 1):
+        self.blocks, self.stream, self.masker, self.seed = blocks, stream, masker, seed
+        self.batch_size, self.accumulation, self.rank = batch_size, accumulation, rank
+        self.global_batch = batch_size * world  # blocks per micro-batch over all ranks
+        self.micro_per_epoch = None if blocks is None else -(-len(blocks) // self.global_batch)
+        self.steps_per_epoch = None if blocks is None else -(-self.micro_per_epoch // accumulation)
+
+    def __call__(self, step: int) -> tuple[list[Batch], int, int, int]:
+        """(this rank's (inputs, labels) per micro-batch, the step's global blocks, its global masked
+        tokens, this rank's blocks)."""
+        if self.stream is not None:
+            micro = [next(self.stream) for _ in range(self.accumulation)]
+        else:
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            order = epoch_order(len(self.blocks), self.seed, epoch)
+            first = in_epoch * self.accumulation
+            micro = [self.blocks[order[i * self.global_batch : (i + 1) * self.global_batch]]
+                     for i in range(first, min(first + self.accumulation, self.micro_per_epoch))]
+        mask_gen = torch.Generator().manual_seed(self.seed * SEED_MIX + step + 1)
+        masked = [self.masker(m, mask_gen) for m in micro]
+        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        mine = [(inputs[share], labels[share]) for inputs, labels in masked]
+        my_blocks = sum(len(inputs) for inputs, _ in mine)
+        mine = [(inputs, labels) if len(inputs) else (b[0][:1], torch.full_like(b[1][:1], IGNORE_INDEX))
+                for (inputs, labels), b in zip(mine, masked)]
+        return mine, sum(len(m) for m in micro), n_masked, my_blocks
 
 
 def pin(batch: Any) -> Any:

@@ -1,6 +1,6 @@
 """train(cfg): the one training loop. Reads top to bottom: data, masks, before-eval, steps, after-eval.
 
-Reproducibility is by construction, not by saved RNG state: the order of blocks in epoch e
+Reproducibility is by construction (`feed.StepBatches`), not by saved RNG state: the order of blocks in epoch e
 comes from a generator seeded with (seed, e), and the masks and dropout of optimizer step s
 from generators seeded with (seed, s). So a resumed run sees exactly the batches, masks and
 dropout an uninterrupted run would have seen.
@@ -9,7 +9,6 @@ dropout an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -31,10 +30,10 @@ from mlmtune.check import WARNING, Report, check_data, check_tokenizer
 from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
-from mlmtune.feed import Prefetcher
+from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
 from mlmtune.hub import push_folder
-from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, iter_eval_masks
+from mlmtune.masking import SEED_MIX, Masker, iter_eval_masks
 from mlmtune.model import (
     PRECISION_NAMES,
     check_block_size,
@@ -106,10 +105,6 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * SEED_MIX + epoch))
 
 
 def _eval_entry(result: EvalResult) -> dict[str, Any]:
@@ -228,11 +223,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     # the schedule
     global_batch = cfg.batch_size * d.world  # blocks per micro-batch over all ranks
     if train_blocks is None:  # a stream: "epochs" are the evaluation/checkpoint intervals
-        micro_per_epoch = None
         total_steps = cfg.max_steps
         steps_per_epoch = cfg.save_steps or max(1, total_steps // 10)
     else:
-        micro_per_epoch = math.ceil(len(train_blocks) / global_batch)
         steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), d.world)
     # fused AdamW: one kernel over all parameters (5x faster than foreach on CPU for DistilRoBERTa)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
@@ -263,30 +256,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     if train_blocks is None:
         stream = BlockStream(cfg.data, tokenizer, cfg.seed, global_batch).batches(
             start=state.step * cfg.gradient_accumulation_steps, progress=progress)
-
-    def step_batches(step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int, int]:
-        """This rank's masked (inputs, labels) for each micro-batch of optimizer step `step`, the step's
-        global block and masked-token counts, and this rank's block count. Masks are drawn over the
-        whole global micro-batch from (seed, step) and then cut into shares, so N ranks train on exactly
-        the masks one process would draw, and every rank knows the global count (the loss's denominator)
-        without asking. A rank whose share of an epoch's last micro-batch is empty gets one block with no
-        labels instead: DDP needs every rank to run the same forward and backward passes."""
-        if stream is not None:
-            micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        else:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train_blocks), cfg.seed, epoch)
-            first = in_epoch * cfg.gradient_accumulation_steps
-            micro = [train_blocks[order[i * global_batch : (i + 1) * global_batch]]
-                     for i in range(first, min(first + cfg.gradient_accumulation_steps, micro_per_epoch))]
-        mask_gen = torch.Generator().manual_seed(cfg.seed * SEED_MIX + step + 1)
-        masked = [masker(m, mask_gen) for m in micro]
-        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
-        mine = [tuple(t[d.rank * cfg.batch_size : (d.rank + 1) * cfg.batch_size] for t in b) for b in masked]
-        my_blocks = sum(len(inputs) for inputs, _ in mine)
-        mine = [(inputs, labels) if len(inputs) else (b[0][:1], torch.full_like(b[1][:1], IGNORE_INDEX))
-                for (inputs, labels), b in zip(mine, masked)]
-        return mine, sum(len(m) for m in micro), n_masked, my_blocks
+    step_batches = StepBatches(train_blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps,
+                               d.rank, d.world)
 
     def save() -> Path:
         """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
