@@ -24,6 +24,7 @@ QUICKSTART_MODEL = "builtin:all-minilm-l6-v2"
 QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard")
 DEFAULT_TEST_SIZE = 0.2
 
 
@@ -142,7 +143,7 @@ class TrainConfig:
         _require(self.save_steps is None or self.save_steps >= 1, "--save-steps must be a positive integer")
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
-        _require(self.report_to in ("none", "tensorboard"), f"--report-to must be none or tensorboard, "
+        _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "
                  f"got {self.report_to!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "

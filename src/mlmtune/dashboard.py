@@ -12,8 +12,6 @@ from pathlib import Path
 
 from mlmtune.errors import MlmtuneError
 
-REPORT_TO = ("none", "tensorboard")
-
 
 def require(report_to: str) -> None:
     """Fail at the start of a run, not after its first evaluation, when the dashboard's package is missing."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
+from mlmtune.schedule import epoch_length
 
 _DONE = object()
 
@@ -43,8 +44,9 @@ class StepBatches:
         self.blocks, self.stream, self.masker, self.seed = blocks, stream, masker, seed
         self.batch_size, self.accumulation, self.rank = batch_size, accumulation, rank
         self.global_batch = batch_size * world  # blocks per micro-batch over all ranks
-        self.micro_per_epoch = None if blocks is None else -(-len(blocks) // self.global_batch)
-        self.steps_per_epoch = None if blocks is None else -(-self.micro_per_epoch // accumulation)
+        self.micro_per_epoch = self.steps_per_epoch = None  # a stream has no epochs
+        if blocks is not None:  # the trainer's own epoch arithmetic, so both count the same steps
+            self.micro_per_epoch, self.steps_per_epoch = epoch_length(len(blocks), self.global_batch, accumulation)
 
     def __call__(self, step: int) -> tuple[list[Batch], int, int, int]:
         """(this rank's (inputs, labels) per micro-batch, the step's global blocks, its global masked

@@ -117,7 +117,7 @@ def positions_and_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return positions, labels.reshape(-1).index_select(0, positions)
 
 
-def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor, head_only: bool = False,
+def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor,
                    device: torch.device | None = None) -> tuple[torch.Tensor, int]:
     """Sum of -log p(label) over the labelled positions of one batch, and how many there were.
 
@@ -127,7 +127,7 @@ def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor, head_only:
     device = device or inputs.device
     positions, targets = positions_and_targets(labels)
     nll = MaskedLMLoss(model)(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
-                              targets.to(device, non_blocking=True), head_only)
+                              targets.to(device, non_blocking=True))
     return nll, positions.numel()
 
 

@@ -26,10 +26,15 @@ from mlmtune.errors import MlmtuneError
 HEAD_SHARE = 0.15
 
 
+def epoch_length(n_blocks: int, global_batch: int, accumulation: int) -> tuple[int, int]:
+    """(micro-batches, optimizer steps) in one epoch of `n_blocks`; the last of each may be short."""
+    micro = math.ceil(n_blocks / global_batch)
+    return micro, math.ceil(micro / accumulation)
+
+
 def steps_for(cfg: TrainConfig, n_train_blocks: int, world: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a run on `world` processes."""
-    micro = math.ceil(n_train_blocks / (cfg.batch_size * world))
-    per_epoch = math.ceil(micro / cfg.gradient_accumulation_steps)
+    _, per_epoch = epoch_length(n_train_blocks, cfg.batch_size * world, cfg.gradient_accumulation_steps)
     return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
 
@@ -125,15 +130,16 @@ def plan_budget(cfg: TrainConfig, model, tokenizer, train_blocks, new_head: bool
     budget = parse_duration(cfg.time_budget)
     t0 = time.perf_counter()
     full = timed_probe(cfg, model, tokenizer, train_blocks, steps=3, device=device)["step_seconds"]
-    head_warmup = cfg.head_warmup_steps
+    asked = cfg.head_warmup_steps
+    wants_head = new_head if asked is None else asked > 0
     head = None
-    if head_warmup is None and new_head or head_warmup:
+    if wants_head:
         head = timed_probe(cfg, model, tokenizer, train_blocks, steps=3, head_only=True, device=device)["step_seconds"]
     probe_seconds = time.perf_counter() - t0
     left = max(budget - probe_seconds, 0.0)
-    if head_warmup is None:
-        head_warmup = int(HEAD_SHARE * left / head) if new_head else 0
-    head_warmup = min(head_warmup, int(left / head)) if head_warmup else 0
+    head_warmup = 0
+    if wants_head:
+        head_warmup = min(int(HEAD_SHARE * left / head) if asked is None else asked, int(left / head))
     full_steps = int((left - head_warmup * (head or 0)) / full)
     total = head_warmup + full_steps
     if cfg.max_steps:

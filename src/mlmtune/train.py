@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     freeze_encoder(model, head_only)
     step_loss = distributed.wrap(d, MaskedLMLoss(model))  # under DDP on several ranks
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
-    window: list[float] = []  # losses since the last log line, and their seconds and tokens
+    window: list[torch.Tensor] = []  # losses since the last log line (on the device), and their seconds and tokens
     window_time, window_tokens = 0.0, 0
     stop_requested = threading.Event()
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
@@ -326,7 +326,9 @@ def train(cfg: TrainConfig, progress: bool = True,
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
 
-            seconds = time.perf_counter() - t0  # launch time on a GPU; `count_time` measures the GPU's
+            if on_step is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)  # only for a caller that times steps: the loop itself never waits
+            seconds = time.perf_counter() - t0
             state.train_tokens += global_blocks * cfg.data.block_size
             window.append(step_nll / max(n_masked, 1))  # this rank's share of the step's mean loss
             window_tokens += global_blocks * cfg.data.block_size
