@@ -32,8 +32,9 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate")
-RESUME_DEFAULTS = {"head_warmup_steps": 0}  # what a checkpoint from before a setting existed ran with
+               "head_warmup_steps", "head_learning_rate", "backend")
+# what a checkpoint from before a setting existed ran with
+RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch"}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,

@@ -25,6 +25,7 @@ QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
+BACKENDS = ("torch", "keras")
 DEFAULT_TEST_SIZE = 0.2
 
 
@@ -80,6 +81,10 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     data: DataConfig = field(default_factory=DataConfig)
+    backend: str = "torch"
+    """Training engine: torch, or keras (a keras-hub model trained with model.fit on TensorFlow, for the BERT,
+    RoBERTa and DistilBERT families; needs `pip install "mlmtune[keras]"`). Data, masks, evaluation and the
+    output folder are the same."""
     mlm_probability: float = 0.15
     epochs: float = 3
     max_steps: int | None = None
@@ -143,6 +148,7 @@ class TrainConfig:
         _require(self.save_steps is None or self.save_steps >= 1, "--save-steps must be a positive integer")
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
+        _require(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "
                  f"got {self.report_to!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")

@@ -13,6 +13,7 @@ import math
 import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,20 +122,28 @@ class BudgetPlan:
 
 
 def plan_budget(cfg: TrainConfig, model, tokenizer, train_blocks, new_head: bool,
-                device: torch.device | None = None) -> BudgetPlan:
+                device: torch.device | None = None, probe: Callable[[bool], float] | None = None) -> BudgetPlan:
     """Pick the step counts that fit `cfg.time_budget` (the probe's own time included).
 
     With a new head and no --head-warmup-steps, HEAD_SHARE of the time trains the head alone. An
     explicit --max-steps caps the total.
+
+    Args:
+        probe: seconds per optimizer step, full (False) or head-only (True), measured by the engine that
+            will train (default: `timed_probe`, PyTorch's).
     """
+    if probe is None:
+        def probe(head_only: bool) -> float:
+            return timed_probe(cfg, model, tokenizer, train_blocks, steps=3, head_only=head_only,
+                               device=device)["step_seconds"]
     budget = parse_duration(cfg.time_budget)
     t0 = time.perf_counter()
-    full = timed_probe(cfg, model, tokenizer, train_blocks, steps=3, device=device)["step_seconds"]
+    full = probe(False)
     asked = cfg.head_warmup_steps
     wants_head = new_head if asked is None else asked > 0
     head = None
     if wants_head:
-        head = timed_probe(cfg, model, tokenizer, train_blocks, steps=3, head_only=True, device=device)["step_seconds"]
+        head = probe(True)
     probe_seconds = time.perf_counter() - t0
     left = max(budget - probe_seconds, 0.0)
     head_warmup = 0

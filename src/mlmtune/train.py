@@ -121,8 +121,47 @@ def _held_out_blocks(cfg: TrainConfig, tokenizer):
     return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
 
 
+@dataclass
+class Run:
+    """What a run trains on and with: model, tokenizer, blocks, masker (the same for every backend)."""
+
+    model: Any
+    tokenizer: Any
+    stats: BlockStats
+    train_blocks: Blocks | None  # None: a stream, read as it trains
+    eval_blocks: Blocks | None
+    masker: Masker
+
+
+def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None]) -> Run:
+    """Model and tokenizer (a new seeded head when the folder has none), blocks and the preflight warnings."""
+    torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
+    model, tokenizer = load_model(cfg.model)
+    check_block_size(cfg.data.block_size, model, tokenizer)
+
+    # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
+    # is tokenized as it is read; only its held-out eval records are prepared up front.
+    if cfg.data.streaming:
+        blocks, stats = _held_out_blocks(cfg, tokenizer)
+    else:
+        blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
+    preflight = Report()  # the cheap checks of `mlmtune check`; the errors among them have raised already
+    check_tokenizer(tokenizer, preflight)
+    check_data(stats, cfg.data.block_size, preflight)
+    for level, message in preflight.findings:
+        if level == WARNING:
+            say(f"warning: {message}")
+    train_blocks = Blocks(blocks["train"]) if "train" in blocks else None  # read per batch from the memory map
+    eval_blocks = Blocks(blocks["test"]) if "test" in blocks else None
+    n_train = "a stream of" if train_blocks is None else len(train_blocks)
+    say(f"Blocks: {n_train} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
+        f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker)
+
+
 def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train_blocks, device,
-                  say: Callable[[str], None]) -> TrainConfig:
+                  say: Callable[[str], None], probe: Callable[[bool], float] | None = None) -> TrainConfig:
     """Turn --time-budget, an automatic --head-warmup-steps and its learning rate into numbers, once per run.
 
     A resumed run takes the counts its checkpoints were made with; a new one measures (rank 0 probes,
@@ -137,7 +176,7 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train
     elif cfg.time_budget is not None:
         counts = [0, 0]
         if d.main:
-            plan = plan_budget(cfg, model, tokenizer, train_blocks, new_head, device=device)
+            plan = plan_budget(cfg, model, tokenizer, train_blocks, new_head, device=device, probe=probe)
             say(plan.describe(cfg.time_budget))
             counts = [plan.max_steps, plan.head_warmup_steps]
         max_steps, head = (int(c) for c in distributed.all_reduce_sum(d, counts, device))
@@ -149,6 +188,50 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train
                 f"(--head-warmup-steps sets this)")
     head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
     return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
+
+
+def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict | None) -> dict[str, Any]:
+    """The metrics every backend reports, from the loop state and the last evaluation."""
+    before = state.eval_before
+    return {
+        "model": cfg.model,
+        "dataset": cfg.data.dataset,
+        "eval_loss_before": before["eval_loss"] if before else None,
+        "perplexity_before": before["perplexity"] if before else None,
+        "eval_loss_after": after["eval_loss"] if after else None,
+        "perplexity_after": after["perplexity"] if after else None,
+        "eval_masked_tokens": before["masked_tokens"] if before else 0,
+        "epochs": state.epochs,
+        "train_loss": state.train_loss,
+        "train_steps": state.step,
+        "head_warmup_steps": cfg.head_warmup_steps,
+        "time_budget": cfg.time_budget,
+        "train_tokens": state.train_tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
+        "train_blocks": None if run.train_blocks is None else len(run.train_blocks),
+        "streaming": cfg.data.streaming,
+        "eval_blocks": 0 if run.eval_blocks is None else len(run.eval_blocks),
+        "block_size": cfg.data.block_size,
+        "dropped_tokens": run.stats.total_dropped,
+        "backend": cfg.backend,
+    }
+
+
+def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any]) -> None:
+    """The output folder: an ordinary Hugging Face model folder plus the run's records; then the push."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_config(cfg, folder)
+        write_metrics(metrics, folder)
+        plot_curves(metrics, folder)
+        write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
+
+    ckpt.publish(out, write)
+    if cfg.push_to_hub:
+        repo = cfg.hub_model_id or out.resolve().name
+        log(f"Pushed to {push_folder(str(out), repo)}")
 
 
 def train(cfg: TrainConfig, progress: bool = True,
@@ -168,6 +251,10 @@ def train(cfg: TrainConfig, progress: bool = True,
         MlmtuneError: bad data, model or output folder; or training was interrupted (a checkpoint
             is saved first, so `--resume` continues).
     """
+    if cfg.backend == "keras":
+        from mlmtune.keras.train import train_keras
+
+        return train_keras(cfg, progress=progress, on_step=on_step)
     out = Path(cfg.output_dir)
     d = distributed.init()  # one process unless torchrun / accelerate launched several
     say = log if d.main else (lambda message: None)
@@ -175,28 +262,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
     dashboard.require(cfg.report_to)
-    torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
-    model, tokenizer = load_model(cfg.model)
-    check_block_size(cfg.data.block_size, model, tokenizer)
-
-    # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
-    # is tokenized as it is read; only its held-out eval records are prepared up front.
-    if cfg.data.streaming:
-        blocks, stats = _held_out_blocks(cfg, tokenizer)
-    else:
-        blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
-    preflight = Report()  # the cheap checks of `mlmtune check`; the errors among them have raised already
-    check_tokenizer(tokenizer, preflight)
-    check_data(stats, cfg.data.block_size, preflight)
-    for level, message in preflight.findings:
-        if level == WARNING:
-            say(f"warning: {message}")
-    train_blocks = Blocks(blocks["train"]) if "train" in blocks else None  # read per batch from the memory map
-    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
-    eval_blocks = Blocks(blocks["test"]) if "test" in blocks else None
-    n_train = "a stream of" if train_blocks is None else len(train_blocks)
-    say(f"Blocks: {n_train} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
-        f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
+    run = load_run(cfg, d, say)
+    model, tokenizer = run.model, run.tokenizer
+    train_blocks, eval_blocks, masker = run.train_blocks, run.eval_blocks, run.masker
 
     device = distributed.device_for(d) if d.enabled else pick_device()
     model.to(device)
@@ -386,28 +454,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     if after is None and eval_blocks is not None:  # resumed a finished run with no eval on record
         result = evaluate("Eval (after)")
         after = {"step": state.step, **_eval_entry(result)}
-    before = state.eval_before
     metrics = {
-        "model": cfg.model,
-        "dataset": cfg.data.dataset,
-        "eval_loss_before": before["eval_loss"] if before else None,
-        "perplexity_before": before["perplexity"] if before else None,
-        "eval_loss_after": after["eval_loss"] if after else None,
-        "perplexity_after": after["perplexity"] if after else None,
-        "eval_masked_tokens": before["masked_tokens"] if before else 0,
-        "epochs": state.epochs,
-        "train_loss": state.train_loss,
-        "train_steps": state.step,
-        "head_warmup_steps": cfg.head_warmup_steps,
-        "time_budget": cfg.time_budget,
-        "train_tokens": state.train_tokens,
-        "train_seconds": round(state.train_seconds, 3),
-        "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
-        "train_blocks": None if train_blocks is None else len(train_blocks),
-        "streaming": cfg.data.streaming,
-        "eval_blocks": 0 if eval_blocks is None else len(eval_blocks),
-        "block_size": cfg.data.block_size,
-        "dropped_tokens": stats.total_dropped,
+        **run_metrics(cfg, run, state, after),
         "device": device.type,
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
@@ -425,21 +473,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         distributed.close(d)
         return TrainResult(output_dir=out, metrics=metrics)
 
-    # the output folder: an ordinary Hugging Face model folder plus the run's records
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        save_config(cfg, folder)
-        write_metrics(metrics, folder)
-        plot_curves(metrics, folder)
-        write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
-
     try:
-        ckpt.publish(out, write)
+        write_output(cfg, out, model, tokenizer, metrics)
     finally:
         distributed.close(d)
-    if cfg.push_to_hub:
-        repo = cfg.hub_model_id or out.resolve().name
-        log(f"Pushed to {push_folder(str(out), repo)}")
     return TrainResult(output_dir=out, metrics=metrics)
 
