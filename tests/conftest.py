@@ -75,7 +75,8 @@ def tiny_bert_dir(tmp_path_factory, docs_texts) -> Path:
     wp.train_from_iterator(docs_texts, vocab_size=600, min_frequency=2, show_progress=False,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     wp.save_model(str(folder))
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64)
+    tok = BertTokenizerFast.from_pretrained(folder, model_max_length=64)  # reads vocab.txt (v5 ignores vocab_file=)
+    assert len(tok) == 600
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)

@@ -23,6 +23,27 @@ MASK_SPELLINGS = ("<mask>", "[MASK]")
 Prediction = dict[str, Any]  # {"score", "token", "token_str", "sequence"}
 
 
+def format_predictions(tokenizer, ids: np.ndarray, values: list[list[float]], indices: list[list[int]],
+                       target_ids: np.ndarray | None = None) -> list[Prediction] | list[list[Prediction]]:
+    """The pipeline's postprocess for one text: its ids, and the top-k probabilities and vocabulary (or target)
+    indices at each of its masks, in order."""
+    positions = np.flatnonzero(ids == tokenizer.mask_token_id)
+    single_mask = len(values) == 1
+    result = []
+    for i, (row_values, row_indices) in enumerate(zip(values, indices)):
+        row = []
+        for score, p in zip(row_values, row_indices):
+            if target_ids is not None:
+                p = target_ids[p].tolist()
+            tokens = ids.copy()
+            tokens[positions[i]] = p
+            tokens = tokens[np.where(tokens != tokenizer.pad_token_id)]
+            sequence = tokenizer.decode(tokens, skip_special_tokens=single_mask)
+            row.append({"score": score, "token": p, "token_str": tokenizer.decode([p]), "sequence": sequence})
+        result.append(row)
+    return result[0] if single_mask else result
+
+
 class FillMask:
     """A loaded masked-LM that fills masks.
 
@@ -130,25 +151,11 @@ class FillMask:
         """The pipeline's postprocess for one text."""
         if target_ids is not None and target_ids.shape[0] < top_k:
             top_k = target_ids.shape[0]
-        positions = torch.nonzero(ids == self.tokenizer.mask_token_id).flatten()
         probs = logits.softmax(dim=-1)
         if target_ids is not None:
             probs = probs[..., torch.as_tensor(target_ids, device=probs.device)]
         values, indices = (t.cpu() for t in probs.topk(top_k))  # one copy of (masks, k) to the host
-        single_mask = values.shape[0] == 1
-        result = []
-        for i, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):
-            row = []
-            for score, p in zip(row_values, row_indices):
-                if target_ids is not None:
-                    p = target_ids[p].tolist()
-                tokens = ids.numpy().copy()
-                tokens[positions[i]] = p
-                tokens = tokens[np.where(tokens != self.tokenizer.pad_token_id)]
-                sequence = self.tokenizer.decode(tokens, skip_special_tokens=single_mask)
-                row.append({"score": score, "token": p, "token_str": self.tokenizer.decode([p]), "sequence": sequence})
-            result.append(row)
-        return result[0] if single_mask else result
+        return format_predictions(self.tokenizer, ids.numpy(), values.tolist(), indices.tolist(), target_ids)
 
     def fill(self, texts: list[str], top_k: int = 5, targets: list[str] | None = None) -> list:
         """Fill every text; one pipeline-shaped result per text, in input order.

@@ -133,10 +133,17 @@ class Run:
     masker: Masker
 
 
-def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None]) -> Run:
-    """Model and tokenizer (a new seeded head when the folder has none), blocks and the preflight warnings."""
+def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None],
+             check_model: Callable[[Any], Any] | None = None) -> Run:
+    """Model and tokenizer (a new seeded head when the folder has none), blocks and the preflight warnings.
+
+    Args:
+        check_model: called on the model before the data is read, to refuse one the engine cannot train.
+    """
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
     model, tokenizer = load_model(cfg.model)
+    if check_model is not None:
+        check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
 
     # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
@@ -188,6 +195,16 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train
                 f"(--head-warmup-steps sets this)")
     head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
     return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
+
+
+def step_plan(cfg: TrainConfig, train_blocks: Blocks | None, world: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, steps between checkpoints). A stream has no epochs: its "epochs" are
+    the evaluation and checkpoint intervals."""
+    if train_blocks is None:
+        steps_per_epoch, total_steps = cfg.save_steps or max(1, cfg.max_steps // 10), cfg.max_steps
+    else:
+        steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), world)
+    return steps_per_epoch, total_steps, cfg.save_steps or steps_per_epoch
 
 
 def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict | None) -> dict[str, Any]:
@@ -288,19 +305,13 @@ def train(cfg: TrainConfig, progress: bool = True,
         return perplexity_of(model, chunks, eval_bs, progress=progress, desc=desc, total=len(eval_blocks) // d.world,
                              reduce=(lambda v: distributed.all_reduce_sum(d, v, device)) if d.enabled else None)
 
-    # the schedule
     global_batch = cfg.batch_size * d.world  # blocks per micro-batch over all ranks
-    if train_blocks is None:  # a stream: "epochs" are the evaluation/checkpoint intervals
-        total_steps = cfg.max_steps
-        steps_per_epoch = cfg.save_steps or max(1, total_steps // 10)
-    else:
-        steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), d.world)
+    steps_per_epoch, total_steps, save_every = step_plan(cfg, train_blocks, d.world)
     # fused AdamW: one kernel over all parameters (5x faster than foreach on CPU for DistilRoBERTa)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.warmup_steps, cfg.head_warmup_steps,
         (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate))
-    save_every = cfg.save_steps or steps_per_epoch
 
     config_dict = to_dict(cfg)
     resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, say) if cfg.resume else None

@@ -1,0 +1,221 @@
+"""The Keras backend: weights ported both ways match PyTorch's logits, `--backend keras` trains like
+`--backend torch` on the same masks, resumes after an interruption, and its folder fills in the pipeline."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertTokenizerFast,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    pipeline,
+)
+
+import mlmtune.keras as mk
+from mlmtune.cli import main
+from mlmtune.config import TrainConfig, resolve
+from mlmtune.errors import MlmtuneError
+from mlmtune.evaluate import perplexity
+from mlmtune.keras.data import keras_batch
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.model import load_model
+from mlmtune.train import train
+
+mk.require()
+ATOL = 1e-4
+
+
+def _randomize(model, seed: int):
+    """Every weight away from its init (LayerNorms at 1/0 and zero biases would hide a weight ported to the
+    wrong place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def _tiny(family: str, tokenizer, seed: int = 0):
+    """A tiny random masked-LM of a family, sized to the test tokenizer."""
+    torch.manual_seed(seed)
+    v, pad = len(tokenizer), tokenizer.pad_token_id
+    if family == "bert":
+        model = BertForMaskedLM(BertConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=pad))
+    elif family == "roberta":  # type_vocab_size 1, as roberta-base: its one token-type row is folded
+        model = RobertaForMaskedLM(RobertaConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=64, type_vocab_size=1,
+                                                 max_position_embeddings=66, pad_token_id=pad, layer_norm_eps=1e-5))
+    else:
+        model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=v, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                       max_position_embeddings=64, pad_token_id=pad))
+    return _randomize(model, seed)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_model_dir, tiny_bert_dir):
+    _, roberta = load_model(str(tiny_model_dir))
+    _, bert = load_model(str(tiny_bert_dir))
+    distil = DistilBertTokenizerFast(vocab=str(tiny_bert_dir / "vocab.txt"), model_max_length=64)
+    return {"bert": bert, "roberta": roberta, "distilbert": distil}
+
+
+def _batch(tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+TEXTS = ["The with statement is used to wrap the execution of a block.",
+         "A function definition is an executable statement.", "Names refer to objects."]
+
+
+def _keras_logits(model, tokenizer, ids, attention, positions):
+    x = {"token_ids": ids.numpy().astype(np.int32), "padding_mask": attention.numpy().astype(np.int32),
+         "mask_positions": positions.astype(np.int32)}
+    if "token_type_ids" in tokenizer.model_input_names:
+        x["segment_ids"] = np.zeros_like(x["token_ids"])
+    return np.asarray(model(x, training=False))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_hf_to_keras_gives_pytorchs_logits_and_back_after_a_keras_step(family, tokenizers):
+    tokenizer = tokenizers[family]
+    hf = _tiny(family, tokenizer)
+    model = mk.from_hf(hf)
+    ids, attention = _batch(tokenizer, TEXTS)  # rows of different lengths: padding on the right
+    positions = np.stack([np.arange(1, 6), np.arange(2, 7), np.arange(0, 5)])  # real tokens of each row
+    with torch.no_grad():
+        reference = hf(input_ids=ids, attention_mask=attention).logits.numpy()
+    want = np.take_along_axis(reference, positions[:, :, None], axis=1)
+    np.testing.assert_allclose(_keras_logits(model, tokenizer, ids, attention, positions), want, atol=ATOL, rtol=0)
+
+    # one Keras training step moves every weight; a fresh Hugging Face model of other weights takes them all
+    mk.compile(model, learning_rate=1e-2)
+    masker = Masker.from_tokenizer(tokenizer)
+    blocks = torch.randint(5, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    model.train_on_batch(*keras_batch(*masker(blocks, torch.Generator().manual_seed(2)), "token_type_ids" in
+                                      tokenizer.model_input_names)[:2])
+    back = _tiny(family, tokenizer, seed=5)
+    from mlmtune.keras.convert import keras_to_hf
+
+    keras_to_hf(model, back)
+    with torch.no_grad():
+        reference = back(input_ids=ids, attention_mask=attention).logits.numpy()
+    after = _keras_logits(model, tokenizer, ids, attention, positions)
+    assert np.abs(after - want).max() > 1e-2  # the step changed the model
+    np.testing.assert_allclose(after, np.take_along_axis(reference, positions[:, :, None], axis=1), atol=ATOL, rtol=0)
+
+
+def test_save_pretrained_fills_like_keras_in_the_pipeline(tiny_bert_dir, tmp_path):
+    model, tokenizer = mk.load_masked_lm(str(tiny_bert_dir)), mk.load_tokenizer(str(tiny_bert_dir))
+    mk.compile(model, learning_rate=1e-2)
+    masker = Masker.from_tokenizer(tokenizer)
+    blocks = torch.randint(5, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(3))
+    x, y, w = keras_batch(*masker(blocks, torch.Generator().manual_seed(4)), True)
+    model.train_on_batch(x, y, sample_weight=w)
+    out = mk.save_pretrained(model, tokenizer, tmp_path / "saved")
+    with pytest.raises(MlmtuneError, match="not empty"):
+        mk.save_pretrained(model, tokenizer, out)  # never over files it may not have written
+
+    fill = pipeline("fill-mask", model=str(out))
+    for text in ["a function is defined with the [MASK] keyword.", "[MASK] statements exit a loop."]:
+        theirs, ours = fill(text, top_k=5), mk.fill(model, tokenizer, text, top_k=5)
+        assert [p["token"] for p in ours] == [p["token"] for p in theirs]
+        assert [p["sequence"] for p in ours] == [p["sequence"] for p in theirs]
+        np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], atol=1e-5)
+
+
+def test_keras_batch_is_the_masks_in_keras_hubs_shape():
+    inputs = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    labels = torch.tensor([[IGNORE_INDEX, 60, IGNORE_INDEX, 80], [IGNORE_INDEX] * 4])
+    x, y, w = keras_batch(inputs, labels, segments=False)
+    assert x["mask_positions"].tolist() == [[1, 3], [0, 0]]
+    assert y.tolist() == [[60, 80], [0, 0]] and w.tolist() == [[1, 1], [0, 0]]
+    assert x["padding_mask"].all() and x["token_ids"].tolist() == inputs.tolist() and "segment_ids" not in x
+
+
+def _cfg(model_dir, out, eli5_like, cache_dir, **over):
+    flags = {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
+             "batch_size": 8, "max_steps": 24, "learning_rate": 2e-3, "warmup_steps": 4, "save_steps": 8,
+             "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 4, **over}
+    return resolve(TrainConfig, {}, flags)
+
+
+@pytest.fixture(scope="module")
+def keras_run(tiny_model_dir, tmp_path_factory, eli5_like):
+    tmp = tmp_path_factory.mktemp("keras-run")
+    cfg = _cfg(tiny_model_dir, tmp / "keras", eli5_like, str(tmp / "cache"), backend="keras")
+    return cfg, train(cfg, progress=False)
+
+
+def test_keras_backend_learns_like_the_torch_backend(keras_run, tiny_model_dir, eli5_like, tmp_path):
+    cfg, result = keras_run
+    k = result.metrics
+    t = train(_cfg(tiny_model_dir, tmp_path / "torch", eli5_like, cfg.data.cache_dir), progress=False).metrics
+    assert k["backend"] == "keras" and t["backend"] == "torch"
+    # the same model, eval blocks and masks (RoBERTa's token-type row folded into its positions: rounding only)
+    assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
+    assert k["eval_loss_after"] < k["eval_loss_before"] - 0.3  # it learned
+    assert k["eval_loss_after"] == pytest.approx(t["eval_loss_after"], rel=0.03)
+    # the step losses follow the same masks: a few percent apart (dropout draws and Adam's epsilon differ)
+    for a, b in zip(k["train_loss"], t["train_loss"]):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=0.03)
+
+    # the folder is an ordinary Hugging Face one, and it scores what the run reported
+    out = result.output_dir
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    _, tokenizer = load_model(str(out))
+    from mlmtune.blocks import Blocks, prepare_blocks
+
+    blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
+    inputs, labels = fixed_eval_masks(Blocks(blocks["test"]), Masker.from_tokenizer(tokenizer), cfg.seed)
+    assert perplexity(model, inputs, labels, progress=False).loss == pytest.approx(k["eval_loss_after"], abs=1e-5)
+    assert main(["fill", "--model", str(out), "--json", "The <mask> statement."]) == 0
+
+
+def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp_path):
+    cfg, full = keras_run
+    out = tmp_path / "interrupted"
+
+    def ctrl_c(step, seconds):
+        if step == 11:
+            signal.raise_signal(signal.SIGINT)  # what the terminal sends
+
+    first = TrainConfig(**{**cfg.__dict__, "output_dir": str(out)})
+    with pytest.raises(MlmtuneError, match="interrupted at step 11; checkpoint saved in .*step-0000011"):
+        train(first, progress=False, on_step=ctrl_c)
+    resumed = train(TrainConfig(**{**first.__dict__, "resume": True}), progress=False).metrics
+    assert resumed["train_steps"] == 24
+    # TensorFlow on the CPU: the resumed run's final eval loss is within 1e-4 of the uninterrupted one
+    assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-4)
+
+
+def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, capsys, monkeypatch, tokenizers):
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    folder = tmp_path / "electra"
+    ElectraForMaskedLM(ElectraConfig(vocab_size=600, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    tokenizers["bert"].save_pretrained(folder)
+    args = ["train", "--backend", "keras", "--model", str(folder), "--dataset", str(eli5_like), "--text-field",
+            "answers.text", "--cache-dir", cache_dir, "--max-steps", "2", "--output-dir", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "cache").exists()  # refused before any data was read
+    assert err[-1] == ("mlmtune: error: --backend keras supports the bert, distilbert, roberta families; this model is "
+                       "'electra': use --backend torch")
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if never installed
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'mlmtune: error: --backend keras needs keras-hub, which is not installed: pip install "mlmtune[keras]"')
