@@ -136,3 +136,14 @@ def test_model_without_mask_token(tmp_path, capsys, tiny_model_dir):
 def test_python_dash_m_help():
     p = run("--help")
     assert p.returncode == 0 and "quickstart" in p.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "check", "prepare", "eval", "fill", "serve", "quickstart"])
+def test_every_subcommand_help(command, capsys):
+    # a literal % in a field's doc once made argparse raise while formatting `mlmtune train --help`
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith(f"usage: mlmtune {command}")
+    if command in ("train", "prepare", "check"):
+        assert "train[:10%]" in out

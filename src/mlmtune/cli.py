@@ -33,11 +33,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict
     for name, (tp, default) in flat_fields(cls).items():
         default = (defaults or {}).get(name, default)
         flag = "--" + name.replace("_", "-")
-        doc = field_doc(cls, name)
+        doc = field_doc(cls, name).replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=doc)
         else:
-            shown = "" if default is None else f" (default: {default})"
+            shown = "" if default is None else f" (default: {default})".replace("%", "%%")
             parser.add_argument(flag, metavar=name.upper(), default=argparse.SUPPRESS, help=f"{doc}{shown}".strip())
 
 
