@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -116,6 +119,41 @@ def test_hf_to_keras_gives_pytorchs_logits_and_back_after_a_keras_step(family, t
     np.testing.assert_allclose(after, np.take_along_axis(reference, positions[:, :, None], axis=1), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_head_warmup_gradients_are_pytorchs_head_only_gradients(family, tokenizers):
+    """In the head warm-up the tied token embedding learns from the head's gradient alone, not through the
+    encoder's backward pass: the Keras gradients equal PyTorch's head-only ones."""
+    import keras
+    import tensorflow as tf
+
+    from mlmtune.forward import MaskedLMLoss, freeze_encoder, positions_and_targets
+    from mlmtune.keras.train import freeze_backbone, head_model
+
+    tokenizer = tokenizers[family]
+    hf = _tiny(family, tokenizer).eval()  # no dropout on either side
+    model = mk.from_hf(hf)
+    freeze_backbone(model, True)
+    trainer = head_model(model)
+    blocks = torch.randint(5, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    inputs, labels = Masker.from_tokenizer(tokenizer)(blocks, torch.Generator().manual_seed(2))
+    x, y, w = keras_batch(inputs, labels, "token_type_ids" in tokenizer.model_input_names)
+    with tf.GradientTape() as tape:
+        nll = keras.losses.sparse_categorical_crossentropy(y, trainer(x, training=False), from_logits=True)
+        total = tf.reduce_sum(nll * w)
+    grads = {v.path: tf.convert_to_tensor(g).numpy()
+             for v, g in zip(trainer.trainable_variables, tape.gradient(total, trainer.trainable_variables))}
+    embedding = model.backbone.token_embedding.embeddings.path
+    assert all(path == embedding or path.startswith("mlm_head/") for path in grads)  # the encoder is frozen
+
+    freeze_encoder(hf, True)
+    positions, targets = positions_and_targets(labels)
+    reference = MaskedLMLoss(hf)(inputs, positions, targets, head_only=True)
+    reference.backward()
+    assert float(total) == pytest.approx(float(reference), rel=1e-5)
+    np.testing.assert_allclose(grads[embedding], hf.get_output_embeddings().weight.grad.numpy(), atol=1e-5, rtol=0)
+    assert hf.get_input_embeddings().weight is hf.get_output_embeddings().weight  # one tied matrix, as in Keras
+
+
 def test_save_pretrained_fills_like_keras_in_the_pipeline(tiny_bert_dir, tmp_path):
     model, tokenizer = mk.load_masked_lm(str(tiny_bert_dir)), mk.load_tokenizer(str(tiny_bert_dir))
     mk.compile(model, learning_rate=1e-2)
@@ -144,11 +182,15 @@ def test_keras_batch_is_the_masks_in_keras_hubs_shape():
     assert x["padding_mask"].all() and x["token_ids"].tolist() == inputs.tolist() and "segment_ids" not in x
 
 
+def _flags(model_dir, out, eli5_like, cache_dir, **over) -> dict:
+    return {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
+            "batch_size": 8, "max_steps": 24, "learning_rate": 2e-3, "warmup_steps": 4, "save_steps": 8,
+            "head_warmup_steps": 6, "head_learning_rate": 5e-3,
+            "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 4, **over}
+
+
 def _cfg(model_dir, out, eli5_like, cache_dir, **over):
-    flags = {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
-             "batch_size": 8, "max_steps": 24, "learning_rate": 2e-3, "warmup_steps": 4, "save_steps": 8,
-             "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 4, **over}
-    return resolve(TrainConfig, {}, flags)
+    return resolve(TrainConfig, {}, _flags(model_dir, out, eli5_like, cache_dir, **over))
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +208,11 @@ def test_keras_backend_learns_like_the_torch_backend(keras_run, tiny_model_dir, 
     # the same model, eval blocks and masks (RoBERTa's token-type row folded into its positions: rounding only)
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
     assert k["eval_loss_after"] < k["eval_loss_before"] - 0.3  # it learned
-    assert k["eval_loss_after"] == pytest.approx(t["eval_loss_after"], rel=0.03)
-    # the step losses follow the same masks: a few percent apart (dropout draws and Adam's epsilon differ)
+    # measured apart on the same masks, head warm-up included: eval 0.1%, 4-step loss windows at most 0.7%
+    # (dropout draws differ)
+    assert k["eval_loss_after"] == pytest.approx(t["eval_loss_after"], rel=0.01)
     for a, b in zip(k["train_loss"], t["train_loss"]):
-        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=0.03)
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=0.015)
 
     # the folder is an ordinary Hugging Face one, and it scores what the run reported
     out = result.output_dir
@@ -196,8 +239,29 @@ def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp
         train(first, progress=False, on_step=ctrl_c)
     resumed = train(TrainConfig(**{**first.__dict__, "resume": True}), progress=False).metrics
     assert resumed["train_steps"] == 24
-    # TensorFlow on the CPU: the resumed run's final eval loss is within 1e-4 of the uninterrupted one
-    assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-4)
+    # measured: identical to the last digit on a 2-core AVX2 EPYC; 1e-6 leaves room for threaded CPU kernels
+    assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
+
+
+def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, tiny_model_dir, eli5_like, tmp_path):
+    """SIGKILL at step 11 leaves the step-8 checkpoint (no save on the way out); --resume goes on from it."""
+    cfg, full = keras_run
+    out = tmp_path / "killed"
+    flags = _flags(tiny_model_dir, out, eli5_like, cfg.data.cache_dir, backend="keras")
+    code = ("import json, os, signal, sys\n"
+            "from mlmtune.config import TrainConfig, resolve\n"
+            "from mlmtune.train import train\n"
+            "def on_step(step, seconds):\n"
+            "    if step == 11:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "train(resolve(TrainConfig, {}, json.loads(sys.argv[1])), progress=False, on_step=on_step)\n")
+    killed = subprocess.run([sys.executable, "-c", code, json.dumps(flags)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000008"]
+    assert not (out / "metrics.json").exists()
+    resumed = train(resolve(TrainConfig, {}, {**flags, "resume": True}), progress=False).metrics
+    assert resumed["train_steps"] == 24
+    assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
 
 
 def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, capsys, monkeypatch, tokenizers):
@@ -219,3 +283,61 @@ def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, caps
     assert main(args) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'mlmtune: error: --backend keras needs keras-hub, which is not installed: pip install "mlmtune[keras]"')
+
+
+def test_readme_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
+    """The README's rewrite of the guide's Keras code, with a tiny model, a tiny corpus and one epoch."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (code,) = [block for block in blocks if "mk.load_masked_lm" in block]
+    out = tmp_path / "my_awesome_eli5_mlm_model"
+    for old, new in [("distilbert/distilroberta-base", str(tiny_model_dir)),
+                     ("path/to/eli5_copy.jsonl", str(eli5_like)), ("epochs=3", "epochs=2"),
+                     ("block_size=128", "block_size=32"), ('"my_awesome_eli5_mlm_model"', repr(str(out)))]:
+        assert old in code
+        code = code.replace(old, new)
+    monkeypatch.setenv("MLMTUNE_CACHE", str(tmp_path / "cache"))
+    scope: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), scope)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]  # the datasets know their length
+
+    history = scope["history"].history
+    assert len(history["loss"]) == len(history["val_loss"]) == 2  # every epoch ran
+    assert capsys.readouterr().out.strip().endswith(f"Perplexity: {np.exp(history['val_loss'][-1]):.2f}")
+    # the validation set is masked the same way each pass: its loss is the model's, one evaluation of it
+    test_set, model = scope["test_set"], scope["model"]
+    again = model.evaluate(test_set, verbose=0)
+    assert again == pytest.approx(history["val_loss"][-1], rel=1e-5)
+    assert model.evaluate(test_set, verbose=0) == pytest.approx(again, rel=1e-6)
+    # the trained weights went into the folder: the pipeline on it fills as mk.fill did on the Keras model
+    fills = scope["fills"]
+    ref = pipeline("fill-mask", model=str(out), top_k=3)("The Milky Way is a <mask> galaxy.")
+    assert [f["token"] for f in fills] == [r["token"] for r in ref]
+    assert [f["sequence"] for f in fills] == [r["sequence"] for r in ref]
+    np.testing.assert_allclose([f["score"] for f in fills], [r["score"] for r in ref], atol=1e-5)
+    start = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).state_dict()
+    trained = AutoModelForMaskedLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
+
+
+def test_keras_time_budget_is_planned_from_the_keras_probe(tiny_model_dir, eli5_like, tmp_path, monkeypatch):
+    """--time-budget with --backend keras counts steps from Keras' own step time, not PyTorch's."""
+    import mlmtune.keras.train as keras_train
+
+    asked = []
+
+    def fake_probe(cfg, hf_model, tokenizer, train_blocks, policy):
+        assert len(train_blocks) > 0 and policy == "float32"
+        return lambda head_only: asked.append(head_only) or 2.0  # seconds per step
+
+    monkeypatch.setattr(keras_train, "keras_probe", fake_probe)
+    flags = _flags(tiny_model_dir, tmp_path / "out", eli5_like, str(tmp_path / "cache"), backend="keras",
+                   time_budget="20s", max_steps=None, head_warmup_steps=None, head_learning_rate=None)
+    metrics = train(resolve(TrainConfig, {}, flags), progress=False).metrics
+    assert asked == [False]  # the folder has a head: no head-only probe
+    assert metrics["train_steps"] == 9  # (20 s less the probe's own time) / 2 s a step, rounded down

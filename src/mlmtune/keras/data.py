@@ -109,4 +109,6 @@ def masked_dataset(blocks, tokenizer, batch_size: int = 8, seed: int = 42, shuff
             generator = torch.Generator().manual_seed((seed * SEED_MIX + epoch) * SEED_MIX + b)
             yield keras_batch(*masker(blocks[order[start : start + batch_size]], generator), segments)
 
-    return tf.data.Dataset.from_generator(generate, output_signature=signature(segments)).prefetch(2)
+    batches = -(-len(blocks) // batch_size)  # a known length: fit's progress bar shows it, and no "ran out" warning
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature(segments))
+    return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)

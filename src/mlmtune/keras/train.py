@@ -122,34 +122,72 @@ class _NoScheduler:
         pass
 
 
+def head_model(model):
+    """The head warm-up's model: the same layers and weights, with the gradient stopped at the backbone's
+    output, so a head-only step back-propagates through the head alone (the tied token embedding learns
+    from the head's gradient only), as PyTorch's head-only step does."""
+    import keras
+
+    sequence = model.backbone(model.backbone.input)
+    if isinstance(sequence, dict):  # BERT's backbone also returns the pooled output
+        sequence = sequence["sequence_output"]
+    positions = keras.Input(shape=(None,), dtype="int32", name="mask_positions")
+    logits = model.masked_lm_head(keras.ops.stop_gradient(sequence), positions)
+    return keras.Model({**model.backbone.input, "mask_positions": positions}, logits)
+
+
 def compile_phase(model, cfg: TrainConfig, head_only: bool, jit_compile: bool = False):
-    """Freeze (or not) for the phase and compile with a new AdamW; returns it, built."""
+    """Freeze (or not) for the phase and compile, with a new AdamW, the model that trains in it (`model`, or
+    its `head_model` during the head warm-up); returns that model and its optimizer, built."""
     freeze_backbone(model, head_only)
-    opt = optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
+    trainer = head_model(model) if head_only else model
+    opt = optimizer(trainer, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
     # XLA off: the number of masks per batch changes every step, and each new shape would compile again
-    model.compile(optimizer=opt, loss=loss(), weighted_metrics=[], jit_compile=jit_compile)
-    opt.build(model.trainable_variables)
-    return opt
+    trainer.compile(optimizer=opt, loss=loss(), weighted_metrics=[], jit_compile=jit_compile)
+    opt.build(trainer.trainable_variables)
+    return trainer, opt
 
 
 def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, policy: str) -> Callable[[bool], float]:
-    """--time-budget's probe for Keras: seconds per step of a copy of the model, after its graph is traced."""
+    """--time-budget's probe for Keras: seconds per step of a copy of the model trained as the run trains it
+    (`fit` on masked blocks from a generator, learning rate and dropout seeds set and the loss read every
+    step); the median of the steps after the first, which traces the graph."""
+    import keras
+    import tensorflow as tf
+
     from mlmtune.masking import Masker
+
+    segments = uses_segments(tokenizer)
+    steps = 5
 
     def probe(head_only: bool) -> float:
         model = from_hf(hf_model, dtype=policy)
-        compile_phase(model, cfg, head_only)
+        trainer, _ = compile_phase(model, cfg, head_only)
         masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
         generator = torch.Generator().manual_seed(cfg.seed)
-        times = []
-        for _ in range(3):
-            rows = torch.randint(len(train_blocks), (min(cfg.batch_size * cfg.gradient_accumulation_steps,
-                                                         len(train_blocks)),), generator=generator)
-            x, y, w = keras_batch(*masker(train_blocks[rows], generator), uses_segments(tokenizer))
-            t0 = time.perf_counter()
-            model.train_on_batch(x, y, sample_weight=w)
-            times.append(time.perf_counter() - t0)
-        return sorted(times[1:])[0]  # the first step traces the graph
+        rows = min(cfg.batch_size * cfg.gradient_accumulation_steps, len(train_blocks))
+        seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+        times: list[float] = []
+
+        def generate():
+            for _ in range(steps):
+                picked = torch.randint(len(train_blocks), (rows,), generator=generator)
+                yield keras_batch(*masker(train_blocks[picked], generator), segments)
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                self.model.optimizer.learning_rate = cfg.learning_rate
+                for i, v in enumerate(seeds):
+                    v.assign(np.array([cfg.seed * SEED_MIX + batch, i * _GENERATOR_SPACING], dtype=v.dtype))
+                self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                float(logs["loss"])
+                times.append(time.perf_counter() - self.t0)
+
+        data = tf.data.Dataset.from_generator(generate, output_signature=signature(segments)).prefetch(2)
+        trainer.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[Timer()])
+        return float(np.median(times[1:]))
 
     return probe
 
@@ -304,12 +342,13 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
         for head_only, end in phases:
             if state.step >= end or stop_requested.is_set() or feed_error:
                 continue
-            opt_state.attach(compile_phase(model, cfg, head_only), head_only)
+            trainer, opt = compile_phase(model, cfg, head_only)
+            opt_state.attach(opt, head_only)
             if head_only:
                 bar.write(f"step {state.step}: training the new head alone until step {end}")
             elif cfg.head_warmup_steps and state.step == cfg.head_warmup_steps:
                 bar.write(f"step {state.step}: head warm-up done, training the whole model")
-            model.fit(dataset(state.step, end), epochs=1, steps_per_epoch=end - state.step, verbose=0, shuffle=False,
+            trainer.fit(dataset(state.step, end), epochs=1, steps_per_epoch=end - state.step, verbose=0, shuffle=False,
                       callbacks=[Loop()])
     except KeyboardInterrupt:  # the second Ctrl-C: Keras may be inside a step, so nothing is saved now
         previous = ckpt.list_checkpoints(out)
