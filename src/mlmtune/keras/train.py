@@ -348,8 +348,8 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
                 bar.write(f"step {state.step}: training the new head alone until step {end}")
             elif cfg.head_warmup_steps and state.step == cfg.head_warmup_steps:
                 bar.write(f"step {state.step}: head warm-up done, training the whole model")
-            trainer.fit(dataset(state.step, end), epochs=1, steps_per_epoch=end - state.step, verbose=0, shuffle=False,
-                      callbacks=[Loop()])
+            trainer.fit(dataset(state.step, end), epochs=1, steps_per_epoch=end - state.step, verbose=0,
+                        shuffle=False, callbacks=[Loop()])
     except KeyboardInterrupt:  # the second Ctrl-C: Keras may be inside a step, so nothing is saved now
         previous = ckpt.list_checkpoints(out)
         kept = f"the last checkpoint is {previous[-1]}" if previous else "no checkpoint was saved yet"
