@@ -111,6 +111,30 @@ def _eval_entry(result: EvalResult) -> dict[str, Any]:
     return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
 
 
+def start_or_resume(cfg: TrainConfig, out: Path, model, optimizer, scheduler,
+                    evaluate: Callable[[str], EvalResult | None], say: Callable[[str], None],
+                    dashboard_on: bool = True) -> tuple[ckpt.TrainState, bool, dashboard.Dashboard]:
+    """The run's state, whether it was resumed, and its dashboard: with --resume the newest checkpoint's
+    (weights and optimizer loaded into `model`, `optimizer`, `scheduler`), else a new state holding the
+    evaluation before training."""
+    config_dict = to_dict(cfg)
+    resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, say) if cfg.resume else None
+    if resumed is not None:
+        state = resumed
+    else:
+        if cfg.resume:
+            say(f"--resume: no checkpoint in {out}, starting from the beginning")
+        state = ckpt.TrainState(config=config_dict)
+        before = evaluate("Eval (before)")
+        state.eval_before = _eval_entry(before) if before else None
+        if before:
+            say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
+    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=dashboard_on)
+    if resumed is None and state.eval_before:
+        dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
+    return state, resumed is not None, dash
+
+
 def _held_out_blocks(cfg: TrainConfig, tokenizer):
     """With --streaming: blocks of the first --eval-records records, the eval split."""
     from datasets import Dataset, DatasetDict
@@ -313,23 +337,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         step, total_steps, cfg.warmup_steps, cfg.head_warmup_steps,
         (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate))
 
-    config_dict = to_dict(cfg)
-    resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, say) if cfg.resume else None
-    if resumed is not None:
-        state = resumed
-        if scaler is not None and state.grad_scaler:
-            scaler.load_state_dict(state.grad_scaler)
-    else:
-        if cfg.resume:
-            say(f"--resume: no checkpoint in {out}, starting from the beginning")
-        state = ckpt.TrainState(config=config_dict)
-        before = evaluate("Eval (before)")
-        state.eval_before = _eval_entry(before) if before else None
-        if before:
-            say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
-    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
-    if resumed is None and state.eval_before:
-        dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
+    state, resumed, dash = start_or_resume(cfg, out, model, optimizer, scheduler, evaluate, say, dashboard_on=d.main)
+    if resumed and scaler is not None and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
 
     stream = None
     if train_blocks is None:

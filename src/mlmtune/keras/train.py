@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
-from mlmtune.config import TrainConfig, to_dict
+from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import StepBatches
@@ -48,6 +48,7 @@ from mlmtune.train import (
     log,
     resolve_steps,
     run_metrics,
+    start_or_resume,
     step_plan,
     stop_on_ctrl_c,
     write_output,
@@ -237,23 +238,10 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
                              progress=progress, desc=desc, total=len(eval_blocks))
 
     steps_per_epoch, total_steps, save_every = step_plan(cfg, train_blocks, 1)
-    opt_state, config_dict = OptimizerState(), to_dict(cfg)
-    resumed = (ckpt.resume_latest(out, hf_model, opt_state, _NoScheduler(), config_dict, log)
-               if cfg.resume else None)
-    if resumed is not None:
-        state = resumed
-        hf_to_keras(hf_model, model)
-    else:
-        if cfg.resume:
-            log(f"--resume: no checkpoint in {out}, starting from the beginning")
-        state = ckpt.TrainState(config=config_dict)
-        before = evaluate("Eval (before)")
-        state.eval_before = _eval_entry(before) if before else None
-        if before:
-            log(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
-    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=True)
-    if resumed is None and state.eval_before:
-        dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
+    opt_state = OptimizerState()
+    state, resumed, dash = start_or_resume(cfg, out, hf_model, opt_state, _NoScheduler(), evaluate, log)
+    if resumed:
+        hf_to_keras(hf_model, model)  # the checkpoint's weights, loaded into the PyTorch twin
 
     stream = None
     if train_blocks is None:
