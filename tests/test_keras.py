@@ -276,8 +276,12 @@ def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, caps
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert not (tmp_path / "cache").exists()  # refused before any data was read
-    assert err[-1] == ("mlmtune: error: --backend keras supports the bert, distilbert, roberta families; this model is "
-                       "'electra': use --backend torch")
+    refusal = ("--backend keras supports the bert, distilbert, roberta families; this model is 'electra': use "
+               "--backend torch")
+    assert err[-1] == f"mlmtune: error: {refusal}"
+    check = ["check", *args[1:-2], "--no-probe"]  # `mlmtune check` names the same refusal
+    assert main(check) == 1
+    assert f"error  {refusal}" in capsys.readouterr().out
 
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if never installed
     assert main(args) == 1
@@ -341,3 +345,18 @@ def test_keras_time_budget_is_planned_from_the_keras_probe(tiny_model_dir, eli5_
     metrics = train(resolve(TrainConfig, {}, flags), progress=False).metrics
     assert asked == [False]  # the folder has a head: no head-only probe
     assert metrics["train_steps"] == 9  # (20 s less the probe's own time) / 2 s a step, rounded down
+
+
+def test_check_estimates_a_keras_run_with_the_keras_probe(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
+    import mlmtune.keras.train as keras_train
+
+    monkeypatch.setattr(keras_train, "keras_probe", lambda *args: lambda head_only: 7.0)  # seconds per Keras step
+    code = main(["check", "--backend", "keras", "--model", str(tiny_model_dir), "--dataset", str(eli5_like),
+                 "--text-field", "answers.text", "--block-size", "32", "--cache-dir", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "--backend keras: the roberta family, on keras-hub" in out
+    est = dict(kv.split(": ") for kv in out.split("estimate ")[1].strip().split(", "))
+    assert float(est["seconds_per_step"]) == 7.0 and "peak_memory_gb" not in est  # TensorFlow's memory: not measured
+    minutes, seconds = est["run_time"].rstrip("s").split("m")
+    assert 60 * int(minutes) + int(seconds) >= 7 * int(est["total_steps"])

@@ -80,6 +80,16 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
         return report
     report.add(OK, f"model {cfg.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} "
                    "parameters")
+    if cfg.backend == "keras":
+        try:  # what `train --backend keras` refuses before it reads the data
+            from mlmtune.keras import require
+            from mlmtune.keras.convert import family_of
+
+            require()
+            report.add(OK, f"--backend keras: the {family_of(model).model_type} family, on keras-hub")
+        except MlmtuneError as e:
+            report.add(ERROR, str(e))
+            return report
     check_tokenizer(tokenizer, report)
     try:
         check_block_size(cfg.data.block_size, model, tokenizer)
@@ -94,12 +104,18 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Report:
                             steps_per_epoch=per_epoch, total_steps=total)
     if probe:
         measured = timed_probe(cfg, model, tokenizer, train_blocks)
+        step = measured["step_seconds"]
+        if cfg.backend == "keras":  # Keras' own step time; evaluation stays PyTorch's (fp32, the PyTorch twin)
+            from mlmtune.keras.train import keras_policy, keras_probe
+
+            step = keras_probe(cfg, model, tokenizer, train_blocks, keras_policy(cfg.precision))(False)
         eval_batches = math.ceil(stats.blocks.get("test", 0) / (cfg.eval_batch_size or cfg.batch_size))
         evals = 2 + math.ceil(total / per_epoch)  # before, each epoch end, after
-        # an eval batch is a forward pass in fp32: about a third of a training step's work
-        seconds = total * measured["step_seconds"] + evals * eval_batches * measured["step_seconds"] / 3
-        report.estimates.update(seconds_per_step=round(measured["step_seconds"], 3),
-                                run_time=_duration(seconds), peak_memory_gb=measured["peak_memory_gb"])
+        # an eval batch is a forward pass in fp32: about a third of a PyTorch training step's work
+        seconds = total * step + evals * eval_batches * measured["step_seconds"] / 3
+        report.estimates.update(seconds_per_step=round(step, 3), run_time=_duration(seconds))
+        if cfg.backend == "torch":  # PyTorch's peak; TensorFlow's allocator is not measured here
+            report.estimates.update(peak_memory_gb=measured["peak_memory_gb"])
     return report
 
 
