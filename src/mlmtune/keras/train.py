@@ -123,6 +123,18 @@ class _NoScheduler:
         pass
 
 
+def dropout_seeder(model, seed: int) -> Callable[[int], None]:
+    """Sets every dropout layer's seed state for a step: dropout of step s is drawn from (seed, s), as in
+    PyTorch's loop, so a resumed run draws what an uninterrupted one does."""
+    states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+    def seed_step(step: int) -> None:
+        for i, v in enumerate(states):
+            v.assign(np.array([seed * SEED_MIX + step, i * _GENERATOR_SPACING], dtype=v.dtype))
+
+    return seed_step
+
+
 def head_model(model):
     """The head warm-up's model: the same layers and weights, with the gradient stopped at the backbone's
     output, so a head-only step back-propagates through the head alone (the tied token embedding learns
@@ -167,7 +179,7 @@ def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, policy: str
         masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
         generator = torch.Generator().manual_seed(cfg.seed)
         rows = min(cfg.batch_size * cfg.gradient_accumulation_steps, len(train_blocks))
-        seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+        seed_step = dropout_seeder(model, cfg.seed)
         times: list[float] = []
 
         def generate():
@@ -178,8 +190,7 @@ def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, policy: str
         class Timer(keras.callbacks.Callback):
             def on_train_batch_begin(self, batch, logs=None):
                 self.model.optimizer.learning_rate = cfg.learning_rate
-                for i, v in enumerate(seeds):
-                    v.assign(np.array([cfg.seed * SEED_MIX + batch, i * _GENERATOR_SPACING], dtype=v.dtype))
+                seed_step(batch)
                 self.t0 = time.perf_counter()
 
             def on_train_batch_end(self, batch, logs=None):
@@ -270,7 +281,7 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
         keras_to_hf(model, hf_model)
         return ckpt.save_checkpoint(out, hf_model, opt_state, _NoScheduler(), state, cfg.save_total_limit)
 
-    seeds = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    seed_step = dropout_seeder(model, cfg.seed)
     stop_requested = threading.Event()
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
     window: list[float] = []
@@ -284,8 +295,7 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
             self.model.optimizer.learning_rate = cfg.learning_rate * lr_factor(
                 step, total_steps, cfg.warmup_steps, cfg.head_warmup_steps,
                 (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate)
-            for i, v in enumerate(seeds):  # dropout of step s is drawn from (seed, s), as in PyTorch's loop
-                v.assign(np.array([cfg.seed * SEED_MIX + step, i * _GENERATOR_SPACING], dtype=v.dtype))
+            seed_step(step)
             self.model.reset_metrics()  # logs["loss"] is then this step's loss, not a running mean
             self.t0 = time.perf_counter()
 
