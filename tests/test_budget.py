@@ -129,7 +129,7 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, tmp_pat
     def no_probe(*a, **k):
         raise AssertionError("a resumed run must not measure again")
 
-    monkeypatch.setattr("mlmtune.train.plan_budget", no_probe)
+    monkeypatch.setattr("mlmtune.run.plan_budget", no_probe)
     result = train(_cfg(headless_dir, out, eli5_like, cache_dir, max_steps=None, time_budget="3s", save_steps=5,
                         resume=True), progress=False)
     m = result.metrics

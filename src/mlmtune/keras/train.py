@@ -38,12 +38,10 @@ from mlmtune.keras.convert import family_of, hf_to_keras, keras_to_hf
 from mlmtune.keras.data import keras_batch, signature, uses_segments
 from mlmtune.masking import SEED_MIX, iter_eval_masks
 from mlmtune.model import pick_device
-from mlmtune.schedule import lr_factor
-from mlmtune.stream import BlockStream
-from mlmtune.train import (
+from mlmtune.run import (
     TrainResult,
-    _eval_entry,
     check_output_dir,
+    eval_entry,
     load_run,
     log,
     resolve_steps,
@@ -53,6 +51,8 @@ from mlmtune.train import (
     stop_on_ctrl_c,
     write_output,
 )
+from mlmtune.schedule import lr_factor
+from mlmtune.stream import BlockStream
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _GENERATOR_SPACING = 1 << 20  # dropout seeds of two layers in one step never meet
@@ -322,7 +322,7 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
                 result = evaluate(f"Eval (step {state.step})")
                 if result:
                     entry = {"epoch": round(state.step / steps_per_epoch, 4) if stream is None else None,
-                             "step": state.step, **_eval_entry(result)}
+                             "step": state.step, **eval_entry(result)}
                     state.epochs.append(entry)
                     where = f"step {state.step}" if stream else f"epoch {entry['epoch']:g} step {state.step}"
                     bar.write(f"{where}: eval loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
@@ -367,7 +367,7 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
 
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and eval_blocks is not None:  # resumed a finished run with no eval on record
-        after = {"step": state.step, **_eval_entry(evaluate("Eval (after)"))}
+        after = {"step": state.step, **eval_entry(evaluate("Eval (after)"))}
     metrics = {
         **run_metrics(cfg, run, state, after),
         "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
