@@ -108,6 +108,14 @@ class TrainConfig:
     precision: str = "auto"
     """Training precision: auto (bf16 where the hardware runs it fast, fp16 with a gradient scaler on GPUs before
     Ampere, else fp32), fp32, bf16 or fp16. Eval is fp32."""
+    compile: bool = False
+    """torch.compile the encoder (the gather and the head at the masked positions stay eager: their sizes change
+    every batch). On a GPU it fuses the encoder's elementwise work (LayerNorm, GELU, dropout, residual adds); the
+    first steps pay the compile time. Off by default: it did not pay on a CPU, and it is not measured on a GPU yet."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends
+    bit-identical to an uninterrupted one (attention's and the gather's backward otherwise sum in a varying
+    order), at some speed. Training on a CPU is deterministic without it."""
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (the Trainer's default); 0 turns clipping off."""
     seed: int = 42
@@ -149,6 +157,8 @@ class TrainConfig:
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
         _require(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        _require(self.backend == "torch" or not (self.compile or self.deterministic),
+                 "--compile and --deterministic are options of --backend torch")
         _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "
                  f"got {self.report_to!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")

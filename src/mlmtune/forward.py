@@ -93,6 +93,19 @@ def freeze_encoder(model, frozen: bool) -> None:
         model.get_output_embeddings().weight.requires_grad_(True)
 
 
+COMPILE_BACKEND = "inductor"
+
+
+def compile_encoder(model) -> None:
+    """torch.compile, in place, the part of the forward whose shapes never change: the encoder, (B, T) -> (B, T, H).
+
+    The gather at the masked positions and the head see a different count every batch, so they stay eager
+    (compiled, they would recompile for every new count). `Module.compile` keeps the parameter names, so
+    checkpoints and `save_pretrained` are unchanged. A model without a sparse head compiles whole.
+    """
+    (model.base_model if has_sparse_head(model) else model).compile(backend=COMPILE_BACKEND)
+
+
 class MaskedLMLoss(torch.nn.Module):
     """A training forward as one module: (input ids, positions, targets) -> summed NLL at those positions.
 

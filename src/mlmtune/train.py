@@ -13,6 +13,7 @@ dropout an uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import Prefetcher, StepBatches
-from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
+from mlmtune.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
 from mlmtune.masking import SEED_MIX, iter_eval_masks
 from mlmtune.model import PRECISION_NAMES, pick_device, resolve_precision
 from mlmtune.run import (
@@ -84,6 +85,11 @@ def train(cfg: TrainConfig, progress: bool = True,
         from mlmtune.keras.train import train_keras
 
         return train_keras(cfg, progress=progress, on_step=on_step)
+    with deterministic_kernels(cfg.deterministic):
+        return _train(cfg, progress, on_step)
+
+
+def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
     out = Path(cfg.output_dir)
     d = distributed.init()  # one process unless torchrun / accelerate launched several
     say = log if d.main else (lambda message: None)
@@ -97,6 +103,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     model.to(device)
     distributed.broadcast_parameters(d, model)
     cfg = resolve_steps(cfg, d, model, run.tokenizer, run.train_blocks, device, say)
+    if cfg.compile:  # after the budget's probe, which times eager steps on a copy
+        compile_encoder(model)
     precision = Precision.choose(cfg.precision, device)
     say(f"Training precision: {precision.describe()}; evaluation in fp32"
         + (f"; {d.world} processes, {cfg.batch_size} blocks each per micro-batch" if d.enabled else ""))
@@ -181,6 +189,22 @@ def train(cfg: TrainConfig, progress: bool = True,
     bar.close()
     del step_loss  # DDP's hooks and buffers, before the process group goes
     return finish(cfg, d, out, run, state, evaluate, device, precision.name, my_tokens, say)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """--deterministic: only deterministic kernels while the run lasts (the setting is put back after it).
+    cuBLAS needs a fixed workspace for that, read from CUBLAS_WORKSPACE_CONFIG when it starts."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 class Precision:
