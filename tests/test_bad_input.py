@@ -144,6 +144,9 @@ def _damage(tiny_model_dir, tmp_path, name: str, data: bytes):
     ("prepared_missing_file", "is damaged (FileNotFoundError"),
     ("prepared_bad_meta", "is damaged (JSONDecodeError"),
     ("jsonl_unparsable", "cannot parse"),
+    ("fsdp_one_process", "--fsdp shards over several processes: launch with torchrun"),
+    ("fsdp_compile", "--fsdp with --compile is not supported yet"),
+    ("keras_compile", "--compile, --fsdp and --deterministic are options of --backend torch"),
 ])
 def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, message):
     model = str(tiny_model_dir)
@@ -180,6 +183,12 @@ def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, mess
             (prepared / "mlmtune_prepared.json").write_text("{not json")
         capsys.readouterr()
         args = ["train", "--model", model, "--dataset", str(prepared), *common]
+    elif case == "fsdp_one_process":
+        args = ["train", "--model", model, "--dataset", str(eli5_like), "--text-field", "answers.text", "--fsdp",
+                *common]
+    elif case in ("fsdp_compile", "keras_compile"):
+        flag = "--fsdp" if case == "fsdp_compile" else "--backend=keras"
+        args = ["train", "--model", model, "--dataset", str(eli5_like), "--compile", flag, *common]
     elif case == "jsonl_unparsable":
         path = tmp_path / "bad.jsonl"
         path.write_text('{"text": "fine"}\n{"text": broken\n')

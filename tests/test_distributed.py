@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,14 +28,14 @@ def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.fixture()
-def no_dropout_model(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def no_dropout_model(tiny_model_dir, tmp_path_factory):
     """The tiny model's encoder without dropout and without its head: then one process and two see
     exactly the same computation (the same masks by construction, the same new head from the seed),
     and only the order of floating-point sums differs."""
     from transformers import AutoTokenizer, RobertaForMaskedLM
 
-    folder = tmp_path / "no-dropout"
+    folder = tmp_path_factory.mktemp("no-dropout")
     model = RobertaForMaskedLM.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0,
                                                attention_probs_dropout_prob=0.0)
     model.roberta.save_pretrained(folder)
@@ -42,21 +43,37 @@ def no_dropout_model(tiny_model_dir, tmp_path):
     return folder
 
 
-def test_torchrun_two_processes_match_one_process(no_dropout_model, eli5_like, tmp_path):
-    """DDP over gloo: 4 head-only steps (DDP over the head), then the whole model (DDP built again),
-    10 accumulated micro-batches per step, and an epoch's last micro-batch of 2 blocks, which leaves
-    rank 1 with none of it (it runs a block without labels, so that DDP's collectives still match)."""
-    common = ["--model", str(no_dropout_model), "--dataset", str(eli5_like), "--text-field", "answers.text",
-              "--block-size", "32", "--max-steps", "12", "--learning-rate", "1e-2", "--precision", "fp32",
-              "--gradient-accumulation-steps", "10", "--head-warmup-steps", "4", "--head-learning-rate", "1e-2",
-              "--save-steps", "6", "--cache-dir", str(tmp_path / "cache")]
-    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6",
-          "--output-dir", str(tmp_path / "one")], tmp_path)
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                "-m", "mlmtune", "train", *common, "--batch-size", "3", "--output-dir", str(tmp_path / "two")],
-               tmp_path)
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+def _common(model, eli5_like, cache) -> list[str]:
+    """4 head-only steps, then the whole model, 10 accumulated micro-batches per step, and an epoch's last
+    micro-batch of 2 blocks, which leaves rank 1 with none of it on two ranks."""
+    return ["--model", str(model), "--dataset", str(eli5_like), "--text-field", "answers.text",
+            "--block-size", "32", "--max-steps", "12", "--learning-rate", "1e-2", "--precision", "fp32",
+            "--gradient-accumulation-steps", "10", "--head-warmup-steps", "4", "--head-learning-rate", "1e-2",
+            "--save-steps", "6", "--cache-dir", str(cache)]
+
+
+def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "mlmtune", "train", *args],
+                cwd)
+
+
+@pytest.fixture(scope="module")
+def one_process(no_dropout_model, eli5_like, tmp_path_factory):
+    """The reference: one process with the whole global batch of 6 blocks."""
+    root = tmp_path_factory.mktemp("one-process")
+    _run([sys.executable, "-m", "mlmtune", "train", *_common(no_dropout_model, eli5_like, root / "cache"),
+          "--batch-size", "6", "--output-dir", str(root / "one")], root)
+    return root / "one"
+
+
+def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process, eli5_like, tmp_path):
+    """DDP over gloo: the head-only steps run DDP over the head, then DDP is built again for the whole
+    model; rank 1's empty share of the epoch's tail runs a block without labels, so that DDP's collectives
+    still match."""
+    common = _common(no_dropout_model, eli5_like, tmp_path / "cache")
+    two = _torchrun([*common, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    m1 = json.loads((one_process / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
 
     # both ranks took part, each on its half of every global batch; the 2-block tail went to rank 0
@@ -75,8 +92,7 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, eli5_like, t
     # trained on its half alone (no gradient sum) lands ~1e-2 away; this is 1e-4.
     assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
     assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-4)
-    w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" /
-                                                                                     "model.safetensors"))
+    w1, w2 = load_file(str(one_process / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-4, worst
     # written once, by rank 0
@@ -87,3 +103,38 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, eli5_like, t
     AutoModelForMaskedLM.from_pretrained(tmp_path / "two")  # an ordinary model folder
     assert torch.equal(AutoModelForMaskedLM.from_pretrained(tmp_path / "two").state_dict()["lm_head.bias"],
                        w2["lm_head.bias"])
+
+
+def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli5_like, tmp_path):
+    """--fsdp over gloo (FSDP2, one unit per encoder layer, the tied embeddings and head in the root): the
+    same updates as one process, ordinary full checkpoints and output, and a sharded run resumed from its
+    step-6 checkpoint ends where the uninterrupted one ends."""
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3", "--fsdp"]
+    two = _torchrun([*common, "--output-dir", str(tmp_path / "fsdp")], tmp_path)
+    assert "2 processes (FSDP)" in two.stderr
+    m1 = json.loads((one_process / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)  # evaluated through the shards
+    assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-4)
+    w1, w2 = load_file(str(one_process / "model.safetensors")), load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert w1.keys() == w2.keys()  # full weights, ordinary names
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < 1e-4, worst
+    step6 = tmp_path / "fsdp" / "checkpoints" / "step-0000006"
+    # a full checkpoint, not a shard: the one-process run's tensors, to the same tolerance
+    c1, c2 = (load_file(str(run / "checkpoints" / "step-0000006" / "model.safetensors")) for run in (one_process,
+                                                                                                   tmp_path / "fsdp"))
+    assert c1.keys() == c2.keys() and all(c1[k].shape == c2[k].shape for k in c1)
+    assert max(float((c1[k] - c2[k]).abs().max()) for k in c1) < 1e-4
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step6, part / "checkpoints" / step6.name)
+    resumed = _torchrun([*common, "--output-dir", str(part), "--resume"], tmp_path)
+    assert "Resuming from" in resumed.stderr and "step 6" in resumed.stderr
+    w3 = load_file(str(part / "model.safetensors"))
+    worst = max(float((w2[k] - w3[k]).abs().max()) for k in w2)
+    assert worst < 1e-6, worst  # the optimizer's moments came back into the shards too
+    m3 = json.loads((part / "metrics.json").read_text())
+    assert m3["eval_loss_after"] == pytest.approx(m2["eval_loss_after"], rel=1e-6)

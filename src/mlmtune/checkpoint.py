@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from mlmtune.config import CONFIG_FILENAME
 from mlmtune.errors import MlmtuneError
@@ -32,9 +32,9 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate", "backend")
+               "head_warmup_steps", "head_learning_rate", "backend", "fsdp")
 # what a checkpoint from before a setting existed ran with
-RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch"}
+RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -112,8 +112,12 @@ def remove_partial_saves(output_dir: Path) -> None:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, keep: int) -> Path:
+def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler_state: dict, state: TrainState,
+                    keep: int) -> Path:
     """Write a checkpoint atomically and keep only the newest `keep`.
+
+    The states come in already taken (`state_dict()`): under FSDP taking them is a collective every rank
+    joins, while only rank 0 writes.
 
     Raises:
         MlmtuneError: the save failed (disk full, permissions); earlier checkpoints are untouched.
@@ -125,8 +129,8 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainS
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         _fsync_dir(tmp)
         if final.exists():
@@ -184,7 +188,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore model, optimizer and scheduler in place; returns the loop state."""
     state = read_state(path)
     try:
-        load_model(model, str(path / "model.safetensors"))
+        if hasattr(model, "load_full_state_dict"):  # sharded (distributed.FSDP): each rank keeps its shard
+            model.load_full_state_dict(load_file(path / "model.safetensors"))
+        else:
+            load_model(model, str(path / "model.safetensors"))
         # on the CPU first: a checkpoint written on cuda:0 resumes on any rank, and on a machine without a
         # GPU; the optimizer moves its state to each parameter's device itself
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -112,6 +112,10 @@ class TrainConfig:
     """torch.compile the encoder (the gather and the head at the masked positions stay eager: their sizes change
     every batch). On a GPU it fuses the encoder's elementwise work (LayerNorm, GELU, dropout, residual adds); the
     first steps pay the compile time. Off by default: it did not pay on a CPU, and it is not measured on a GPU yet."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes of a torchrun / accelerate job (FSDP2's
+    fully_shard, one unit per encoder layer), for encoders that do not fit on one GPU. Checkpoints and the output
+    stay ordinary full files."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends
     bit-identical to an uninterrupted one (attention's and the gather's backward otherwise sum in a varying
@@ -157,8 +161,11 @@ class TrainConfig:
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
         _require(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        _require(self.backend == "torch" or not (self.compile or self.deterministic),
-                 "--compile and --deterministic are options of --backend torch")
+        _require(self.backend == "torch" or not (self.compile or self.deterministic or self.fsdp),
+                 "--compile, --fsdp and --deterministic are options of --backend torch")
+        _require(not (self.fsdp and self.compile), "--fsdp with --compile is not supported yet; drop one of them")
+        _require(not (self.fsdp and self.precision == "fp16"), "--fsdp with --precision fp16 is not supported yet "
+                 "(its gradient scaler is not shared over the shards); use bf16 or fp32")
         _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "
                  f"got {self.report_to!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")

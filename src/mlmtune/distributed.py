@@ -5,11 +5,13 @@ single-process path is the same code.
 Gradients go through DistributedDataParallel (`wrap`), which wraps the whole training forward
 (`forward.MaskedLMLoss`): its all-reduce overlaps the last micro-batch's backward pass, and the
 loss, multiplied by the world size over the global masked count, makes DDP's average the gradient
-of the global token-weighted loss.
+of the global token-weighted loss. With --fsdp, `FSDP` shards the same module instead (FSDP2's
+`fully_shard`; its reduce-scatter averages the same way).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from mlmtune.errors import MlmtuneError
+from mlmtune.forward import MaskedLMLoss
 
 T = TypeVar("T")
 
@@ -169,6 +172,83 @@ def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None, **no_buffer_sync)
 
 
+def require_ranks(d: Dist, flag: str) -> None:
+    """Fail at once (before any data is read) when an option needs several processes and this is one."""
+    if not d.enabled:
+        raise MlmtuneError(f"{flag} shards over several processes: launch with torchrun --nproc_per_node N "
+                           f"(or accelerate launch), or drop {flag} for one process")
+
+
+def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The encoder's repeated blocks: the longest ModuleList in the model (BERT's and RoBERTa's
+    `encoder.layer`, DistilBERT's `transformer.layer`)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+class FSDP:
+    """--fsdp: parameters, gradients and optimizer state sharded over the ranks with FSDP2's `fully_shard`.
+
+    One unit per encoder layer (its weights are gathered just before it runs and freed after), and the
+    rest, the embeddings and the head tied to them, in the root: the training forward, `MaskedLMLoss`,
+    which evaluation also runs through. Checkpoints and the output stay the ordinary full files: rank 0
+    gathers the full weights into a CPU copy of the model to write them (so rank 0 needs the model's
+    size in host memory), and on --resume every rank reads the files and keeps its shard.
+    """
+
+    def __init__(self, d: Dist, model: torch.nn.Module):
+        """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
+        self.d, self.model = d, model
+        self.copy = copy.deepcopy(model) if d.main else None
+        self.root: torch.nn.Module | None = None
+
+    def shard(self) -> torch.nn.Module:
+        """Shard the model in place (on its device already); returns the root, the training forward."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in encoder_layers(self.model):
+            fully_shard(layer)
+        self.root = fully_shard(MaskedLMLoss(self.model))
+        return self.root
+
+    def full_model(self) -> torch.nn.Module | None:
+        """Every rank takes part; rank 0 gets its CPU copy holding the full weights, the others None."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.copy is not None:
+            self.copy.load_state_dict(full)
+        return self.copy
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Full weights read from a file (tied ones once) -> this rank's shards (`checkpoint.load_checkpoint`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
+        return FullOptimizerState(self.model, optimizer)
+
+
+class FullOptimizerState:
+    """A sharded model's optimizer as checkpoints see it: the full state, keyed by parameter name.
+    `state_dict` is a collective (rank 0 gets the state, the others an empty dict)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.inner = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.inner,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.inner, state, options=StateDictOptions(full_state_dict=True))
+
+
 def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
     """Start every rank from rank 0's weights (a new head is random)."""
     if not d.enabled:
@@ -187,6 +267,7 @@ def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # a shard (--fsdp): the whole tensor, from all ranks
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     mine = h.hexdigest()[:16]
     if not d.enabled:

@@ -33,13 +33,13 @@ def _perplexity(loss: float) -> float:
         return float("inf")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP's root keeps the weights it gathers, which must stay ordinary tensors
 def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, desc: str = "Evaluating",
                   total: int | None = None, reduce=None) -> EvalResult:
     """Perplexity = exp(token-weighted mean NLL) over masked blocks.
 
     Args:
-        model: a masked-LM.
+        model: a masked-LM, or the root of a sharded one (a `MaskedLMLoss` under FSDP).
         chunks: an iterable of (inputs, labels) pairs of (n, T) tensors, e.g. `iter_eval_masks`;
             labels hold the original ids at masked positions and IGNORE_INDEX elsewhere.
         batch_size: blocks per forward pass (does not change the result).
@@ -63,6 +63,8 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
             count += n
             bar.update(len(inputs[start : start + batch_size]))
     bar.close()
+    if hasattr(model, "reshard"):  # FSDP's root: free the gathered weights, put the shards (the optimizer's) back
+        model.reshard()
     model.train(was_training)
     total_nll = float(torch.stack(sums).sum()) if sums else 0.0
     if reduce is not None:

@@ -139,8 +139,9 @@ def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor,
     """
     device = device or inputs.device
     positions, targets = positions_and_targets(labels)
-    nll = MaskedLMLoss(model)(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
-                              targets.to(device, non_blocking=True))
+    step = model if isinstance(model, MaskedLMLoss) else MaskedLMLoss(model)  # a sharded model runs through its root
+    nll = step(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
+               targets.to(device, non_blocking=True))
     return nll, positions.numel()
 
 
@@ -154,7 +155,7 @@ def backward_masked(step: torch.nn.Module, batches, denominator: int, device: to
     last micro-batch's backward (the others run under `no_sync`), overlapping communication with it.
 
     Args:
-        step: a `MaskedLMLoss`, or the DDP module wrapping it.
+        step: a `MaskedLMLoss`, the DDP module wrapping it, or its FSDP root.
         batches: (inputs, labels) pairs of one optimizer step, on the CPU; every rank has as many.
         denominator: masked tokens of the whole step (over all ranks in a distributed run), so
             the accumulated gradient is that of the step's token-weighted mean loss.
@@ -171,6 +172,8 @@ def backward_masked(step: torch.nn.Module, batches, denominator: int, device: to
     for i, (inputs, labels) in enumerate(batches):
         positions, targets = positions_and_targets(labels)
         last = i == len(batches) - 1
+        if hasattr(step, "set_requires_gradient_sync"):  # FSDP: reduce-scatter after the last micro-batch only
+            step.set_requires_gradient_sync(last)
         with contextlib.nullcontext() if last or not hasattr(step, "no_sync") else step.no_sync():
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):

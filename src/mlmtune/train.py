@@ -92,6 +92,8 @@ def train(cfg: TrainConfig, progress: bool = True,
 def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
     out = Path(cfg.output_dir)
     d = distributed.init()  # one process unless torchrun / accelerate launched several
+    if cfg.fsdp:
+        distributed.require_ranks(d, "--fsdp")
     say = log if d.main else (lambda message: None)
     progress = progress and d.main
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
@@ -100,33 +102,45 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
     run = load_run(cfg, d, say)
     model = run.model
     device = distributed.device_for(d) if d.enabled else pick_device()
+    fsdp = distributed.FSDP(d, model) if cfg.fsdp else None  # takes rank 0's copy for writing while on the CPU
     model.to(device)
     distributed.broadcast_parameters(d, model)
     cfg = resolve_steps(cfg, d, model, run.tokenizer, run.train_blocks, device, say)
     if cfg.compile:  # after the budget's probe, which times eager steps on a copy
         compile_encoder(model)
-    precision = Precision.choose(cfg.precision, device)
+    precision = Precision.choose(cfg.precision, device, sharded=fsdp is not None)
     say(f"Training precision: {precision.describe()}; evaluation in fp32"
-        + (f"; {d.world} processes, {cfg.batch_size} blocks each per micro-batch" if d.enabled else ""))
-    evaluate = evaluator(cfg, d, run, device, progress)
+        + (f"; {d.world} processes{' (FSDP)' if fsdp else ''}, {cfg.batch_size} blocks each per micro-batch"
+           if d.enabled else ""))
+    sharded_root = fsdp.shard() if fsdp else None  # before the optimizer, which then holds the shards
+    evaluate = evaluator(cfg, d, run, sharded_root or model, device, progress, sharded=fsdp is not None)
     steps_per_epoch, total_steps, save_every = step_plan(cfg, run.train_blocks, d.world)
     optimizer, scheduler = make_optimizer(cfg, model, total_steps)
-    state, resumed, dash = start_or_resume(cfg, out, model, optimizer, scheduler, evaluate, say, dashboard_on=d.main)
+    # what checkpoints read and write: the model and optimizer, or under FSDP their full (gathered) states
+    weights, full_optimizer = (fsdp, fsdp.optimizer(optimizer)) if fsdp else (model, optimizer)
+    state, resumed, dash = start_or_resume(cfg, out, weights, full_optimizer, scheduler, evaluate, say,
+                                           dashboard_on=d.main)
     precision.resume(state if resumed else None)
     feed = Prefetcher(step_batches(cfg, run, state.step, d, progress), state.step, total_steps,
                       pin_memory=device.type == "cuda")  # the next steps are read, masked (and pinned) in a thread
 
+    def writable() -> torch.nn.Module | None:
+        """The model with its full weights on rank 0 (under FSDP every rank takes part in gathering them)."""
+        return fsdp.full_model() if fsdp else model
+
     def save() -> Path:
-        """Rank 0 writes the checkpoint; every rank holds the same weights and state."""
+        """Rank 0 writes the checkpoint; every rank holds the same weights and state (or its shards of them)."""
         state.grad_scaler = precision.scaler_state()
+        full, optimizer_state = writable(), full_optimizer.state_dict()
         if d.main:
-            return ckpt.save_checkpoint(out, model, optimizer, scheduler, state, cfg.save_total_limit)
+            return ckpt.save_checkpoint(out, full, optimizer_state, scheduler.state_dict(), state,
+                                        cfg.save_total_limit)
         return ckpt.checkpoints_dir(out) / f"step-{state.step:07d}"
 
     model.train()
     head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
     freeze_encoder(model, head_only)
-    step_loss = distributed.wrap(d, MaskedLMLoss(model))  # under DDP on several ranks
+    step_loss = sharded_root or distributed.wrap(d, MaskedLMLoss(model))  # under DDP or FSDP on several ranks
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
     window = LogWindow(state, device)
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
@@ -137,7 +151,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
             if head_only and state.step >= cfg.head_warmup_steps:
                 head_only = False
                 freeze_encoder(model, False)
-                step_loss = distributed.wrap(d, MaskedLMLoss(model))  # DDP hooks for the encoder too
+                step_loss = sharded_root or distributed.wrap(d, MaskedLMLoss(model))  # DDP hooks for the encoder too
                 bar.write(f"step {state.step}: head warm-up done, training the whole model")
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
@@ -188,7 +202,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
         dash.close()
     bar.close()
     del step_loss  # DDP's hooks and buffers, before the process group goes
-    return finish(cfg, d, out, run, state, evaluate, device, precision.name, my_tokens, say)
+    return finish(cfg, d, out, run, writable(), state, evaluate, device, precision.name, my_tokens, say)
 
 
 @contextlib.contextmanager
@@ -217,10 +231,14 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
 
     @classmethod
-    def choose(cls, choice: str, device: torch.device) -> Precision:
+    def choose(cls, choice: str, device: torch.device, sharded: bool = False) -> Precision:
         if device.type == "cuda":  # TF32 for the matmuls that stay fp32 (evaluation, --precision fp32)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return cls(resolve_precision(choice, device), device)
+        autocast = resolve_precision(choice, device)
+        if sharded and autocast == torch.float16:
+            raise MlmtuneError("--fsdp on this GPU would train in fp16, whose gradient scaler is not shared over "
+                               "the shards yet: pass --precision fp32, or train without --fsdp")
+        return cls(autocast, device)
 
     def describe(self) -> str:
         return self.name if self.autocast is None else f"{self.name} autocast"
@@ -302,19 +320,22 @@ def make_optimizer(cfg: TrainConfig, model, total_steps: int):
     return optimizer, scheduler
 
 
-def evaluator(cfg: TrainConfig, d: distributed.Dist, run: Run, device: torch.device,
-              progress: bool) -> Callable[[str], EvalResult | None]:
-    """fp32 perplexity on the eval split, with the masks `iter_eval_masks` draws from the seed, split over
-    the ranks and summed token-weighted; None without an eval split."""
+def evaluator(cfg: TrainConfig, d: distributed.Dist, run: Run, model: torch.nn.Module, device: torch.device,
+              progress: bool, sharded: bool = False) -> Callable[[str], EvalResult | None]:
+    """fp32 perplexity of `model` on the eval split, with the masks `iter_eval_masks` draws from the seed; None
+    without an eval split. The chunks are split over the ranks and summed token-weighted; a sharded model's
+    (FSDP's) root instead evaluates the whole split on every rank, since each of its forward passes is a
+    collective that every rank must join as often as the others."""
     eval_bs = cfg.eval_batch_size or cfg.batch_size
+    split = d.enabled and not sharded
 
     def evaluate(desc: str) -> EvalResult | None:
         if run.eval_blocks is None:
             return None
-        chunks = iter_eval_masks(run.eval_blocks, run.masker, cfg.seed, shard=(d.rank, d.world))
-        return perplexity_of(run.model, chunks, eval_bs, progress=progress, desc=desc,
-                             total=len(run.eval_blocks) // d.world,
-                             reduce=(lambda v: distributed.all_reduce_sum(d, v, device)) if d.enabled else None)
+        chunks = iter_eval_masks(run.eval_blocks, run.masker, cfg.seed, shard=(d.rank, d.world) if split else (0, 1))
+        return perplexity_of(model, chunks, eval_bs, progress=progress, desc=desc,
+                             total=len(run.eval_blocks) // (d.world if split else 1),
+                             reduce=(lambda v: distributed.all_reduce_sum(d, v, device)) if split else None)
 
     return evaluate
 
@@ -351,10 +372,11 @@ def record_eval(state: ckpt.TrainState, result: EvalResult | None, steps_per_epo
     dash.eval(state.step, result.loss, result.perplexity)
 
 
-def finish(cfg: TrainConfig, d: distributed.Dist, out: Path, run: Run, state: ckpt.TrainState,
+def finish(cfg: TrainConfig, d: distributed.Dist, out: Path, run: Run, full_model, state: ckpt.TrainState,
            evaluate: Callable[[str], EvalResult | None], device: torch.device, precision: str, my_tokens: int,
            say: Callable[[str], None]) -> TrainResult:
-    """Metrics (with each rank's tokens and weight digest); rank 0 writes the output folder; all leave together."""
+    """Metrics (with each rank's tokens and weight digest); rank 0 writes the output folder from `full_model`
+    (the model, or under FSDP its gathered copy); all leave together."""
     run.model.eval()
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
@@ -374,7 +396,7 @@ def finish(cfg: TrainConfig, d: distributed.Dist, out: Path, run: Run, state: ck
             f"the model saved is rank 0's")
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
-            write_output(cfg, out, run.model, run.tokenizer, metrics)
+            write_output(cfg, out, full_model, run.tokenizer, metrics)
     finally:
         distributed.close(d)
     return TrainResult(output_dir=out, metrics=metrics)

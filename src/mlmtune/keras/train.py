@@ -279,7 +279,7 @@ def train_keras(cfg: TrainConfig, progress: bool = True,
 
     def save() -> Path:
         keras_to_hf(model, hf_model)
-        return ckpt.save_checkpoint(out, hf_model, opt_state, _NoScheduler(), state, cfg.save_total_limit)
+        return ckpt.save_checkpoint(out, hf_model, opt_state.state_dict(), {}, state, cfg.save_total_limit)
 
     seed_step = dropout_seeder(model, cfg.seed)
     stop_requested = threading.Event()
