@@ -146,7 +146,8 @@ def _damage(tiny_model_dir, tmp_path, name: str, data: bytes):
     ("jsonl_unparsable", "cannot parse"),
     ("fsdp_one_process", "--fsdp shards over several processes: launch with torchrun"),
     ("fsdp_compile", "--fsdp with --compile is not supported yet"),
-    ("keras_compile", "--compile, --fsdp and --deterministic are options of --backend torch"),
+    ("keras_compile", "--device, --compile, --fsdp and --deterministic are options of --backend torch"),
+    ("train_device_not_here", "--device cuda:7: no such CUDA device here"),
 ])
 def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, message):
     model = str(tiny_model_dir)
@@ -189,6 +190,8 @@ def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, mess
     elif case in ("fsdp_compile", "keras_compile"):
         flag = "--fsdp" if case == "fsdp_compile" else "--backend=keras"
         args = ["train", "--model", model, "--dataset", str(eli5_like), "--compile", flag, *common]
+    elif case == "train_device_not_here":
+        args = ["train", "--model", model, "--dataset", str(eli5_like), "--device", "cuda:7", *common]
     elif case == "jsonl_unparsable":
         path = tmp_path / "bad.jsonl"
         path.write_text('{"text": "fine"}\n{"text": broken\n')

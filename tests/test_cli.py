@@ -147,3 +147,18 @@ def test_every_subcommand_help(command, capsys):
     assert stop.value.code == 0 and out.startswith(f"usage: mlmtune {command}")
     if command in ("train", "prepare", "check"):
         assert "train[:10%]" in out
+
+
+def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
+    """`fill --precision bf16`: each token's score is its fp32 probability (the pipeline's, tested elsewhere)
+    to 2%, and not to fp32's 1e-6: the weights really ran in bf16."""
+    from mlmtune.fill import FillMask
+
+    text = "The <mask> statement is used."
+    assert main(["fill", "--model", str(tiny_model_dir), "--precision", "bf16", "--json", "--top-k", "3", text]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    fp32 = FillMask.from_pretrained(str(tiny_model_dir))
+    probs = fp32.mask_logits(fp32.encode([text]))[0][0].softmax(-1)
+    exact = [float(probs[p["token"]]) for p in preds]
+    assert [p["score"] for p in preds] == pytest.approx(exact, rel=2e-2)
+    assert [p["score"] for p in preds] != pytest.approx(exact, rel=1e-6)

@@ -175,7 +175,8 @@ def cmd_fill(args) -> int:
     texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
-    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
+                                      precision=cfg.precision)
     results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets)
     for text, result in zip(texts, results):
         print(json.dumps(result, ensure_ascii=False) if args.json else _format_table(text, result) + "\n")
@@ -193,7 +194,8 @@ def cmd_serve(args) -> int:
         warn(f"serving {cfg.host} with no API key (--insecure): anyone who can reach the port can use the model")
     # the model loads before the port is bound: a model that cannot load is an exit 1 here, not a
     # server that answers 500 for ever
-    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device)
+    filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device,
+                                      precision=cfg.precision)
     serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue,
                    api_key=api_key), cfg.host, cfg.port)
     return 0

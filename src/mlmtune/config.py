@@ -24,6 +24,7 @@ QUICKSTART_MODEL = "builtin:all-minilm-l6-v2"
 QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FILL_PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
 BACKENDS = ("torch", "keras")
 DEFAULT_TEST_SIZE = 0.2
@@ -108,6 +109,9 @@ class TrainConfig:
     precision: str = "auto"
     """Training precision: auto (bf16 where the hardware runs it fast, fp16 with a gradient scaler on GPUs before
     Ampere, else fp32), fp32, bf16 or fp16. Eval is fp32."""
+    device: str | None = None
+    """cpu, cuda or cuda:N for one process (default: the GPU when there is one); under torchrun each rank takes
+    its LOCAL_RANK GPU. The quickstart's fills use it too."""
     compile: bool = False
     """torch.compile the encoder (the gather and the head at the masked positions stay eager: their sizes change
     every batch). On a GPU it fuses the encoder's elementwise work (LayerNorm, GELU, dropout, residual adds); the
@@ -161,8 +165,8 @@ class TrainConfig:
         _require(self.save_total_limit >= 1, "--save-total-limit must be >= 1")
         _require(self.logging_steps >= 1, "--logging-steps must be >= 1")
         _require(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        _require(self.backend == "torch" or not (self.compile or self.deterministic or self.fsdp),
-                 "--compile, --fsdp and --deterministic are options of --backend torch")
+        _require(self.backend == "torch" or not (self.compile or self.deterministic or self.fsdp or self.device),
+                 "--device, --compile, --fsdp and --deterministic are options of --backend torch")
         _require(not (self.fsdp and self.compile), "--fsdp with --compile is not supported yet; drop one of them")
         _require(not (self.fsdp and self.precision == "fp16"), "--fsdp with --precision fp16 is not supported yet "
                  "(its gradient scaler is not shared over the shards); use bf16 or fp32")
@@ -224,8 +228,13 @@ class FillConfig:
     batch_size: int = 32
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+    precision: str = "fp32"
+    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
+    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
 
     def __post_init__(self):
+        _require(self.precision in FILL_PRECISIONS, f"--precision must be one of {', '.join(FILL_PRECISIONS)}, "
+                 f"got {self.precision!r}")
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
         _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
@@ -417,6 +426,9 @@ class ServeConfig:
     port: int = 8000
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+    precision: str = "fp32"
+    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
+    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
     max_batch: int = 32
     """Most texts in one forward pass (1 turns batching off)."""
     batch_window_ms: float = 5.0
@@ -430,6 +442,8 @@ class ServeConfig:
     """Serve a non-loopback --host with no API key."""
 
     def __post_init__(self):
+        _require(self.precision in FILL_PRECISIONS, f"--precision must be one of {', '.join(FILL_PRECISIONS)}, "
+                 f"got {self.precision!r}")
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
         _require(self.max_batch >= 1, "--max-batch must be >= 1")
         _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")

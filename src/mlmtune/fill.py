@@ -44,6 +44,9 @@ def format_predictions(tokenizer, ids: np.ndarray, values: list[list[float]], in
     return result[0] if single_mask else result
 
 
+_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class FillMask:
     """A loaded masked-LM that fills masks.
 
@@ -53,21 +56,24 @@ class FillMask:
         [{'score': 0.91, 'token': 812, 'token_str': ' capital', 'sequence': 'Paris is the capital of France.'}, ...]
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None,
+                 precision: str = "fp32"):
+        """`precision`: fp32 gives the pipeline's scores (to float32 precision); bf16 or fp16 casts the weights
+        (half the memory, faster on a GPU; softmax and top-k still run in fp32 on the cast logits)."""
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, dtype=_WEIGHT_DTYPES[precision]).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_positions(model, tokenizer)
-        self.precision = "fp32"  # scores equal the pipeline's to float32 precision, on any device
+        self.precision = precision
         self.load_seconds: float | None = None  # set by from_pretrained
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False,
-                        device: str | torch.device | None = None) -> FillMask:
+                        device: str | torch.device | None = None, precision: str = "fp32") -> FillMask:
         t0 = time.perf_counter()
         model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        filler = cls(model, tokenizer, batch_size=batch_size, device=device)
+        filler = cls(model, tokenizer, batch_size=batch_size, device=device, precision=precision)
         filler.load_seconds = time.perf_counter() - t0
         return filler
 

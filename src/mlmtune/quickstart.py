@@ -43,9 +43,9 @@ def _top(fill: FillMask, k: int = 3) -> list[str]:
 def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, str]:
     """Train with the quickstart settings and return the result plus a printable report."""
     torch.manual_seed(cfg.seed)  # the same new head train() starts from
-    before = _top(FillMask.from_pretrained(cfg.model))
+    before = _top(FillMask.from_pretrained(cfg.model, device=cfg.device))
     result = train(cfg, progress=progress)
-    after = _top(FillMask.from_pretrained(str(result.output_dir)))
+    after = _top(FillMask.from_pretrained(str(result.output_dir), device=cfg.device))
     m = result.metrics
     head = m["head_warmup_steps"]
     steps = (f"{head} head-only + {m['train_steps'] - head} full steps" if head else f"{m['train_steps']} steps")

@@ -74,9 +74,9 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
     """
     from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
     from mlmtune.masking import IGNORE_INDEX, Masker
-    from mlmtune.model import pick_device, resolve_precision
+    from mlmtune.model import resolve_device, resolve_precision
 
-    device = device or pick_device()
+    device = device or resolve_device(cfg.device)
     probe = copy.deepcopy(model).to(device).train()
     freeze_encoder(probe, head_only)
     dtype = resolve_precision(cfg.precision, device)

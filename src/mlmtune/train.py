@@ -31,7 +31,7 @@ from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
 from mlmtune.masking import SEED_MIX, iter_eval_masks
-from mlmtune.model import PRECISION_NAMES, pick_device, resolve_precision
+from mlmtune.model import PRECISION_NAMES, resolve_device, resolve_precision
 from mlmtune.run import (
     Run,
     TrainResult,
@@ -94,6 +94,9 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
     d = distributed.init()  # one process unless torchrun / accelerate launched several
     if cfg.fsdp:
         distributed.require_ranks(d, "--fsdp")
+    if d.enabled and cfg.device:
+        raise MlmtuneError("--device is for one process; under torchrun each rank takes its LOCAL_RANK GPU")
+    device = distributed.device_for(d) if d.enabled else resolve_device(cfg.device)  # checked before the data
     say = log if d.main else (lambda message: None)
     progress = progress and d.main
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
@@ -101,7 +104,6 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
     dashboard.require(cfg.report_to)
     run = load_run(cfg, d, say)
     model = run.model
-    device = distributed.device_for(d) if d.enabled else pick_device()
     fsdp = distributed.FSDP(d, model) if cfg.fsdp else None  # takes rank 0's copy for writing while on the CPU
     model.to(device)
     distributed.broadcast_parameters(d, model)
@@ -113,7 +115,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
         + (f"; {d.world} processes{' (FSDP)' if fsdp else ''}, {cfg.batch_size} blocks each per micro-batch"
            if d.enabled else ""))
     sharded_root = fsdp.shard() if fsdp else None  # before the optimizer, which then holds the shards
-    evaluate = evaluator(cfg, d, run, sharded_root or model, device, progress, sharded=fsdp is not None)
+    evaluate = evaluator(cfg, d, run, sharded_root if fsdp else model, device, progress, sharded=fsdp is not None)
     steps_per_epoch, total_steps, save_every = step_plan(cfg, run.train_blocks, d.world)
     optimizer, scheduler = make_optimizer(cfg, model, total_steps)
     # what checkpoints read and write: the model and optimizer, or under FSDP their full (gathered) states
@@ -140,7 +142,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
     model.train()
     head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
     freeze_encoder(model, head_only)
-    step_loss = sharded_root or distributed.wrap(d, MaskedLMLoss(model))  # under DDP or FSDP on several ranks
+    step_loss = sharded_root if fsdp else distributed.wrap(d, MaskedLMLoss(model))  # DDP on several ranks
     bar = tqdm(total=total_steps, initial=state.step, desc="Training", disable=not progress, dynamic_ncols=True)
     window = LogWindow(state, device)
     my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
@@ -151,7 +153,8 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
             if head_only and state.step >= cfg.head_warmup_steps:
                 head_only = False
                 freeze_encoder(model, False)
-                step_loss = sharded_root or distributed.wrap(d, MaskedLMLoss(model))  # DDP hooks for the encoder too
+                if not fsdp:  # DDP registers its hooks on the parameters that train: the encoder's too now
+                    step_loss = distributed.wrap(d, MaskedLMLoss(model))
                 bar.write(f"step {state.step}: head warm-up done, training the whole model")
             t0 = time.perf_counter()
             # this rank's share of the step's micro-batches, masked from (seed, step, rank)
