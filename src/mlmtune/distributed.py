@@ -198,9 +198,8 @@ class FSDP:
 
     def __init__(self, d: Dist, model: torch.nn.Module):
         """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
-        self.d, self.model = d, model
+        self.model = model
         self.copy = copy.deepcopy(model) if d.main else None
-        self.root: torch.nn.Module | None = None
 
     def shard(self) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward."""
@@ -208,8 +207,7 @@ class FSDP:
 
         for layer in encoder_layers(self.model):
             fully_shard(layer)
-        self.root = fully_shard(MaskedLMLoss(self.model))
-        return self.root
+        return fully_shard(MaskedLMLoss(self.model))
 
     def full_model(self) -> torch.nn.Module | None:
         """Every rank takes part; rank 0 gets its CPU copy holding the full weights, the others None."""
