@@ -122,8 +122,8 @@ class TrainConfig:
     stay ordinary full files."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends
-    bit-identical to an uninterrupted one (attention's and the gather's backward otherwise sum in a varying
-    order), at some speed. Training on a CPU is deterministic without it."""
+    bit-identical to an uninterrupted one (attention's fused backward and other atomic adds otherwise sum in a
+    varying order), at some speed. Training on a CPU is deterministic without it."""
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (the Trainer's default); 0 turns clipping off."""
     seed: int = 42
@@ -217,6 +217,11 @@ class EvalConfig:
         _require(self.pseudo_max_texts is None or self.pseudo_max_texts >= 1, "--pseudo-max-texts must be >= 1")
 
 
+def _check_fill_precision(precision: str) -> None:
+    _require(precision in FILL_PRECISIONS,
+             f"--precision must be one of {', '.join(FILL_PRECISIONS)}, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class FillConfig:
     """`mlmtune fill`: top-k predictions for each mask, as `pipeline("fill-mask")` gives them."""
@@ -233,8 +238,7 @@ class FillConfig:
     passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
 
     def __post_init__(self):
-        _require(self.precision in FILL_PRECISIONS, f"--precision must be one of {', '.join(FILL_PRECISIONS)}, "
-                 f"got {self.precision!r}")
+        _check_fill_precision(self.precision)
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
         _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
@@ -442,8 +446,7 @@ class ServeConfig:
     """Serve a non-loopback --host with no API key."""
 
     def __post_init__(self):
-        _require(self.precision in FILL_PRECISIONS, f"--precision must be one of {', '.join(FILL_PRECISIONS)}, "
-                 f"got {self.precision!r}")
+        _check_fill_precision(self.precision)
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
         _require(self.max_batch >= 1, "--max-batch must be >= 1")
         _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
