@@ -82,6 +82,8 @@ def cmd_train(args) -> int:
 
     result = train(_config(TrainConfig, args))
     m = result.metrics
+    if result.rank != 0:  # one report per run, not one per process
+        return 0
     if m["perplexity_before"] is not None:
         print(f"perplexity: {m['perplexity_before']:,.2f} before -> {m['perplexity_after']:,.2f} after "
               f"(eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f})")

@@ -42,6 +42,7 @@ DEFAULT_HEAD_LR = 1e-3  # Adam's usual rate for fitting a linear probe, whatever
 class TrainResult:
     output_dir: Path
     metrics: dict[str, Any]
+    rank: int = 0  # this process's rank: under torchrun only rank 0 reports
 
 
 def log(msg: str) -> None:

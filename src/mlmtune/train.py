@@ -402,4 +402,4 @@ def finish(cfg: TrainConfig, d: distributed.Dist, out: Path, run: Run, full_mode
             write_output(cfg, out, full_model, run.tokenizer, metrics)
     finally:
         distributed.close(d)
-    return TrainResult(output_dir=out, metrics=metrics)
+    return TrainResult(output_dir=out, metrics=metrics, rank=d.rank)
