@@ -148,8 +148,9 @@ def _damage(tiny_model_dir, tmp_path, name: str, data: bytes):
     ("fsdp_compile", "--fsdp with --compile is not supported yet"),
     ("keras_compile", "--device, --compile, --fsdp and --deterministic are options of --backend torch"),
     ("train_device_not_here", "--device cuda:7: no such CUDA device here"),
+    ("accelerate_fsdp_one_process", "--fsdp shards over several processes"),  # accelerate's FSDP config read
 ])
-def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, message):
+def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, monkeypatch, case, message):
     model = str(tiny_model_dir)
     common = ["--block-size", "32", "--output-dir", str(tmp_path / "out")]
     if case in ("empty_txt", "blank_txt"):
@@ -190,6 +191,9 @@ def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, case, mess
     elif case in ("fsdp_compile", "keras_compile"):
         flag = "--fsdp" if case == "fsdp_compile" else "--backend=keras"
         args = ["train", "--model", model, "--dataset", str(eli5_like), "--compile", flag, *common]
+    elif case == "accelerate_fsdp_one_process":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        args = ["train", "--model", model, "--dataset", str(eli5_like), *common]
     elif case == "train_device_not_here":
         args = ["train", "--model", model, "--dataset", str(eli5_like), "--device", "cuda:7", *common]
     elif case == "jsonl_unparsable":

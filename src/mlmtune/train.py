@@ -13,6 +13,7 @@ dropout an uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -92,12 +93,15 @@ def train(cfg: TrainConfig, progress: bool = True,
 def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
     out = Path(cfg.output_dir)
     d = distributed.init()  # one process unless torchrun / accelerate launched several
+    say = log if d.main else (lambda message: None)
+    if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        say("accelerate launch with an FSDP config: sharding as --fsdp does (its other fsdp_* choices are not read)")
+        cfg = dataclasses.replace(cfg, fsdp=True)
     if cfg.fsdp:
         distributed.require_ranks(d, "--fsdp")
     if d.enabled and cfg.device:
         raise MlmtuneError("--device is for one process; under torchrun each rank takes its LOCAL_RANK GPU")
     device = distributed.device_for(d) if d.enabled else resolve_device(cfg.device)  # checked before the data
-    say = log if d.main else (lambda message: None)
     progress = progress and d.main
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
