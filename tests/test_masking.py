@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks, iter_eval_masks, rank_shares
 
 
 def _within(observed: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -73,3 +73,24 @@ def test_fixed_eval_masks_depend_only_on_seed(tiny):
     torch.manual_seed(999)  # the global RNG plays no part
     x4, _ = fixed_eval_masks(blocks, masker, seed=11)
     assert x4.equal(x1)
+
+
+def test_rank_shares_cover_the_masks_once_with_equal_pass_counts(tiny):
+    """3 ranks over chunks of 256 and 44 rows: every rank gets as many rows per chunk (ceil(n / 3)), the
+    real rows are the chunk's in order, exactly once, and the top-up rows carry no label."""
+    _, tok = tiny
+    masker = Masker.from_tokenizer(tok, 0.15)
+    blocks = _batch(tok, rows=300)
+    whole_x, whole_y = fixed_eval_masks(blocks, masker, seed=5)
+    shares = [list(rank_shares(iter_eval_masks(blocks, masker, seed=5), rank, 3)) for rank in range(3)]
+    assert [[len(x) for x, _ in s] for s in shares] == [[86, 15]] * 3
+    real_x, real_y = [], []
+    for k, n in enumerate([256, 44]):
+        per = -(-n // 3)
+        for rank in range(3):
+            x, y = shares[rank][k]
+            keep = min(per, max(0, n - rank * per))
+            assert (y[keep:] == IGNORE_INDEX).all()  # the top-up rows count for nothing
+            real_x.append(x[:keep])
+            real_y.append(y[:keep])
+    assert torch.cat(real_x).equal(whole_x) and torch.cat(real_y).equal(whole_y)

@@ -65,7 +65,7 @@ class Masker:
         return inputs, labels
 
 
-def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256, shard: tuple[int, int] = (0, 1)):
+def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
     """Eval blocks masked once per `seed`, yielded `chunk` blocks at a time.
 
     Chunk k is masked by a generator seeded with (seed, k), so the masks depend only on the
@@ -75,15 +75,28 @@ def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256, shard: 
 
     Args:
         blocks: (N, T) tensor, or `mlmtune.data.Blocks`.
-        shard: (rank, world): yield only the chunks k with k % world == rank, so the ranks of a
-            distributed run share the work and together see exactly the single-process masks.
     """
-    rank, world = shard
     for k, start in enumerate(range(0, len(blocks), chunk)):
-        if k % world != rank:
-            continue
         generator = torch.Generator().manual_seed(seed * SEED_MIX + k)
         yield masker(blocks[start : start + chunk], generator)
+
+
+def rank_shares(chunks, rank: int, world: int):
+    """This rank's even share of every masked chunk: together the ranks score exactly the chunks' masks.
+
+    Every rank gets ceil(n / world) rows of an n-row chunk; a short share is topped up with rows whose
+    labels are all IGNORE_INDEX (they count for nothing), so every rank runs as many forward passes:
+    under FSDP each one is a collective that all ranks must join.
+    """
+    for inputs, labels in chunks:
+        per = -(-len(inputs) // world)
+        mine = slice(rank * per, (rank + 1) * per)
+        x, y = inputs[mine], labels[mine]
+        short = per - len(x)
+        if short:
+            x = torch.cat([x, inputs[:short]])
+            y = torch.cat([y, torch.full_like(labels[:short], IGNORE_INDEX)])
+        yield x, y
 
 
 def fixed_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from mlmtune.errors import MlmtuneError
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
-from mlmtune.masking import SEED_MIX, iter_eval_masks
+from mlmtune.masking import SEED_MIX, iter_eval_masks, rank_shares
 from mlmtune.model import PRECISION_NAMES, resolve_device, resolve_precision
 from mlmtune.run import (
     Run,
@@ -119,7 +119,7 @@ def _train(cfg: TrainConfig, progress: bool, on_step: Callable[[int, float], Non
         + (f"; {d.world} processes{' (FSDP)' if fsdp else ''}, {cfg.batch_size} blocks each per micro-batch"
            if d.enabled else ""))
     sharded_root = fsdp.shard() if fsdp else None  # before the optimizer, which then holds the shards
-    evaluate = evaluator(cfg, d, run, sharded_root if fsdp else model, device, progress, sharded=fsdp is not None)
+    evaluate = evaluator(cfg, d, run, sharded_root if fsdp else model, device, progress)
     steps_per_epoch, total_steps, save_every = step_plan(cfg, run.train_blocks, d.world)
     optimizer, scheduler = make_optimizer(cfg, model, total_steps)
     # what checkpoints read and write: the model and optimizer, or under FSDP their full (gathered) states
@@ -328,21 +328,21 @@ def make_optimizer(cfg: TrainConfig, model, total_steps: int):
 
 
 def evaluator(cfg: TrainConfig, d: distributed.Dist, run: Run, model: torch.nn.Module, device: torch.device,
-              progress: bool, sharded: bool = False) -> Callable[[str], EvalResult | None]:
-    """fp32 perplexity of `model` on the eval split, with the masks `iter_eval_masks` draws from the seed; None
-    without an eval split. The chunks are split over the ranks and summed token-weighted; a sharded model's
-    (FSDP's) root instead evaluates the whole split on every rank, since each of its forward passes is a
-    collective that every rank must join as often as the others."""
+              progress: bool) -> Callable[[str], EvalResult | None]:
+    """fp32 perplexity of `model` (the run's, or its FSDP root) on the eval split, with the masks
+    `iter_eval_masks` draws from the seed, each chunk shared evenly over the ranks and the sums added up
+    token-weighted; None without an eval split."""
     eval_bs = cfg.eval_batch_size or cfg.batch_size
-    split = d.enabled and not sharded
 
     def evaluate(desc: str) -> EvalResult | None:
         if run.eval_blocks is None:
             return None
-        chunks = iter_eval_masks(run.eval_blocks, run.masker, cfg.seed, shard=(d.rank, d.world) if split else (0, 1))
-        return perplexity_of(model, chunks, eval_bs, progress=progress, desc=desc,
-                             total=len(run.eval_blocks) // (d.world if split else 1),
-                             reduce=(lambda v: distributed.all_reduce_sum(d, v, device)) if split else None)
+        chunks = iter_eval_masks(run.eval_blocks, run.masker, cfg.seed)
+        if not d.enabled:
+            return perplexity_of(model, chunks, eval_bs, progress=progress, desc=desc, total=len(run.eval_blocks))
+        return perplexity_of(model, rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress, desc=desc,
+                             total=-(-len(run.eval_blocks) // d.world),
+                             reduce=lambda v: distributed.all_reduce_sum(d, v, device))
 
     return evaluate
 
