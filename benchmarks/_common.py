@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -16,7 +17,30 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_class(flags: set[str]) -> str:
+    """The class of CPU that decides mlmtune's speed: whether it has AMX, AVX-512 bf16, or AVX2 only."""
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "AMX (AVX-512 bf16 and AMX tiles)"
+    if "avx512_bf16" in flags:
+        return "AVX-512 bf16, no AMX"
+    if "avx512f" in flags:
+        return "AVX-512 without bf16"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
+
+
 def machine() -> dict:
+    """What every published figure names: the CPU's model, cores and class, the GPU if any, and the date."""
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -25,10 +49,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    flags = cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "cpu_class": cpu_class(flags),
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, device: str = "cpu") -> float:
@@ -73,9 +99,10 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, rule, *body])
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+    """benchmarks/results/NAME.json (or FOLDER/NAME.json): the machine, then the figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
 

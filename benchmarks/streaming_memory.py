@@ -39,7 +39,7 @@ if mode == "stream":
             break
     print(n)
 else:
-    from mlmtune.blocks import prepare_blocks
+    from mlmtune.prepare import prepare_blocks
     blocks, stats = prepare_blocks(DataConfig(dataset=corpus, test_size=0, cache_dir=cache), tok, 0)
     print(stats.blocks["train"])
 """

@@ -126,7 +126,8 @@ def child_guide(model_dir: str, corpus: str, steps: int, bf16: bool, lr: float, 
 
 
 def child_mlmtune(model_dir: str, corpus: str, steps: int, precision: str, lr: float, out: str, seed: int) -> dict:
-    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.config import TrainConfig
+    from mlmtune.options import resolve
     from mlmtune.train import train
 
     cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
@@ -142,8 +143,9 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, precision: str, lr: f
 def child_score(model_dir: str, corpus: str, seed: int) -> dict:
     """fp32 fixed-mask perplexity of a model folder on the corpus' held-out split (20%, the guide's and
     mlmtune's; named explicitly so that every model, trained by mlmtune or not, is scored on it)."""
-    from mlmtune.config import EvalConfig, resolve
+    from mlmtune.config import EvalConfig
     from mlmtune.evaluate import run_eval
+    from mlmtune.options import resolve
 
     cfg = resolve(EvalConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
                                    "seed": seed, "test_size": 0.2, "cache_dir": model_dir + "-evalcache"})

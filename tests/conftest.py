@@ -1,13 +1,18 @@
 """Shared fixtures: a tiny RoBERTa (2 layers, hidden 32) with a byte-level BPE tokenizer, built
-once per session from the Python docs that ship with CPython, and a small JSONL corpus."""
+once per session from the Python docs that ship with CPython; a small JSONL corpus; the suite's one
+factory of training configs (`configs`); and the reference run that several tests read
+(`reference_run`: tests that change a run copy it first)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -114,3 +119,67 @@ def eli5_like(tmp_path_factory, docs_texts) -> Path:
 @pytest.fixture()
 def cache_dir(tmp_path) -> str:
     return str(tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> str:
+    """One block cache for the training runs of the session (tests of the cache itself use `cache_dir`)."""
+    return str(tmp_path_factory.mktemp("blocks-cache"))
+
+
+class Configs:
+    """Training configs on the tiny model and the ELI5-shaped corpus: 8 steps of 4 blocks of 32 tokens at
+    lr 1e-2 in fp32, a checkpoint every 2 steps, a log line every step. Any field can be overridden."""
+
+    def __init__(self, model: Path, dataset: Path, cache: str):
+        self.base = {"model": str(model), "dataset": str(dataset), "text_field": "answers.text", "block_size": 32,
+                     "batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 10,
+                     "logging_steps": 1, "precision": "fp32", "cache_dir": cache}
+
+    def flags(self, out: Path | str, **over: Any) -> dict[str, Any]:
+        """The options as a flat dict (what a child process resolves again)."""
+        return {**self.base, "output_dir": str(out), **over}
+
+    def __call__(self, out: Path | str, **over: Any):
+        from mlmtune.config import TrainConfig
+        from mlmtune.options import resolve
+
+        return resolve(TrainConfig, {}, self.flags(out, **over))
+
+
+@pytest.fixture(scope="session")
+def configs(tiny_model_dir, eli5_like, session_cache) -> Configs:
+    return Configs(tiny_model_dir, eli5_like, session_cache)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A finished, uninterrupted run: what every interrupted, resumed or otherwise changed run must reach."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+
+    def checkpoint(self, step: int) -> Path:
+        return self.folder / "checkpoints" / f"step-{step:07d}"
+
+    def copy_up_to(self, step: int, out: Path) -> Path:
+        """A run folder holding only this run's checkpoint of `step`, as if it had stopped there."""
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(self.checkpoint(step), out / "checkpoints" / f"step-{step:07d}")
+        return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(configs, tmp_path_factory) -> Reference:
+    """`configs`' run, trained once for the session (checkpoints at steps 2, 4, 6 and 8). Read it; copy it
+    to change it."""
+    from safetensors.torch import load_file
+
+    from mlmtune.train import train
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = train(configs(out), progress=False)
+    m = result.metrics
+    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.05  # it moved, so "ends equal" means something
+    return Reference(out, m, load_file(str(out / "model.safetensors")))

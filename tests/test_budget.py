@@ -7,9 +7,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mlmtune import budget, schedule
 from mlmtune import checkpoint as ckpt
-from mlmtune import schedule
-from mlmtune.config import TrainConfig, resolve
+from mlmtune.config import parse_duration
 from mlmtune.errors import MlmtuneError
 from mlmtune.train import train
 
@@ -23,13 +23,6 @@ def headless_dir(tmp_path_factory, tiny_model_dir):
     RobertaForMaskedLM.from_pretrained(tiny_model_dir).roberta.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
-
-
-def _cfg(model_dir, out, eli5_like, cache_dir, **over):
-    flags = {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
-             "batch_size": 4, "max_steps": 6, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 10,
-             "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 2, **over}
-    return resolve(TrainConfig, {}, flags)
 
 
 @pytest.mark.parametrize("total, warmup", [(10, 0), (10, 3), (7, 7), (50, 5)])
@@ -54,20 +47,20 @@ def test_lr_with_head_warmup_is_constant_then_a_fresh_schedule():
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("3m", 180), ("1h30m", 5400), ("2.5m", 150), ("45", 45)])
 def test_parse_duration(text, seconds):
-    assert schedule.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["3 minutes", "m", "3x", ""])
 def test_parse_duration_refuses_what_is_not_a_duration(text):
     with pytest.raises(MlmtuneError, match="is not a duration"):
-        schedule.parse_duration(text)
+        parse_duration(text)
 
 
-def test_head_warmup_trains_the_head_alone_then_everything(headless_dir, tmp_path, eli5_like, cache_dir):
+def test_head_warmup_trains_the_head_alone_then_everything(headless_dir, configs, tmp_path):
     """Steps 1-2 change the new head only; steps 3-4 change the encoder too; the logs say so."""
     out = tmp_path / "run"
-    result = train(_cfg(headless_dir, out, eli5_like, cache_dir, max_steps=4, head_warmup_steps=2,
-                        report_to="tensorboard"), progress=False)
+    result = train(configs(out, model=str(headless_dir), max_steps=4, head_warmup_steps=2, logging_steps=2,
+                           report_to="tensorboard"), progress=False)
     start = load_file(str(headless_dir / "model.safetensors"))  # the encoder as it was
     at2 = load_file(str(out / "checkpoints" / "step-0000002" / "model.safetensors"))
     at4 = load_file(str(out / "model.safetensors"))
@@ -101,52 +94,79 @@ def test_head_warmup_trains_the_head_alone_then_everything(headless_dir, tmp_pat
     assert all(v > 0 for _, v in scalars["train/tokens_per_second"])
 
 
-def test_a_new_head_gets_a_warmup_by_default(headless_dir, tiny_model_dir, tmp_path, eli5_like, cache_dir):
-    m = train(_cfg(headless_dir, tmp_path / "a", eli5_like, cache_dir, max_steps=10, save_steps=10),
-              progress=False).metrics
-    assert m["head_warmup_steps"] == 1  # 10% of 10 steps
-    m = train(_cfg(tiny_model_dir, tmp_path / "b", eli5_like, cache_dir, max_steps=2), progress=False).metrics
-    assert m["head_warmup_steps"] == 0  # the model came with its head
+def test_a_new_head_gets_a_warmup_by_default(headless_dir, configs, tmp_path):
+    from mlmtune.distributed import Dist
+    from mlmtune.model import load_model
+
+    def planned(model_dir, **over):
+        cfg = configs(tmp_path / "unused", model=str(model_dir), **over)
+        model, _ = load_model(cfg.model)
+        return budget.resolve_steps(cfg, Dist(), model, 100, torch.device("cpu"), probe=None)
+
+    cfg = planned(headless_dir, max_steps=10)
+    assert cfg.head_warmup_steps == 1 and cfg.head_learning_rate == budget.DEFAULT_HEAD_LR  # 10% of 10 steps
+    assert planned(headless_dir, max_steps=None, epochs=2, batch_size=5).head_warmup_steps == 4  # 10% of 2 x 20
+    cfg = planned(configs.base["model"], max_steps=10)
+    assert cfg.head_warmup_steps == 0 and cfg.head_learning_rate is None  # the model came with its head
+    assert planned(headless_dir, max_steps=10, head_warmup_steps=0).head_warmup_steps == 0  # asked for none
 
 
-def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, tmp_path, eli5_like, cache_dir,
-                                                           monkeypatch):
+def _fake_probe(asked):
+    """An engine's probe that says a full step takes 0.2 s and a head-only step 0.1 s."""
+    def probe(head_only: bool) -> float:
+        asked.append(head_only)
+        return 0.1 if head_only else 0.2
+
+    return lambda: probe
+
+
+def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs, tmp_path, monkeypatch):
+    """3.05 s at 0.2 s a full step and 0.1 s a head step: 15% of the time (0.4575 s) buys 4 head steps, the
+    2.65 s left 13 full steps. The counts are saved with the checkpoints; a resumed run takes them from there."""
+    asked = []
+    monkeypatch.setattr("mlmtune.torch_engine.TorchEngine.probe",
+                        staticmethod(lambda *args: _fake_probe(asked)()))
     out = tmp_path / "run"
-    cfg = _cfg(headless_dir, out, eli5_like, cache_dir, max_steps=None, time_budget="3s", save_steps=5)
-    seen = []
+    cfg = configs(out, model=str(headless_dir), max_steps=None, time_budget="3.05s", save_steps=5)
 
     def stop_at_5(step, seconds):
-        seen.append(step)
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(MlmtuneError, match="interrupted at step 5"):
         train(cfg, progress=False, on_step=stop_at_5)
+    assert asked == [False, True]  # a full step and, for the new head, a head-only step
     planned = ckpt.read_state(out / "checkpoints" / "step-0000005").config
-    assert planned["time_budget"] == "3s" and planned["max_steps"] > 5
-    assert 0 < planned["head_warmup_steps"] < planned["max_steps"]
+    assert planned["time_budget"] == "3.05s" and planned["max_steps"] == 4 + 13
+    assert planned["head_warmup_steps"] == 4
 
     def no_probe(*a, **k):
         raise AssertionError("a resumed run must not measure again")
 
-    monkeypatch.setattr("mlmtune.run.plan_budget", no_probe)
-    result = train(_cfg(headless_dir, out, eli5_like, cache_dir, max_steps=None, time_budget="3s", save_steps=5,
-                        resume=True), progress=False)
+    monkeypatch.setattr("mlmtune.torch_engine.TorchEngine.probe", staticmethod(no_probe))
+    result = train(configs(out, model=str(headless_dir), max_steps=None, time_budget="3.05s", save_steps=5,
+                           resume=True), progress=False)
     m = result.metrics
-    assert m["train_steps"] == planned["max_steps"] and m["head_warmup_steps"] == planned["head_warmup_steps"]
+    assert m["train_steps"] == 17 and m["head_warmup_steps"] == 4
     saved_cfg = yaml.safe_load((out / "mlmtune_config.yaml").read_text())
-    assert saved_cfg["max_steps"] == planned["max_steps"] and saved_cfg["time_budget"] == "3s"
-    # the probe measured this machine: the steps it allowed fit the budget (generously, on a loaded machine)
-    assert m["train_seconds"] < 3 * 3
+    assert saved_cfg["max_steps"] == 17 and saved_cfg["time_budget"] == "3.05s"
 
 
-def test_time_budget_too_short_for_one_step(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+def test_max_steps_caps_a_time_budget(headless_dir, configs, tmp_path):
+    cfg = configs(tmp_path / "unused", model=str(headless_dir), max_steps=6, time_budget="3.05s")
+    plan = budget.plan_budget(cfg, new_head=True, probe=_fake_probe([])())
+    assert (plan.max_steps, plan.head_warmup_steps) == (6, 4)
+    plan = budget.plan_budget(cfg, new_head=False, probe=_fake_probe([])())
+    assert (plan.max_steps, plan.head_warmup_steps, plan.head_step_seconds) == (6, 0, None)
+
+
+def test_time_budget_too_short_for_one_step(configs, tmp_path):
+    """The real probe, on this machine: no step fits in a millisecond."""
     with pytest.raises(MlmtuneError, match="does not fit one training step"):
-        train(_cfg(tiny_model_dir, tmp_path / "run", eli5_like, cache_dir, max_steps=None, time_budget="0.001s"),
-              progress=False)
+        train(configs(tmp_path / "run", max_steps=None, time_budget="0.001s"), progress=False)
 
 
-def test_report_to_tensorboard_needs_the_package(tiny_model_dir, tmp_path, eli5_like, cache_dir, monkeypatch):
+def test_report_to_tensorboard_needs_the_package(configs, tmp_path, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -158,5 +178,5 @@ def test_report_to_tensorboard_needs_the_package(tiny_model_dir, tmp_path, eli5_
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(MlmtuneError, match=r"pip install 'mlmtune\[tensorboard\]'"):
-        train(_cfg(tiny_model_dir, tmp_path / "run", eli5_like, cache_dir, report_to="tensorboard"), progress=False)
+        train(configs(tmp_path / "run", report_to="tensorboard"), progress=False)
     assert not (tmp_path / "run" / "runs").exists()

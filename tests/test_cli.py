@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_compare import assert_same_as_pipeline
+from compare import assert_same_as_pipeline
 
 from mlmtune.cli import main
 

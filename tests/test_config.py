@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mlmtune.config import DataConfig, TrainConfig, load_config_file, resolve, save_config
+from mlmtune.config import DataConfig, TrainConfig
 from mlmtune.errors import MlmtuneError
+from mlmtune.options import load_config_file, resolve, save_config
 
 
 def test_precedence_defaults_file_flags(tmp_path):

@@ -11,10 +11,11 @@ import torch
 
 from mlmtune import blocks as blocks_mod
 from mlmtune import hub
-from mlmtune.blocks import blocks_tensor, group_blocks, prepare_blocks, tokenize
+from mlmtune.blocks import blocks_tensor, group_blocks, tokenize
 from mlmtune.config import DataConfig
 from mlmtune.data import load_texts, select_text
 from mlmtune.errors import MlmtuneError
+from mlmtune.prepare import prepare_blocks
 
 
 def guide_group_texts(examples, block_size):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 
@@ -98,11 +97,11 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     # written once, by rank 0
     assert two.stderr.count("Before training:") == 1 and two.stdout.count("model saved in") == 1
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    # an ordinary model folder: transformers loads from it the weights of the one-process run
     from transformers import AutoModelForMaskedLM
 
-    AutoModelForMaskedLM.from_pretrained(tmp_path / "two")  # an ordinary model folder
-    assert torch.equal(AutoModelForMaskedLM.from_pretrained(tmp_path / "two").state_dict()["lm_head.bias"],
-                       w2["lm_head.bias"])
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "two").state_dict()
+    assert max(float((loaded[k] - w1[k]).abs().max()) for k in w1) < 1e-4
 
 
 def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli5_like, tmp_path):

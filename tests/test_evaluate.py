@@ -78,22 +78,19 @@ def test_pseudo_perplexity_truncates_to_the_model_length(tiny, docs_texts):
 
 
 def _eval(*args):
-    from mlmtune.config import EvalConfig, resolve
+    from mlmtune.config import EvalConfig
     from mlmtune.evaluate import run_eval
+    from mlmtune.options import resolve
 
     flags = dict(zip(args[::2], args[1::2]))
     return run_eval(resolve(EvalConfig, {}, flags), progress=False)
 
 
-def test_eval_on_the_training_source_reproduces_perplexity_after(tiny_model_dir, eli5_like, tmp_path, cache_dir):
-    from mlmtune.config import TrainConfig, resolve
+def test_eval_on_the_training_source_reproduces_perplexity_after(configs, eli5_like, tmp_path, cache_dir):
     from mlmtune.train import train
 
     out = tmp_path / "run"
-    cfg = resolve(TrainConfig, {}, {"model": str(tiny_model_dir), "dataset": str(eli5_like), "text_field":
-                                    "answers.text", "block_size": 32, "batch_size": 4, "max_steps": 3,
-                                    "learning_rate": 1e-2, "output_dir": str(out), "cache_dir": cache_dir,
-                                    "precision": "fp32", "seed": 7, "test_size": 0.3, "mlm_probability": 0.2})
+    cfg = configs(out, max_steps=3, seed=7, test_size=0.3, mlm_probability=0.2)
     metrics = train(cfg, progress=False).metrics
     # the user names only the model and the data: the run's seed, split, block size and masking are its own
     ev = _eval("model", str(out), "dataset", str(eli5_like), "text_field", "answers.text", "cache_dir", cache_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_compare import assert_same_as_pipeline
+from compare import assert_same_as_pipeline
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask

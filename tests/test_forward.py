@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from mlmtune.forward import has_sparse_head, logits_at, masked_nll_sum
+from mlmtune.forward import has_sparse_head, logits_where, masked_nll_sum
 from mlmtune.masking import IGNORE_INDEX, Masker
 
 TINY = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -59,13 +59,13 @@ def test_the_common_architectures_take_the_sparse_path():
     assert names == ["BertForMaskedLM", "RobertaForMaskedLM", "XLMRobertaForMaskedLM", "DistilBertForMaskedLM"]
 
 
-def test_logits_at_respects_the_attention_mask():
+def test_logits_where_respects_the_attention_mask():
     model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**TINY, pad_token_id=1)).eval()
     ids = torch.tensor([[0, 7, 4, 9, 2, 1, 1], [0, 4, 8, 9, 10, 11, 2]])
     attention = (ids != 1).long()
     where = ids == 4
     with torch.no_grad():
-        sparse = logits_at(model, ids, where, attention)
+        sparse = logits_where(model, ids, where, attention)
         dense = model(input_ids=ids, attention_mask=attention).logits[where]
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,6 @@
 """benchmarks/gpu.py --smoke: the GPU benchmark's every path (Trainer variants, mlmtune, fill against the
-pipeline) on a tiny model, on whatever device is here, so that the script cannot rot between GPU runs."""
+pipeline) on a tiny model, on whatever device is here, so that the script cannot rot between GPU runs.
+Slow (half a minute of child processes): CI runs it with the other slow tests."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_benchmark_smoke():
+@pytest.mark.slow
+def test_gpu_benchmark_smoke(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], capture_output=True,
-                       text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--results", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    result = json.loads((ROOT / "benchmarks" / "results" / "gpu_smoke.json").read_text())
+    result = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert result["machine"]["cpu_class"] and result["machine"]["date"]  # every figure names its machine
     assert [r["variant"] for r in result["rows"]] == ["Trainer fp32 (the guide as written)", "Trainer bf16=True",
                                                       "mlmtune"]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])

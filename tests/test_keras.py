@@ -12,7 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import (
+
+pytest.importorskip("keras_hub", reason="the [keras] extra is not installed")
+pytest.importorskip("tensorflow", reason="the [keras] extra is not installed")
+from transformers import (  # noqa: E402
     AutoModelForMaskedLM,
     BertConfig,
     BertForMaskedLM,
@@ -24,15 +27,15 @@ from transformers import (
     pipeline,
 )
 
-import mlmtune.keras as mk
-from mlmtune.cli import main
-from mlmtune.config import TrainConfig, resolve
-from mlmtune.errors import MlmtuneError
-from mlmtune.evaluate import perplexity
-from mlmtune.keras.data import keras_batch
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
-from mlmtune.model import load_model
-from mlmtune.train import train
+import mlmtune.keras as mk  # noqa: E402
+from mlmtune.cli import main  # noqa: E402
+from mlmtune.config import TrainConfig  # noqa: E402
+from mlmtune.errors import MlmtuneError  # noqa: E402
+from mlmtune.evaluate import perplexity  # noqa: E402
+from mlmtune.keras.data import keras_batch  # noqa: E402
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks  # noqa: E402
+from mlmtune.model import load_model  # noqa: E402
+from mlmtune.train import train  # noqa: E402
 
 mk.require()
 ATOL = 1e-4
@@ -127,7 +130,7 @@ def test_head_warmup_gradients_are_pytorchs_head_only_gradients(family, tokenize
     import tensorflow as tf
 
     from mlmtune.forward import MaskedLMLoss, freeze_encoder, positions_and_targets
-    from mlmtune.keras.train import freeze_backbone, head_model
+    from mlmtune.keras.engine import freeze_backbone, head_model
 
     tokenizer = tokenizers[family]
     hf = _tiny(family, tokenizer).eval()  # no dropout on either side
@@ -182,28 +185,21 @@ def test_keras_batch_is_the_masks_in_keras_hubs_shape():
     assert x["padding_mask"].all() and x["token_ids"].tolist() == inputs.tolist() and "segment_ids" not in x
 
 
-def _flags(model_dir, out, eli5_like, cache_dir, **over) -> dict:
-    return {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
-            "batch_size": 8, "max_steps": 24, "learning_rate": 2e-3, "warmup_steps": 4, "save_steps": 8,
-            "head_warmup_steps": 6, "head_learning_rate": 5e-3,
-            "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", "logging_steps": 4, **over}
-
-
-def _cfg(model_dir, out, eli5_like, cache_dir, **over):
-    return resolve(TrainConfig, {}, _flags(model_dir, out, eli5_like, cache_dir, **over))
+# the comparison run: 6 head-only steps, then the whole model, 24 steps in all, on both backends
+KERAS_RUN = {"batch_size": 8, "max_steps": 24, "learning_rate": 2e-3, "warmup_steps": 4, "save_steps": 8,
+             "head_warmup_steps": 6, "head_learning_rate": 5e-3, "logging_steps": 4}
 
 
 @pytest.fixture(scope="module")
-def keras_run(tiny_model_dir, tmp_path_factory, eli5_like):
-    tmp = tmp_path_factory.mktemp("keras-run")
-    cfg = _cfg(tiny_model_dir, tmp / "keras", eli5_like, str(tmp / "cache"), backend="keras")
+def keras_run(configs, tmp_path_factory):
+    cfg = configs(tmp_path_factory.mktemp("keras-run") / "keras", backend="keras", **KERAS_RUN)
     return cfg, train(cfg, progress=False)
 
 
-def test_keras_backend_learns_like_the_torch_backend(keras_run, tiny_model_dir, eli5_like, tmp_path):
+def test_keras_backend_learns_like_the_torch_backend(keras_run, configs, tmp_path):
     cfg, result = keras_run
     k = result.metrics
-    t = train(_cfg(tiny_model_dir, tmp_path / "torch", eli5_like, cfg.data.cache_dir), progress=False).metrics
+    t = train(configs(tmp_path / "torch", **KERAS_RUN), progress=False).metrics
     assert k["backend"] == "keras" and t["backend"] == "torch"
     # the same model, eval blocks and masks (RoBERTa's token-type row folded into its positions: rounding only)
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
@@ -218,7 +214,8 @@ def test_keras_backend_learns_like_the_torch_backend(keras_run, tiny_model_dir, 
     out = result.output_dir
     model = AutoModelForMaskedLM.from_pretrained(out)
     _, tokenizer = load_model(str(out))
-    from mlmtune.blocks import Blocks, prepare_blocks
+    from mlmtune.blocks import Blocks
+    from mlmtune.prepare import prepare_blocks
 
     blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     inputs, labels = fixed_eval_masks(Blocks(blocks["test"]), Masker.from_tokenizer(tokenizer), cfg.seed)
@@ -243,13 +240,14 @@ def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp
     assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
 
 
-def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, tiny_model_dir, eli5_like, tmp_path):
+def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, configs, tmp_path):
     """SIGKILL at step 11 leaves the step-8 checkpoint (no save on the way out); --resume goes on from it."""
     cfg, full = keras_run
     out = tmp_path / "killed"
-    flags = _flags(tiny_model_dir, out, eli5_like, cfg.data.cache_dir, backend="keras")
+    flags = configs.flags(out, backend="keras", **KERAS_RUN)
     code = ("import json, os, signal, sys\n"
-            "from mlmtune.config import TrainConfig, resolve\n"
+            "from mlmtune.config import TrainConfig\n"
+            "from mlmtune.options import resolve\n"
             "from mlmtune.train import train\n"
             "def on_step(step, seconds):\n"
             "    if step == 11:\n"
@@ -259,7 +257,7 @@ def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, tin
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000008"]
     assert not (out / "metrics.json").exists()
-    resumed = train(resolve(TrainConfig, {}, {**flags, "resume": True}), progress=False).metrics
+    resumed = train(configs(out, backend="keras", resume=True, **KERAS_RUN), progress=False).metrics
     assert resumed["train_steps"] == 24
     assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
 
@@ -329,28 +327,27 @@ def test_readme_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_p
     assert any(not torch.equal(start[k], trained[k]) for k in start if k in trained)
 
 
-def test_keras_time_budget_is_planned_from_the_keras_probe(tiny_model_dir, eli5_like, tmp_path, monkeypatch):
+def test_keras_time_budget_is_planned_from_the_keras_probe(configs, tmp_path, monkeypatch):
     """--time-budget with --backend keras counts steps from Keras' own step time, not PyTorch's."""
-    import mlmtune.keras.train as keras_train
+    from mlmtune.keras.engine import KerasEngine
 
     asked = []
 
-    def fake_probe(cfg, hf_model, tokenizer, train_blocks, policy):
-        assert len(train_blocks) > 0 and policy == "float32"
+    def fake_probe(cfg, hf_model, tokenizer, train_blocks, device):
+        assert len(train_blocks) > 0 and cfg.backend == "keras"
         return lambda head_only: asked.append(head_only) or 2.0  # seconds per step
 
-    monkeypatch.setattr(keras_train, "keras_probe", fake_probe)
-    flags = _flags(tiny_model_dir, tmp_path / "out", eli5_like, str(tmp_path / "cache"), backend="keras",
-                   time_budget="20s", max_steps=None, head_warmup_steps=None, head_learning_rate=None)
-    metrics = train(resolve(TrainConfig, {}, flags), progress=False).metrics
+    monkeypatch.setattr(KerasEngine, "probe", staticmethod(fake_probe))
+    metrics = train(configs(tmp_path / "out", backend="keras", time_budget="20s", max_steps=None, batch_size=8),
+                    progress=False).metrics
     assert asked == [False]  # the folder has a head: no head-only probe
     assert metrics["train_steps"] == 9  # (20 s less the probe's own time) / 2 s a step, rounded down
 
 
 def test_check_estimates_a_keras_run_with_the_keras_probe(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
-    import mlmtune.keras.train as keras_train
+    from mlmtune.keras.engine import KerasEngine
 
-    monkeypatch.setattr(keras_train, "keras_probe", lambda *args: lambda head_only: 7.0)  # seconds per Keras step
+    monkeypatch.setattr(KerasEngine, "probe", staticmethod(lambda *args: lambda head_only: 7.0))  # s per Keras step
     code = main(["check", "--backend", "keras", "--model", str(tiny_model_dir), "--dataset", str(eli5_like),
                  "--text-field", "answers.text", "--block-size", "32", "--cache-dir", str(tmp_path / "c")])
     out = capsys.readouterr().out

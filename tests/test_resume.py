@@ -4,6 +4,7 @@ uninterrupted run with the same seed ends."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -11,44 +12,19 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from compare import assert_same_weights
 
 from mlmtune import checkpoint as ckpt_mod
-from mlmtune.config import TrainConfig, resolve
 from mlmtune.errors import MlmtuneError
 from mlmtune.train import train
 
 
-def _flags(model_dir, out, eli5_like, cache_dir, **over):
-    return {"model": str(model_dir), "dataset": str(eli5_like), "text_field": "answers.text", "block_size": 32,
-            "batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 3,
-            "output_dir": str(out), "cache_dir": cache_dir, "precision": "fp32", **over}
-
-
-def _cfg(*args, **over):
-    return resolve(TrainConfig, {}, _flags(*args, **over))
-
-
-@pytest.fixture()
-def reference(tiny_model_dir, tmp_path, eli5_like, cache_dir):
-    """An uninterrupted run: its weights and metrics are what every recovered run must reach."""
-    out = tmp_path / "reference"
-    result = train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False)
-    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"] - 0.05  # it moved
-    return load_file(str(out / "model.safetensors")), result.metrics
-
-
 def _assert_same_run(out, reference):
-    weights, metrics = reference
-    got = load_file(str(out / "model.safetensors"))
-    for k in weights:
-        torch.testing.assert_close(got[k], weights[k], rtol=0, atol=1e-6)
-    import json
-
+    """The run in `out` ended where the uninterrupted reference run ended: weights, evaluations, eval loss."""
+    assert_same_weights(out, reference.weights)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["eval_loss_after"] == pytest.approx(metrics["eval_loss_after"], rel=1e-4)
-    assert [e["step"] for e in m["epochs"]] == [e["step"] for e in metrics["epochs"]]
+    assert m["eval_loss_after"] == pytest.approx(reference.metrics["eval_loss_after"], rel=1e-6)
+    assert [e["step"] for e in m["epochs"]] == [e["step"] for e in reference.metrics["epochs"]]
 
 
 # A child process that trains and kills itself with SIGKILL at a chosen point: no cleanup runs.
@@ -56,7 +32,8 @@ DRIVER = textwrap.dedent("""
     import os, signal, sys, json
     import torch
     from mlmtune import checkpoint
-    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.config import TrainConfig
+    from mlmtune.options import resolve
     from mlmtune.train import train
 
     flags, where, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -85,12 +62,9 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("where, n", [("after_step", 5), ("in_save", 3), ("in_final", 0)])
-def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path, eli5_like, cache_dir,
-                                                              reference, where, n):
-    import json
-
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(configs, tmp_path, reference_run, where, n):
     out = tmp_path / "killed"
-    flags = _flags(tiny_model_dir, out, eli5_like, cache_dir)
+    flags = configs.flags(out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(flags), where, str(n)], env=env,
                        capture_output=True, text=True, timeout=300)
@@ -99,15 +73,14 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_
     complete = ckpt_mod.list_checkpoints(out)
     assert complete, "no complete checkpoint survived"
     for c in complete:  # every checkpoint under its final name is whole
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= {f.name for f in c.iterdir()}
+        assert {f.name for f in c.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
 
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
-    _assert_same_run(out, reference)
+    train(configs(out, resume=True), progress=False)
+    _assert_same_run(out, reference_run)
     assert not list(out.glob(".tmp-*")) and not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_disk_full_during_save_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, eli5_like, cache_dir,
-                                                                reference, monkeypatch):
+def test_disk_full_during_save_keeps_the_last_good_checkpoint(configs, tmp_path, reference_run, monkeypatch):
     out = tmp_path / "full-disk"
     real = ckpt_mod.save_model
     calls = {"n": 0}
@@ -121,17 +94,16 @@ def test_disk_full_during_save_keeps_the_last_good_checkpoint(tiny_model_dir, tm
     monkeypatch.setattr(ckpt_mod, "save_model", save_model)
     with pytest.raises(MlmtuneError, match=r"saving checkpoint step-0000006 failed \(No space left on device\); "
                                            r"the last good checkpoint is .*step-0000004"):
-        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False)
+        train(configs(out), progress=False)
     monkeypatch.setattr(ckpt_mod, "save_model", real)
     assert [c.name for c in ckpt_mod.list_checkpoints(out)] == ["step-0000002", "step-0000004"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
-    _assert_same_run(out, reference)
+    train(configs(out, resume=True), progress=False)
+    _assert_same_run(out, reference_run)
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, tmp_path, eli5_like, cache_dir,
-                                                             reference, capsys):
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(configs, tmp_path, reference_run, capsys):
     out = tmp_path / "damaged"
 
     def ctrl_c_at_step_7(step, _seconds):
@@ -139,34 +111,35 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before(tiny_model_dir, tmp_
             raise KeyboardInterrupt
 
     with pytest.raises(MlmtuneError, match="interrupted at step 7"):
-        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False, on_step=ctrl_c_at_step_7)
+        train(configs(out), progress=False, on_step=ctrl_c_at_step_7)
     newest = ckpt_mod.list_checkpoints(out)[-1]
     assert newest.name == "step-0000007"  # the Ctrl-C checkpoint
     (newest / "model.safetensors").write_bytes(b"\0" * 100)  # damaged on disk
 
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
-    assert "warning: --resume: checkpoint" in capsys.readouterr().err
-    _assert_same_run(out, reference)
+    capsys.readouterr()
+    train(configs(out, resume=True), progress=False)
+    err = capsys.readouterr().err
+    assert "warning: --resume: checkpoint" in err and "step-0000007" in err
+    assert "Resuming from" in err and "step-0000006 (step 6)" in err  # the one before
+    _assert_same_run(out, reference_run)
 
 
-def test_no_readable_checkpoint_is_an_error(tiny_model_dir, tmp_path, eli5_like, cache_dir):
-    out = tmp_path / "unreadable"
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2), progress=False)
+def test_no_readable_checkpoint_is_an_error(reference_run, configs, tmp_path):
+    out = reference_run.copy_up_to(2, tmp_path / "unreadable")
     for c in ckpt_mod.list_checkpoints(out):
         (c / "state.json").write_text("{not json")
     with pytest.raises(MlmtuneError, match="none of the 1 checkpoints .* can be read"):
-        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, max_steps=2, resume=True), progress=False)
+        train(configs(out, resume=True), progress=False)
 
 
-def test_output_dir_that_cannot_be_created(tiny_model_dir, tmp_path, eli5_like, cache_dir):
+def test_output_dir_that_cannot_be_created(configs, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(MlmtuneError, match="is not writable"):
-        train(_cfg(tiny_model_dir, blocker / "out", eli5_like, cache_dir), progress=False)
+        train(configs(blocker / "out"), progress=False)
 
 
-def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(tiny_model_dir, tmp_path, eli5_like, cache_dir,
-                                                         reference):
+def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(configs, tmp_path, reference_run):
     out = tmp_path / "sigint"
 
     def press_ctrl_c(step, _seconds):
@@ -174,10 +147,10 @@ def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(tiny_model_dir, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
 
     with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*step-0000003"):
-        train(_cfg(tiny_model_dir, out, eli5_like, cache_dir), progress=False, on_step=press_ctrl_c)
+        train(configs(out), progress=False, on_step=press_ctrl_c)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)
-    _assert_same_run(out, reference)
+    train(configs(out, resume=True), progress=False)
+    _assert_same_run(out, reference_run)
 
 
 # A child that trains with a real limit on file size (RLIMIT_FSIZE, SIGXFSZ ignored so that write()
@@ -185,8 +158,9 @@ def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(tiny_model_dir, tmp_pat
 # libraries raise (safetensors' SafetensorError, torch.save's RuntimeError), not a faked OSError.
 FSIZE_DRIVER = textwrap.dedent("""
     import json, resource, signal, sys
-    from mlmtune.config import TrainConfig, resolve
+    from mlmtune.config import TrainConfig
     from mlmtune.errors import MlmtuneError
+    from mlmtune.options import resolve
     from mlmtune.train import train
 
     flags, at_step, limit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -208,15 +182,12 @@ FSIZE_DRIVER = textwrap.dedent("""
     ("optimizer state (torch.save)", 3, "weights"),  # model.safetensors fits, optimizer.pt does not
     ("final model", 8, 4096),                        # the last checkpoint is written, then the limit
 ])
-def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, eli5_like, cache_dir,
-                                                           reference, what, at_step, limit):
-    import json
-
+def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, configs, tmp_path, reference_run, what,
+                                                           at_step, limit):
     out = tmp_path / "fsize"
-    flags = _flags(tiny_model_dir, out, eli5_like, cache_dir)
+    flags = configs.flags(out)  # its blocks are in the session's cache: the limit meets only the run's own writes
     if limit == "weights":
         limit = (tiny_model_dir / "model.safetensors").stat().st_size + 4096
-    train(_cfg(tiny_model_dir, tmp_path / "warm", eli5_like, cache_dir, max_steps=1), progress=False)  # cache blocks
     p = subprocess.run([sys.executable, "-c", FSIZE_DRIVER, json.dumps(flags), str(at_step), str(limit)],
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1, p.stderr[-2000:]
@@ -232,5 +203,5 @@ def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
         assert "); the last good checkpoint is" in last
         assert [c.name for c in ckpt_mod.list_checkpoints(out)] == ["step-0000002"]
     assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".tmp-*"))
-    train(_cfg(tiny_model_dir, out, eli5_like, cache_dir, resume=True), progress=False)  # the limit is gone
-    _assert_same_run(out, reference)
+    train(configs(out, resume=True), progress=False)  # the limit is gone
+    _assert_same_run(out, reference_run)

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from pipeline_compare import assert_same_as_pipeline
+from compare import assert_same_as_pipeline
 
 from mlmtune.fill import FillMask
 from mlmtune.serve import Limits, make_app
@@ -99,7 +99,7 @@ def test_a_full_queue_answers_503_at_once(filler):
     """While the model is busy, the queue (bound 1) holds one request and refuses the rest."""
     app = make_app(filler, max_batch=1, max_queue=1)
     with TestClient(app) as c:
-        batcher = app.state.mlmtune["batcher"]
+        batcher = app.state.mlmtune.batcher
         batcher.lock.acquire()  # the model is busy: the worker's forward pass waits here
         pool = ThreadPoolExecutor(6)
         try:

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from mlmtune.blocks import blocks_tensor, group_blocks, tokenize
-from mlmtune.config import DataConfig, TrainConfig, resolve
+from mlmtune.config import DataConfig, TrainConfig
 from mlmtune.errors import MlmtuneError
+from mlmtune.options import resolve
 from mlmtune.stream import stream_blocks, stream_records, stream_texts
 from mlmtune.train import train
 
@@ -33,11 +34,7 @@ def test_stream_reads_nested_fields_and_names_missing_ones(eli5_like):
         list(stream_texts(records, "answer.text", take=1))
 
 
-def _cfg(model_dir, out, corpus, cache_dir, **over):
-    return resolve(TrainConfig, {}, {"model": str(model_dir), "dataset": str(corpus), "streaming": True,
-                                     "eval_records": 60, "block_size": 32, "batch_size": 4, "max_steps": 8,
-                                     "save_steps": 2, "save_total_limit": 10, "learning_rate": 1e-2,
-                                     "precision": "fp32", "output_dir": str(out), "cache_dir": cache_dir, **over})
+STREAM = {"streaming": True, "eval_records": 60, "text_field": "text"}
 
 
 @pytest.fixture()
@@ -47,8 +44,8 @@ def corpus(tmp_path, docs_texts):
     return path
 
 
-def test_streaming_trains_and_resumes_to_the_same_weights(tiny_model_dir, tmp_path, corpus, cache_dir):
-    full = train(_cfg(tiny_model_dir, tmp_path / "full", corpus, cache_dir), progress=False)
+def test_streaming_trains_and_resumes_to_the_same_weights(configs, tmp_path, corpus):
+    full = train(configs(tmp_path / "full", dataset=str(corpus), **STREAM), progress=False)
     m = full.metrics
     assert m["streaming"] and m["train_blocks"] is None and m["train_steps"] == 8
     assert m["eval_masked_tokens"] > 0 and m["eval_loss_after"] < m["eval_loss_before"] - 0.05
@@ -60,8 +57,8 @@ def test_streaming_trains_and_resumes_to_the_same_weights(tiny_model_dir, tmp_pa
 
     part = tmp_path / "part"
     with pytest.raises(MlmtuneError, match="interrupted at step 5"):
-        train(_cfg(tiny_model_dir, part, corpus, cache_dir), progress=False, on_step=ctrl_c_at_step_5)
-    resumed = train(_cfg(tiny_model_dir, part, corpus, cache_dir, resume=True), progress=False)
+        train(configs(part, dataset=str(corpus), **STREAM), progress=False, on_step=ctrl_c_at_step_5)
+    resumed = train(configs(part, dataset=str(corpus), resume=True, **STREAM), progress=False)
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)

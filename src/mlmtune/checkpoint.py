@@ -1,9 +1,11 @@
 """Checkpoints under OUTPUT_DIR/checkpoints: written whole or not at all, found again for --resume.
 
-A checkpoint is a folder `step-0000123` holding the weights (safetensors), the optimizer and
-scheduler states, and `state.json` (step, history, the config it was made with). It is written
-under a temporary name and renamed when complete, so a folder with the final name is always
-whole; leftovers of an interrupted save are ignored and cleaned up.
+A checkpoint is a folder `step-0000123` holding the weights (safetensors), the optimizer state
+and `state.json` (step, history, the config it was made with). It is written under a temporary
+name and renamed when complete, so a folder with the final name is always whole; leftovers of an
+interrupted save are ignored and cleaned up. The final model folder is written the same way
+(`write_final`). The learning rate is a function of the step (`schedule.learning_rate_at`), so
+there is no scheduler state to keep.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import resource
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from mlmtune.config import CONFIG_FILENAME
-from mlmtune.errors import MlmtuneError
+from mlmtune.errors import MlmtuneError, say, warn
 
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -68,7 +71,7 @@ def write_error(e: BaseException, folder: Path) -> str:
 
 @dataclass
 class TrainState:
-    """What the loop needs, beyond model/optimizer/scheduler, to continue exactly."""
+    """What the loop needs, beyond the weights and the optimizer state, to continue exactly."""
 
     step: int = 0
     train_seconds: float = 0.0
@@ -112,8 +115,7 @@ def remove_partial_saves(output_dir: Path) -> None:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler_state: dict, state: TrainState,
-                    keep: int) -> Path:
+def save_checkpoint(output_dir: Path, model, optimizer_state: dict, state: TrainState, keep: int) -> Path:
     """Write a checkpoint atomically and keep only the newest `keep`.
 
     The states come in already taken (`state_dict()`): under FSDP taking them is a collective every rank
@@ -130,7 +132,6 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler_st
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
         _fsync_dir(tmp)
         if final.exists():
@@ -184,26 +185,28 @@ def newest_config(output_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer and scheduler in place; returns the loop state."""
-    state = read_state(path)
-    try:
-        if hasattr(model, "load_full_state_dict"):  # sharded (distributed.FSDP): each rank keeps its shard
-            model.load_full_state_dict(load_file(path / "model.safetensors"))
-        else:
-            load_model(model, str(path / "model.safetensors"))
-        # on the CPU first: a checkpoint written on cuda:0 resumes on any rank, and on a machine without a
-        # GPU; the optimizer moves its state to each parameter's device itself
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
-        raise MlmtuneError(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
-                           f"delete it to resume from an older one") from None
-    return state
+def load_weights(path: Path, model) -> None:
+    """A checkpoint's weights into `model`, in place (tied weights are stored once); a sharded model
+    (`distributed.FSDP`) keeps its shard of each."""
+    if hasattr(model, "load_full_state_dict"):
+        model.load_full_state_dict(load_file(path / "model.safetensors"))
+    else:
+        load_model(model, str(path / "model.safetensors"))
 
 
-def resume_latest(output_dir: Path, model, optimizer, scheduler, config: dict[str, Any], log) -> TrainState | None:
-    """Load the newest checkpoint that reads back whole; older ones stand in for a damaged one.
+def load_optimizer_state(path: Path) -> dict:
+    """A checkpoint's optimizer state, on the CPU: a checkpoint written on cuda:0 resumes on any rank and on a
+    machine without a GPU (the optimizer moves its state to each parameter's device itself)."""
+    return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def resume_latest(output_dir: Path, config: dict[str, Any],
+                  restore: Callable[[Path, TrainState], None]) -> TrainState | None:
+    """Restore the newest checkpoint that reads back whole; older ones stand in for a damaged one.
+
+    Args:
+        config: the run's resolved config, which the checkpoint's must match in every `RESUME_KEYS`.
+        restore: loads a checkpoint's weights and optimizer state into the engine (raising on a bad file).
 
     Returns:
         The loop state, or None when the folder holds no checkpoint.
@@ -215,17 +218,18 @@ def resume_latest(output_dir: Path, model, optimizer, scheduler, config: dict[st
     candidates = list_checkpoints(output_dir)
     for path in reversed(candidates):
         try:
-            saved = read_state(path)
+            state = read_state(path)
         except MlmtuneError as e:
-            log(f"warning: {e}")
+            warn(str(e))
             continue
-        check_compatible(saved.config, config, path)
+        check_compatible(state.config, config, path)
         try:
-            state = load_checkpoint(path, model, optimizer, scheduler)
-        except MlmtuneError as e:
-            log(f"warning: {e}")
+            restore(path, state)
+        except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
+            warn(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
+                 f"delete it to resume from an older one")
             continue
-        log(f"Resuming from {path} (step {state.step})")
+        say(f"Resuming from {path} (step {state.step})")
         return state
     if candidates:
         raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in {checkpoints_dir(output_dir)} "
@@ -233,7 +237,7 @@ def resume_latest(output_dir: Path, model, optimizer, scheduler, config: dict[st
     return None
 
 
-def publish(output_dir: Path, write) -> None:
+def write_final(output_dir: Path, write: Callable[[Path], None]) -> None:
     """Run `write(folder)` into a temporary folder, then move each file into `output_dir`.
 
     A run killed while writing leaves the temporary folder (removed by the next run), never a

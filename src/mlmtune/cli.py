@@ -1,8 +1,12 @@
 """The `mlmtune` command: parse flags into a config, call one library function, print.
 
 Flags are generated from the config dataclasses (`--block-size` is `DataConfig.block_size`),
-so the CLI, `--config FILE.yaml` and the Python API share one schema. Errors a user can cause
-print one line and exit 1.
+so the CLI, `--config FILE.yaml` and the Python API share one schema (`reference_markdown` writes
+docs/cli.md from the same parsers). Errors a user can cause print one line and exit 1.
+
+Only the config schema is imported at start-up. Each command imports what it runs when it runs:
+torch, transformers and datasets take seconds to import, and `mlmtune --help` or a mistyped flag
+must answer at once.
 """
 
 from __future__ import annotations
@@ -13,18 +17,9 @@ import os
 import sys
 from typing import Any
 
-from mlmtune.config import (
-    EvalConfig,
-    FillConfig,
-    PrepareConfig,
-    ServeConfig,
-    TrainConfig,
-    field_doc,
-    flat_fields,
-    load_config_file,
-    resolve,
-)
+from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, FillConfig, PrepareConfig, ServeConfig, TrainConfig
 from mlmtune.errors import MlmtuneError, warn
+from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
@@ -42,8 +37,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlmtune.quickstart import QUICKSTART_DEFAULTS
-
     parser = argparse.ArgumentParser(prog="mlmtune", description="Masked-language-model fine-tuning, "
                                      "perplexity and fill-mask.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference_markdown() -> str:
+    """The CLI reference (docs/cli.md): every subcommand's usage and flags, as `--help` prints them."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parts = ["# CLI reference", "",
+             "Every flag of every subcommand, as `mlmtune COMMAND --help` prints it. This page is generated from",
+             "the parsers by `python -m mlmtune.cli --reference > docs/cli.md`, and a test checks that it matches",
+             "them. Every option can also be given in a `--config FILE.yaml`",
+             "(`block_size: 64`, or nested as `data: {block_size: 64}`); flags override the file.", ""]
+    for name, command in sub.choices.items():
+        command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
+        parts += [f"## mlmtune {name}", "", "```", command.format_help().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
     given = {k: v for k, v in vars(args).items() if k in flat_fields(cls)}
     file_values = dict(base or {})
@@ -78,7 +86,7 @@ def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = N
 
 
 def cmd_train(args) -> int:
-    from mlmtune.train import train
+    from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
 
     result = train(_config(TrainConfig, args))
     m = result.metrics
@@ -92,7 +100,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from mlmtune.quickstart import QUICKSTART_DEFAULTS, quickstart
+    from mlmtune.quickstart import quickstart  # heavy: imported when the command runs
 
     _, report = quickstart(_config(TrainConfig, args, QUICKSTART_DEFAULTS))
     print(report)
@@ -100,7 +108,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from mlmtune.check import preflight
+    from mlmtune.check import preflight  # heavy: imported when the command runs
 
     report = preflight(_config(TrainConfig, args), probe=not args.no_probe)
     print("\n".join(report.lines()))
@@ -111,8 +119,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from mlmtune.blocks import prepare_blocks
-    from mlmtune.model import load_tokenizer
+    from mlmtune.model import load_tokenizer  # heavy (transformers, datasets): imported when the command runs
+    from mlmtune.prepare import prepare_blocks
 
     cfg = _config(PrepareConfig, args)
     tokenizer = load_tokenizer(cfg.model)
@@ -125,7 +133,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluate import run_eval  # heavy: imported when the command runs
 
     result = run_eval(_config(EvalConfig, args))
     if args.json:
@@ -157,7 +165,7 @@ def _format_table(text: str, result) -> str:
 
 def read_stdin_lines() -> list[str]:
     """Non-empty lines of stdin; bytes that are not UTF-8 are replaced (U+FFFD) and counted in a warning."""
-    from mlmtune.data import decode_line
+    from mlmtune.data import decode_line  # heavy (datasets): imported when a command reads stdin
 
     lines, bad = [], 0
     for raw in sys.stdin.buffer:
@@ -171,7 +179,7 @@ def read_stdin_lines() -> list[str]:
 
 
 def cmd_fill(args) -> int:
-    from mlmtune.fill import FillMask
+    from mlmtune.fill import FillMask  # heavy: imported when the command runs
 
     cfg = _config(FillConfig, args)
     texts = args.texts or read_stdin_lines()
@@ -186,7 +194,7 @@ def cmd_fill(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from mlmtune.fill import FillMask
+    from mlmtune.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
     from mlmtune.serve import check_exposure, is_loopback, make_app, serve
 
     cfg = _config(ServeConfig, args)
@@ -220,4 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--reference"]:  # docs/cli.md
+        print(reference_markdown(), end="")
+        raise SystemExit(0)
     raise SystemExit(main())

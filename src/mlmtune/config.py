@@ -1,21 +1,17 @@
 """The config schema: dataclasses that every command, config file and flag resolve into.
 
 Config flows one way: dataclass defaults < `--config FILE.yaml` < command-line flags, resolved
-once by `resolve()` and never changed afterwards (the dataclasses are frozen). Validation lives
-in `__post_init__`, so a config that exists is a config that is valid.
+once by `options.resolve()` and never changed afterwards (the dataclasses are frozen). Validation
+lives in `__post_init__`, so a config that exists is a config that is valid. Each field's
+docstring is its `--help` text.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mlmtune.errors import MlmtuneError
 
@@ -28,6 +24,21 @@ FILL_PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
 BACKENDS = ("torch", "keras")
 DEFAULT_TEST_SIZE = 0.2
+
+# `mlmtune quickstart`: applied over TrainConfig's defaults, under any --config file and flags. The head is
+# new: the first 15% of the budget trains it alone (budget.HEAD_SHARE), at 3e-3; then the whole model trains
+# at 1e-3, far above the guide's 2e-5, in many small batches, because a 3-minute run on a CPU has few steps
+# to spend (docs/training.md measures it: lr 2e-3 diverged, batch 16 at 5e-4 learned slower).
+QUICKSTART_DEFAULTS: dict[str, Any] = {
+    "model": QUICKSTART_MODEL,
+    "dataset": QUICKSTART_DATASET,
+    "learning_rate": 1e-3,
+    "head_learning_rate": 3e-3,
+    "batch_size": 8,
+    "time_budget": "3m",
+    "warmup_steps": 10,
+    "output_dir": "mlmtune-quickstart",
+}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -69,6 +80,17 @@ class DataConfig:
     def held_out(self) -> float:
         """The fraction of records held out when training or preparing (`test_size`, default 0.2)."""
         return DEFAULT_TEST_SIZE if self.test_size is None else self.test_size
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '3m', '1h30m', '2.5m' or plain seconds -> seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", s).strip():
+        raise MlmtuneError(f"--time-budget {text!r} is not a duration; write e.g. 90s, 3m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
 
 
 def _check_common(cfg: Any) -> None:
@@ -152,10 +174,8 @@ class TrainConfig:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be a positive integer")
         _require(self.head_warmup_steps is None or self.head_warmup_steps >= 0, "--head-warmup-steps must be >= 0")
-        if self.time_budget is not None:
-            from mlmtune.schedule import parse_duration
-
-            _require(parse_duration(self.time_budget) > 0, "--time-budget must be longer than 0s")
+        _require(self.time_budget is None or parse_duration(self.time_budget) > 0,
+                 "--time-budget must be longer than 0s")
         _require(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1")
         _require(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         _require(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
@@ -242,182 +262,6 @@ class FillConfig:
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
         _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolution: defaults < config file < flags
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def is_nested(tp: Any) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
-def flat_fields(cls: type) -> dict[str, tuple[Any, Any]]:
-    """Every leaf field of `cls` (nested dataclasses flattened) as name -> (type, default)."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if is_nested(tp):
-            out.update(flat_fields(tp))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out[f.name] = (tp, default)
-    return out
-
-
-def field_doc(cls: type, name: str) -> str:
-    """The docstring under a field (the attribute docstring convention), for --help."""
-    import ast
-    import inspect
-
-    for klass in [cls, *[_hints(cls)[f.name] for f in dataclasses.fields(cls) if is_nested(_hints(cls)[f.name])]]:
-        tree = ast.parse(inspect.getsource(klass))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for stmt, nxt in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == name:
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    return str(nxt.value.value)
-    return ""
-
-
-def _base_type(tp: Any) -> Any:
-    """`int | None` -> int; `list[str] | None` -> list[str]."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _optional(tp: Any) -> bool:
-    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
-    return union and type(None) in typing.get_args(tp)
-
-
-def _example(tp: Any) -> str:
-    return {bool: "true", int: "8", float: "0.1"}.get(_base_type(tp), "...")
-
-
-def coerce(name: str, tp: Any, value: Any) -> Any:
-    """Turn a flag string or YAML value into the field's type, or raise MlmtuneError."""
-    if value is None:
-        if not _optional(tp):
-            raise MlmtuneError(f"option {name!r} has no value; give one (e.g. `{name}: {_example(tp)}`) "
-                               f"or remove the line")
-        return None
-    if _optional(tp) and isinstance(value, str) and value.strip().lower() in ("none", "null"):
-        return None  # `--time-budget none` undoes a default
-    base = _base_type(tp)
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typing.get_origin(base) is list:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return [str(v) for v in value]
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if base is float:
-            number = float(value)
-            if not math.isfinite(number):
-                raise MlmtuneError(f"--{name.replace('_', '-')} expects a finite number, got {value!r}")
-            return number
-        return str(value)
-    except (TypeError, ValueError):
-        kind = getattr(base, "__name__", str(base))
-        raise MlmtuneError(f"--{name.replace('_', '-')} expects {kind}, got {value!r}") from None
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config into a flat dict (nested `data:` sections are flattened)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MlmtuneError(f"config file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise MlmtuneError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise MlmtuneError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise MlmtuneError(f"cannot read config file {p}: {e.strerror or e}") from None
-    if not isinstance(raw, dict):
-        raise MlmtuneError(f"config file {p} must hold a mapping of option: value")
-
-    flat: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            key = str(k).replace("-", "_")
-            if isinstance(v, dict):
-                walk(v)
-            else:
-                flat[key] = v
-
-    walk(raw)
-    return flat
-
-
-def resolve(cls: type, file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None):
-    """Build a config of type `cls` from defaults, then file values, then flags.
-
-    Args:
-        cls: one of the config dataclasses.
-        file_values: flat name -> value from a config file (unknown names are an error).
-        flags: flat name -> value given on the command line.
-
-    Returns:
-        A frozen, validated instance of `cls`.
-
-    Example:
-        >>> cfg = resolve(TrainConfig, {"learning_rate": 1e-4}, {"dataset": "corpus.txt", "epochs": "1"})
-        >>> cfg.learning_rate, cfg.epochs, cfg.data.dataset
-        (0.0001, 1.0, 'corpus.txt')
-    """
-    leaves = flat_fields(cls)
-    values: dict[str, Any] = {}
-    for source in (file_values or {}, flags or {}):
-        for name, value in source.items():
-            if name not in leaves:
-                known = ", ".join(sorted(leaves))
-                raise MlmtuneError(f"unknown option {name!r}; known options: {known}")
-            values[name] = coerce(name, leaves[name][0], value)
-    return _build(cls, values)
-
-
-def _build(cls: type, values: dict[str, Any]):
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if is_nested(tp):
-            kwargs[f.name] = _build(tp, values)
-        elif f.name in values:
-            kwargs[f.name] = values[f.name]
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Any, folder: str | Path, filename: str = CONFIG_FILENAME) -> Path:
-    """Write the resolved config as YAML; `--config` reads it back."""
-    path = Path(folder) / filename
-    path.write_text(f"# resolved {type(cfg).__name__}; reuse with --config {filename}\n"
-                    + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pyarrow as pa
-from datasets import Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import Dataset, DatasetDict, Features, ReadInstruction, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
@@ -39,8 +40,6 @@ def python_docs_texts() -> list[str]:
     Paragraphs that the topics repeat word for word are kept once, so no eval text is also a
     training text.
     """
-    from pydoc_data.topics import topics
-
     texts: dict[str, None] = {}
     for key in sorted(topics):
         for para in topics[key].split("\n\n"):
@@ -52,10 +51,8 @@ def python_docs_texts() -> list[str]:
 
 def _slice(ds: Dataset, split: str) -> Dataset:
     """Apply `train[:5000]`-style slicing to an in-memory dataset whose only split is `train`."""
-    import datasets
-
     try:
-        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})
+        instructions = ReadInstruction.from_spec(split).to_absolute({"train": len(ds)})
     except (ValueError, AssertionError) as e:
         raise MlmtuneError(f"--split {split!r}: {e}") from None
     rows = [i for ins in instructions for i in range(ins.from_, ins.to)]

@@ -12,6 +12,8 @@ of the global token-weighted loss. With --fsdp, `FSDP` shards the same module in
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,8 +23,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
-from mlmtune.errors import MlmtuneError
+from mlmtune.errors import MlmtuneError, speak_as
 from mlmtune.forward import MaskedLMLoss
 
 T = TypeVar("T")
@@ -73,8 +85,6 @@ def init() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     gpu = None
     if torch.cuda.is_available():
@@ -86,6 +96,7 @@ def init() -> Dist:
         else:
             dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    speak_as(dist.get_rank())  # one voice per job: rank 0's
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, gpu=gpu, wait_group=wait_group)
 
 
@@ -100,8 +111,6 @@ def check_shared_dir(d: Dist, folder: Path) -> None:
     machines that means a shared filesystem. Rank 0 writes a token; each rank reads it back."""
     if not d.enabled:
         return
-    import torch.distributed as dist
-
     name = [None]
     if d.main:
         fd, path = tempfile.mkstemp(prefix=".tmp-write-test-", dir=folder)
@@ -131,8 +140,6 @@ def main_first(d: Dist, fn: Callable[[], T]) -> T:
     rank 0 is raised on every rank instead of leaving them waiting."""
     if not d.enabled:
         return fn()
-    import torch.distributed as dist
-
     status: list[str | None] = [None]
     result = None
     if d.main:
@@ -150,8 +157,6 @@ def all_reduce_sum(d: Dist, values: list[float], device: torch.device) -> list[f
     """Sum a few numbers over all ranks."""
     if not d.enabled:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
@@ -162,10 +167,6 @@ def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
     after changing which parameters train: DDP registers its gradient hooks on the trainable ones."""
     if not d.enabled:
         return module
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
     # the buffers (position ids) never change: no broadcast before every forward. torch 2.13 renamed the flag.
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
@@ -203,16 +204,12 @@ class FSDP:
 
     def shard(self) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward."""
-        from torch.distributed.fsdp import fully_shard
-
         for layer in encoder_layers(self.model):
             fully_shard(layer)
         return fully_shard(MaskedLMLoss(self.model))
 
     def full_model(self) -> torch.nn.Module | None:
         """Every rank takes part; rank 0 gets its CPU copy holding the full weights, the others None."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.copy is not None:
             self.copy.load_state_dict(full)
@@ -220,8 +217,6 @@ class FSDP:
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Full weights read from a file (tied ones once) -> this rank's shards (`checkpoint.load_checkpoint`)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
@@ -236,14 +231,10 @@ class FullOptimizerState:
         self.model, self.inner = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(self.model, self.inner,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(self.model, self.inner, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -251,8 +242,6 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
     """Start every rank from rank 0's weights (a new head is random)."""
     if not d.enabled:
         return
-    import torch.distributed as dist
-
     with torch.no_grad():
         for p in model.state_dict().values():
             dist.broadcast(p, src=0)
@@ -260,8 +249,6 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
 
 def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
     """A short sha256 of each rank's parameters, in rank order: all equal when the replicas are in sync."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -270,8 +257,6 @@ def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
     mine = h.hexdigest()[:16]
     if not d.enabled:
         return [mine]
-    import torch.distributed as dist
-
     every: list[str | None] = [None] * d.world
     dist.all_gather_object(every, mine)
     return [str(x) for x in every]
@@ -279,8 +264,6 @@ def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
 
 def barrier(d: Dist) -> None:
     if d.enabled:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -289,8 +272,6 @@ def close(d: Dist) -> None:
     model) until all have arrived, then the groups are torn down; no rank exits while another still
     talks to it."""
     if d.enabled:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier(group=d.wait_group)
             dist.destroy_process_group()

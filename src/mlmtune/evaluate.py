@@ -13,10 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
-from mlmtune.config import DataConfig
-from mlmtune.forward import logits_at, masked_nll_sum
+from mlmtune.blocks import Blocks, TooFewTokens, build_blocks
+from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
+from mlmtune.data import load_texts
+from mlmtune.device import resolve_device
+from mlmtune.errors import MlmtuneError
+from mlmtune.forward import logits_where, masked_nll_sum
+from mlmtune.masking import Masker, iter_eval_masks
+from mlmtune.model import check_block_size, load_model, max_positions
+from mlmtune.prepare import is_prepared, prepare_blocks
+from mlmtune.stream import held_out_texts
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,6 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
     Each text is tokenized on its own with the model's special tokens and truncated to the
     model's maximum length. PPPL = exp(sum of -log p(token | rest) / number of tokens).
     """
-    from mlmtune.model import max_positions
-
     model.eval()
     device = next(model.parameters()).device
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
@@ -102,7 +110,7 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
             batch = ids.repeat(len(pos), 1)  # (P, T): one copy per masked position
             batch[torch.arange(len(pos)), pos] = tokenizer.mask_token_id
             where = batch == tokenizer.mask_token_id  # exactly one position per row
-            picked = logits_at(model, batch.to(device), where.to(device)).float()  # (P, V)
+            picked = logits_where(model, batch.to(device), where.to(device)).float()  # (P, V)
             logp = picked.log_softmax(-1).gather(1, ids[pos].to(device)[:, None])
             total -= float(logp.sum())
             count += len(pos)
@@ -112,10 +120,6 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
 
 def _recorded_run(model: str) -> dict | None:
     """The resolved config a training run saved in its model folder, if `model` is such a folder."""
-    import yaml
-
-    from mlmtune.config import CONFIG_FILENAME
-
     path = Path(model).expanduser() / CONFIG_FILENAME
     if not path.is_file():
         return None
@@ -135,7 +139,7 @@ def _same_source(a: str | None, b: str | None) -> bool:
     return a == b
 
 
-def eval_plan(cfg) -> tuple[DataConfig, int, float, str]:
+def eval_plan(cfg: EvalConfig) -> tuple[DataConfig, int, float, str]:
     """What `mlmtune eval` scores: (data settings, seed, mlm probability, a sentence saying which records).
 
     - On the dataset the model was trained on (recorded in its folder's `mlmtune_config.yaml`)
@@ -161,7 +165,7 @@ def eval_plan(cfg) -> tuple[DataConfig, int, float, str]:
     return data, cfg.seed, cfg.mlm_probability, f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})"
 
 
-def run_eval(cfg, progress: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     """`mlmtune eval`: perplexity of `cfg.model` on fixed masks, over the records `eval_plan` picks.
 
     With `cfg.pseudo`, pseudo-perplexity too; it needs no blocks, so it works on texts of any length.
@@ -170,15 +174,6 @@ def run_eval(cfg, progress: bool = True) -> dict:
         A dict with scored (which records), eval_texts, eval_loss, perplexity, eval_masked_tokens,
         eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
     """
-    from datasets import Dataset, DatasetDict
-
-    from mlmtune.blocks import Blocks, TooFewTokens, build_blocks, is_prepared, prepare_blocks
-    from mlmtune.data import load_texts
-    from mlmtune.errors import MlmtuneError
-    from mlmtune.masking import Masker, iter_eval_masks
-    from mlmtune.model import check_block_size, load_model, resolve_device
-    from mlmtune.stream import held_out_texts
-
     model, tokenizer = load_model(cfg.model)
     data, seed, mlm_probability, which = eval_plan(cfg)
     model.to(resolve_device(cfg.device))

@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
+from mlmtune.config import TrainConfig
+from mlmtune.distributed import Dist
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
 from mlmtune.schedule import epoch_length
+from mlmtune.stream import BlockStream
 
 _DONE = object()
 
@@ -47,6 +50,17 @@ class StepBatches:
         self.micro_per_epoch = self.steps_per_epoch = None  # a stream has no epochs
         if blocks is not None:  # the trainer's own epoch arithmetic, so both count the same steps
             self.micro_per_epoch, self.steps_per_epoch = epoch_length(len(blocks), self.global_batch, accumulation)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, blocks, tokenizer, masker: Masker, first_step: int, d: Dist,
+                progress: bool = True) -> StepBatches:
+        """A run's steps from `first_step` on: from its blocks, or (blocks None: --streaming) from a stream
+        fast-forwarded to that step."""
+        stream = None
+        if blocks is None:
+            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size * d.world).batches(
+                start=first_step * cfg.gradient_accumulation_steps, progress=progress)
+        return cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
 
     def __call__(self, step: int) -> tuple[list[Batch], int, int, int]:
         """(this rank's (inputs, labels) per micro-batch, the step's global blocks, its global masked

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.errors import MlmtuneError
-from mlmtune.forward import logits_at
-from mlmtune.model import load_model, max_positions, resolve_device
+from mlmtune.forward import logits_where
+from mlmtune.model import load_model, max_positions
 
 MASK_SPELLINGS = ("<mask>", "[MASK]")
 
@@ -44,9 +45,6 @@ def format_predictions(tokenizer, ids: np.ndarray, values: list[list[float]], in
     return result[0] if single_mask else result
 
 
-_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class FillMask:
     """A loaded masked-LM that fills masks.
 
@@ -61,7 +59,7 @@ class FillMask:
         """`precision`: fp32 gives the pipeline's scores (to float32 precision); bf16 or fp16 casts the weights
         (half the memory, faster on a GPU; softmax and top-k still run in fp32 on the cast logits)."""
         self.device = resolve_device(device)
-        self.model = model.to(self.device, dtype=_WEIGHT_DTYPES[precision]).eval()
+        self.model = model.to(self.device, dtype=WEIGHT_DTYPES[precision]).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_positions(model, tokenizer)
@@ -145,7 +143,7 @@ class FillMask:
                 attention[row, : len(encoded[i])] = 1
             where = (ids == self.tokenizer.mask_token_id) & attention.bool()
             # (masks in batch, V), left on the device: softmax and top-k run there too
-            logits = logits_at(self.model, ids.to(self.device, non_blocking=True), where.to(self.device),
+            logits = logits_where(self.model, ids.to(self.device, non_blocking=True), where.to(self.device),
                                attention.to(self.device, non_blocking=True)).float()
             counts = where.sum(1).tolist()
             for row, chunk in zip(idx, logits.split(counts)):

@@ -74,8 +74,8 @@ def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,
     return head(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))  # (P, V)
 
 
-def logits_at(model, input_ids: torch.Tensor, where: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def logits_where(model, input_ids: torch.Tensor, where: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Vocabulary logits at the positions where `where` ((B, T) bool) is True, in row-major order: (P, V)."""
     return logits_at_positions(model, input_ids, torch.nonzero(where.reshape(-1)).squeeze(1), attention_mask)
 

@@ -14,6 +14,10 @@ import threading
 from functools import lru_cache
 from urllib.parse import urlparse
 
+import datasets.config
+import huggingface_hub.constants
+from huggingface_hub import HfApi
+
 from mlmtune.errors import MlmtuneError
 
 PROBE_TIMEOUT_S = 3.0
@@ -61,15 +65,8 @@ def go_offline() -> None:
     """Put huggingface_hub, transformers and datasets in offline mode for the rest of the process."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    import huggingface_hub.constants as hub_constants
-
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        import datasets.config as ds_config
-
-        ds_config.HF_HUB_OFFLINE = True
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # the libraries read these at import: set them too
+    datasets.config.HF_HUB_OFFLINE = True
 
 
 def prepare_hub_access() -> bool:
@@ -94,8 +91,6 @@ def push_folder(folder: str, repo_id: str) -> str:
             f"--push-to-hub: the Hugging Face Hub ({endpoint()}) cannot be reached; the model is saved in "
             f"{folder}, push it later with `hf upload {repo_id} {folder}`"
         )
-    from huggingface_hub import HfApi
-
     api = HfApi()
     try:
         url = api.create_repo(repo_id, exist_ok=True)

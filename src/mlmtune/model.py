@@ -14,7 +14,6 @@ import importlib.util
 import pickle
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -194,48 +193,3 @@ def check_block_size(block_size: int, model: PreTrainedModel, tokenizer: PreTrai
     limit = max_positions(model, tokenizer)
     if block_size > limit:
         raise MlmtuneError(f"--block-size {block_size} is larger than the model's maximum length {limit}")
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`--device`: None picks the GPU when there is one; a CUDA device that is not here is an error."""
-    if device is None or device == "auto":
-        return pick_device()
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MlmtuneError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise MlmtuneError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible); "
-                           f"use --device cpu")
-    return dev
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run fast here: Ampere+ GPUs, CPUs with AVX-512 bf16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training, or None for plain fp32.
-
-    `auto`: bf16 where it runs fast; fp16 (with a gradient scaler) on GPUs before Ampere (V100, T4);
-    fp32 on CPUs without fast bf16.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or fast_bf16(device):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else None
-
-
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

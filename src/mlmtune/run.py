@@ -1,41 +1,37 @@
-"""What a run is, for every engine: its output folder, model, tokenizer and blocks, its step counts,
-the evaluation before training (or the checkpoint it resumes), its metrics and its output folder.
+"""What a run works with and what it leaves: its output folder (checked before any work), its model,
+tokenizer, blocks and masker, its engine, its metrics and its output folder.
 
-`train.train` (PyTorch) and `keras.train.train_keras` (Keras' `model.fit`) differ only in the loop
-between these; everything here is shared by both.
+`train.train` is the lifecycle that uses these; an engine (`Engine` below) is what it asks of PyTorch
+(`torch_engine.py`) or Keras (`keras/engine.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import signal
-import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from datasets import Dataset, DatasetDict
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import dashboard, distributed
-from mlmtune.blocks import Blocks, BlockStats, build_blocks, prepare_blocks
-from mlmtune.check import WARNING, Report, check_data, check_tokenizer
-from mlmtune.config import CONFIG_FILENAME, TrainConfig, save_config, to_dict
-from mlmtune.errors import MlmtuneError
-from mlmtune.evaluate import EvalResult
+from mlmtune import distributed
+from mlmtune.blocks import Blocks, BlockStats, build_blocks
+from mlmtune.budget import Probe
+from mlmtune.card import plot_curves, write_metrics, write_model_card
+from mlmtune.config import CONFIG_FILENAME, TrainConfig
+from mlmtune.errors import MlmtuneError, say
+from mlmtune.findings import Findings, check_data, check_tokenizer
 from mlmtune.hub import push_folder
 from mlmtune.masking import Masker
-from mlmtune.model import check_block_size, has_new_head, load_model
-from mlmtune.report import plot_curves, write_metrics, write_model_card
-from mlmtune.schedule import plan_budget, steps_for
+from mlmtune.model import check_block_size, load_model
+from mlmtune.options import save_config
+from mlmtune.prepare import prepare_blocks
 from mlmtune.stream import held_out_texts
-
-AUTO_HEAD_SHARE = 0.1  # of a run's steps that train a new head alone, when no count or budget is given
-DEFAULT_HEAD_LR = 1e-3  # Adam's usual rate for fitting a linear probe, whatever --learning-rate the encoder gets
+from mlmtune.torch_engine import TorchEngine
 
 
 @dataclass(frozen=True)
@@ -45,8 +41,76 @@ class TrainResult:
     rank: int = 0  # this process's rank: under torchrun only rank 0 reports
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+class Engine(Protocol):
+    """What `train()` asks of a training engine; everything else (data, masks, the learning rate of each step,
+    evaluation, checkpoints, metrics, the output folder) is `train()`'s, the same for every engine."""
+
+    dist: distributed.Dist
+    device: torch.device  # where the PyTorch model evaluates
+    precision: str  # what the steps compute in: fp32, bf16 or fp16
+    pin_memory: bool  # batches are pinned for asynchronous copies to a GPU
+
+    @classmethod
+    def open(cls, cfg: TrainConfig) -> tuple[Engine, TrainConfig]:
+        """Join the job and refuse what this engine cannot do, before any data is read."""
+
+    @staticmethod
+    def check_model(model) -> str | None:
+        """Refuse (MlmtuneError) a model this engine cannot train; a line on what it will train, or None."""
+
+    @staticmethod
+    def probe(cfg: TrainConfig, model, tokenizer, train_blocks: Blocks, device: torch.device) -> Probe:
+        """Seconds per optimizer step (full, or head-only) as this engine trains, for --time-budget."""
+
+    def session(self):
+        """A context manager around the whole run (deterministic kernels for PyTorch)."""
+
+    def attach(self, model) -> None:
+        """Take the loaded model (a new head already seeded), before the step counts are planned."""
+
+    def start(self, cfg: TrainConfig, tokenizer) -> None:
+        """Set up the optimizer and whatever the steps need, from the run's final config."""
+
+    def describe(self) -> str: ...
+
+    def restore(self, path: Path, state: ckpt.TrainState) -> None:
+        """A checkpoint's weights and optimizer state, read into the engine."""
+
+    def set_phase(self, head_only: bool) -> None:
+        """Train the new head alone (the encoder frozen), or the whole model, from the next step on."""
+
+    def step(self, step: int, batches: list, n_masked: int, learning_rate: float, head_only: bool):
+        """One optimizer step over this rank's micro-batches; returns this rank's share of the step's mean loss
+        (a 0-d tensor or a float: nothing here waits for a GPU)."""
+
+    def sync(self) -> None:
+        """Wait for queued device work (before a clock is read)."""
+
+    def eval_model(self) -> torch.nn.Module:
+        """The PyTorch model (or sharded root) that evaluation runs, holding the current weights."""
+
+    def checkpoint(self, state: ckpt.TrainState) -> tuple[torch.nn.Module | None, dict]:
+        """The full model (rank 0; None elsewhere) and the optimizer state to write; every rank calls it."""
+
+    def output_model(self) -> torch.nn.Module | None:
+        """The full model to write as the output (rank 0); every rank calls it."""
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def engine_class(backend: str) -> type[Engine]:
+    """The engine of a --backend. Keras' is imported only then: keras and tensorflow are an optional
+    dependency (`require` says how to install them) that takes seconds to import."""
+    if backend == "keras":
+        from mlmtune.keras import require
+
+        require()
+        from mlmtune.keras.engine import KerasEngine
+
+        return KerasEngine
+    return TorchEngine
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -69,63 +133,9 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
 
 
-def stop_on_ctrl_c(event: threading.Event) -> Callable[[], None]:
-    """First Ctrl-C asks the loop to stop after the current step (which it saves); a second stops
-    at once. Returns the function that puts the previous handler back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-        log("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
-
-
-def eval_entry(result: EvalResult) -> dict[str, Any]:
-    return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
-
-
-def start_or_resume(cfg: TrainConfig, out: Path, model, optimizer, scheduler,
-                    evaluate: Callable[[str], EvalResult | None], say: Callable[[str], None],
-                    dashboard_on: bool = True) -> tuple[ckpt.TrainState, bool, dashboard.Dashboard]:
-    """The run's state, whether it was resumed, and its dashboard: with --resume the newest checkpoint's
-    (weights and optimizer loaded into `model`, `optimizer`, `scheduler`), else a new state holding the
-    evaluation before training."""
-    config_dict = to_dict(cfg)
-    resumed = ckpt.resume_latest(out, model, optimizer, scheduler, config_dict, say) if cfg.resume else None
-    if resumed is not None:
-        state = resumed
-    else:
-        if cfg.resume:
-            say(f"--resume: no checkpoint in {out}, starting from the beginning")
-        state = ckpt.TrainState(config=config_dict)
-        before = evaluate("Eval (before)")
-        state.eval_before = eval_entry(before) if before else None
-        if before:
-            say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
-    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=dashboard_on)
-    if resumed is None and state.eval_before:
-        dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
-    return state, resumed is not None, dash
-
-
-def _held_out_blocks(cfg: TrainConfig, tokenizer):
-    """With --streaming: blocks of the first --eval-records records, the eval split."""
-    from datasets import Dataset, DatasetDict
-
-    if not cfg.data.eval_records:
-        return DatasetDict(), BlockStats({}, {}, {})
-    texts = held_out_texts(cfg.data)
-    return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
-
-
 @dataclass
 class Run:
-    """What a run trains on and with: model, tokenizer, blocks, masker (the same for every backend)."""
+    """What a run trains on and with: model, tokenizer, blocks, masker (the same for every engine)."""
 
     model: Any
     tokenizer: Any
@@ -134,9 +144,20 @@ class Run:
     eval_blocks: Blocks | None
     masker: Masker
 
+    @property
+    def n_train(self) -> int | None:
+        return None if self.train_blocks is None else len(self.train_blocks)
 
-def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None],
-             check_model: Callable[[Any], Any] | None = None) -> Run:
+
+def _held_out_blocks(cfg: TrainConfig, tokenizer):
+    """With --streaming: blocks of the first --eval-records records, the eval split."""
+    if not cfg.data.eval_records:
+        return DatasetDict(), BlockStats({}, {}, {})
+    texts = held_out_texts(cfg.data)
+    return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
+
+
+def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any], Any] | None = None) -> Run:
     """Model and tokenizer (a new seeded head when the folder has none), blocks and the preflight warnings.
 
     Args:
@@ -154,12 +175,11 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None],
         blocks, stats = _held_out_blocks(cfg, tokenizer)
     else:
         blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
-    preflight = Report()  # the cheap checks of `mlmtune check`; the errors among them have raised already
+    preflight = Findings()  # the cheap checks of `mlmtune check`; the errors among them have raised already
     check_tokenizer(tokenizer, preflight)
     check_data(stats, cfg.data.block_size, preflight)
-    for level, message in preflight.findings:
-        if level == WARNING:
-            say(f"warning: {message}")
+    for message in preflight.warnings:
+        say(f"warning: {message}")
     train_blocks = Blocks(blocks["train"]) if "train" in blocks else None  # read per batch from the memory map
     eval_blocks = Blocks(blocks["test"]) if "test" in blocks else None
     n_train = "a stream of" if train_blocks is None else len(train_blocks)
@@ -169,48 +189,8 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, say: Callable[[str], None],
     return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker)
 
 
-def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, tokenizer, train_blocks, device,
-                  say: Callable[[str], None], probe: Callable[[bool], float] | None = None) -> TrainConfig:
-    """Turn --time-budget, an automatic --head-warmup-steps and its learning rate into numbers, once per run.
-
-    A resumed run takes the counts its checkpoints were made with; a new one measures (rank 0 probes,
-    every rank gets its numbers). The returned config is the one saved with the run.
-    """
-    new_head = has_new_head(model)
-    head = cfg.head_warmup_steps
-    max_steps = cfg.max_steps
-    saved = ckpt.newest_config(Path(cfg.output_dir)) if cfg.resume and cfg.time_budget is not None else None
-    if saved is not None and saved.get("time_budget") == cfg.time_budget:
-        max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
-    elif cfg.time_budget is not None:
-        counts = [0, 0]
-        if d.main:
-            plan = plan_budget(cfg, model, tokenizer, train_blocks, new_head, device=device, probe=probe)
-            say(plan.describe(cfg.time_budget))
-            counts = [plan.max_steps, plan.head_warmup_steps]
-        max_steps, head = (int(c) for c in distributed.all_reduce_sum(d, counts, device))
-    elif head is None:
-        total = cfg.max_steps if train_blocks is None else steps_for(cfg, len(train_blocks), d.world)[1]
-        head = round(AUTO_HEAD_SHARE * total) if new_head else 0
-        if head:
-            say(f"The model has no masked-LM head: the first {head} of {total} steps train the new head alone "
-                f"(--head-warmup-steps sets this)")
-    head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
-    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
-
-
-def step_plan(cfg: TrainConfig, train_blocks: Blocks | None, world: int) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, steps between checkpoints). A stream has no epochs: its "epochs" are
-    the evaluation and checkpoint intervals."""
-    if train_blocks is None:
-        steps_per_epoch, total_steps = cfg.save_steps or max(1, cfg.max_steps // 10), cfg.max_steps
-    else:
-        steps_per_epoch, total_steps = steps_for(cfg, len(train_blocks), world)
-    return steps_per_epoch, total_steps, cfg.save_steps or steps_per_epoch
-
-
 def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict | None) -> dict[str, Any]:
-    """The metrics every backend reports, from the loop state and the last evaluation."""
+    """The metrics every engine reports, from the loop state and the last evaluation."""
     before = state.eval_before
     return {
         "model": cfg.model,
@@ -228,7 +208,7 @@ def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict 
         "train_tokens": state.train_tokens,
         "train_seconds": round(state.train_seconds, 3),
         "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
-        "train_blocks": None if run.train_blocks is None else len(run.train_blocks),
+        "train_blocks": run.n_train,
         "streaming": cfg.data.streaming,
         "eval_blocks": 0 if run.eval_blocks is None else len(run.eval_blocks),
         "block_size": cfg.data.block_size,
@@ -247,9 +227,7 @@ def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[st
         plot_curves(metrics, folder)
         write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
 
-    ckpt.publish(out, write)
+    ckpt.write_final(out, write)
     if cfg.push_to_hub:
         repo = cfg.hub_model_id or out.resolve().name
-        log(f"Pushed to {push_folder(str(out), repo)}")
-
-
+        say(f"Pushed to {push_folder(str(out), repo)}")

@@ -11,20 +11,19 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from tqdm.auto import tqdm
 
 from mlmtune import hub
-from mlmtune.blocks import is_prepared
 from mlmtune.config import DataConfig
 from mlmtune.data import DEFUNCT_DATASETS, _as_text, _txt_lines, defunct_error, local_source, python_docs_texts
 from mlmtune.errors import MlmtuneError
+from mlmtune.prepare import is_prepared
 
 
 def stream_records(data: DataConfig):
     """The corpus as a `datasets.IterableDataset` of records (nothing is read until iterated)."""
-    from datasets import IterableDataset
-
     name = data.dataset or ""
     if name == "builtin:python-docs":
         return Dataset.from_dict({"text": python_docs_texts()}).to_iterable_dataset()
@@ -127,8 +126,6 @@ class BlockStream:
 
     def batches(self, start: int = 0, progress: bool = True):
         """Yield (global_batch, T) tensors, skipping the first `start` (what a resumed run did)."""
-        from tqdm.auto import tqdm
-
         produced, epoch = 0, 0
         bar = tqdm(total=start, desc="Fast-forwarding the stream", disable=not (progress and start), leave=False)
         while True:

@@ -13,6 +13,8 @@ with mlmtune's blocks and masks, so that a model trained here scores like one tr
     >>> mk.save_pretrained(model, tokenizer, "my_awesome_eli5_mlm_model")
 
 Keras runs on TensorFlow here (`KERAS_BACKEND=tensorflow`); install with `pip install "mlmtune[keras]"`.
+keras, keras-hub and tensorflow are an optional dependency: this package imports them inside the
+functions that use them, after `require()` has said in one line what is missing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from mlmtune.errors import MlmtuneError
-from mlmtune.keras.data import masked_dataset
+from mlmtune.fill import MASK_SPELLINGS, format_predictions
+from mlmtune.keras.convert import build_masked_lm, hf_to_keras, keras_to_hf
+from mlmtune.keras.data import masked_dataset, uses_segments
+from mlmtune.model import load_model
+from mlmtune.model import load_tokenizer as _load_tokenizer
 
 PACKAGES = {"tensorflow": "tensorflow", "keras": "keras", "keras_hub": "keras-hub"}
 _carriers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Keras model -> its Hugging Face twin
@@ -40,7 +46,7 @@ def require(what: str = "--backend keras") -> None:
     if missing:
         raise MlmtuneError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
                            f"installed: pip install \"mlmtune[keras]\"")
-    try:
+    try:  # the optional dependency, imported here to say in one line what is wrong with it
         import keras
         import keras_hub  # noqa: F401
     except ImportError as e:
@@ -53,8 +59,6 @@ def require(what: str = "--backend keras") -> None:
 
 def from_hf(hf_model, dtype: str | None = None):
     """The keras-hub twin of a loaded Hugging Face masked-LM, with its weights."""
-    from mlmtune.keras.convert import build_masked_lm, hf_to_keras
-
     model = build_masked_lm(hf_model, dtype=dtype)
     hf_to_keras(hf_model, model)
     _carriers[model] = hf_model
@@ -74,22 +78,18 @@ def load_masked_lm(name: str, dtype: str | None = None):
         BERT), its output the logits at the mask positions.
     """
     require("mlmtune.keras")
-    from mlmtune.model import load_model
-
     hf_model, _ = load_model(name)
     return from_hf(hf_model, dtype)
 
 
 def load_tokenizer(name: str):
     """The Hugging Face tokenizer of a folder or Hub id (mlmtune's blocks and masks are made with it)."""
-    from mlmtune.model import load_tokenizer as load
-
-    return load(name)
+    return _load_tokenizer(name)
 
 
 def loss():
     """Cross-entropy over the masked tokens, averaged over them (not over the padded mask slots)."""
-    import keras
+    import keras  # optional dependency
 
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
 
@@ -97,7 +97,7 @@ def loss():
 def optimizer(model, learning_rate=2e-5, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0):
     """AdamW as the Trainer sets it up: betas (0.9, 0.999), eps 1e-8, no decay on biases and LayerNorm,
     gradients clipped to a global norm. `learning_rate` may be a Keras schedule."""
-    import keras
+    import keras  # optional dependency
 
     opt = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, beta_1=0.9, beta_2=0.999,
                                  epsilon=1e-8, global_clipnorm=max_grad_norm or None)
@@ -126,8 +126,6 @@ def save_pretrained(model, tokenizer, folder: str | Path, overwrite: bool = Fals
         tokenizer: its tokenizer.
         folder: where to write; it must be empty or new unless `overwrite`.
     """
-    from mlmtune.keras.convert import keras_to_hf
-
     hf_model = _carriers.get(model)
     if hf_model is None:
         raise MlmtuneError("save_pretrained takes a model made by mlmtune.keras.load_masked_lm (it needs the "
@@ -149,10 +147,7 @@ def fill(model, tokenizer, texts: str | list[str], top_k: int = 5):
         what `pipeline("fill-mask")` returns for the same texts: for one text with one mask, a list of
         {score, token, token_str, sequence}; a list of those per text when given a list.
     """
-    import keras
-
-    from mlmtune.fill import MASK_SPELLINGS, format_predictions
-    from mlmtune.keras.data import uses_segments
+    import keras  # optional dependency
 
     single = isinstance(texts, str)
     results = []

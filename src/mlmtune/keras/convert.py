@@ -46,7 +46,7 @@ class Port:
 
 def _activation(name: str):
     """The Keras function for a Hugging Face `hidden_act`."""
-    import keras
+    import keras  # optional dependency
 
     exact = {"gelu": lambda x: keras.activations.gelu(x, approximate=False),
              "relu": keras.activations.relu, "silu": keras.activations.silu, "swish": keras.activations.silu}
@@ -111,7 +111,7 @@ def build_masked_lm(hf_model, dtype: str | None = None):
         hf_model: a transformers `*ForMaskedLM` of the BERT, RoBERTa or DistilBERT family.
         dtype: a Keras dtype policy ("float32", "mixed_bfloat16", ...); None: Keras' default.
     """
-    import keras
+    import keras  # optional dependency
     import keras_hub
 
     family = family_of(hf_model)

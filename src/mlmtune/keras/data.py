@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mlmtune.blocks import Blocks
 from mlmtune.feed import epoch_order
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
 
@@ -45,7 +46,7 @@ def keras_batch(inputs: torch.Tensor, labels: torch.Tensor, segments: bool) -> t
 
 def signature(segments: bool):
     """The tf.data element spec of `keras_batch`'s output (batch and mask counts vary)."""
-    import tensorflow as tf
+    import tensorflow as tf  # optional dependency
 
     ids = tf.TensorSpec((None, None), tf.int32)
     x = {"token_ids": ids, "padding_mask": ids, "mask_positions": ids}
@@ -61,8 +62,6 @@ def uses_segments(tokenizer) -> bool:
 
 def as_blocks(blocks):
     """A `datasets.Dataset` of blocks (an `input_ids` column), `mlmtune.blocks.Blocks`, or an (N, T) array."""
-    from mlmtune.blocks import Blocks
-
     if hasattr(blocks, "column_names"):
         return Blocks(blocks)
     if isinstance(blocks, Blocks):
@@ -94,7 +93,7 @@ def masked_dataset(blocks, tokenizer, batch_size: int = 8, seed: int = 42, shuff
         >>> train = masked_dataset(blocks["train"], tokenizer, batch_size=8, seed=42)  # doctest: +SKIP
         >>> model.fit(train, validation_data=masked_dataset(blocks["test"], tokenizer, shuffle=False), epochs=3)
     """
-    import tensorflow as tf
+    import tensorflow as tf  # optional dependency
 
     blocks = as_blocks(blocks)
     masker = Masker.from_tokenizer(tokenizer, mlm_probability)

@@ -1,10 +1,13 @@
-"""What a finished run leaves beside the model: metrics.json, training_curves.png, the model card."""
+"""What a finished run leaves beside the model: metrics.json, training_curves.png and the model card
+(README.md, with the metadata that makes the Hub show a fill-mask widget)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from matplotlib.figure import Figure  # the object API: no pyplot, so a notebook's plotting backend is left alone
 
 from mlmtune.config import TrainConfig
 
@@ -17,12 +20,8 @@ def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
 
 def plot_curves(metrics: dict[str, Any], folder: Path) -> Path:
     """Training loss and eval perplexity over optimizer steps, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_ppl = fig.subplots(1, 2)
     losses = metrics.get("train_loss", [])
     ax_loss.plot([p["step"] for p in losses], [p["loss"] for p in losses], color="tab:blue")
     ax_loss.set(title="Training loss (masked tokens)", xlabel="step", ylabel="loss")
@@ -39,7 +38,6 @@ def plot_curves(metrics: dict[str, Any], folder: Path) -> Path:
     fig.tight_layout()
     path = folder / "training_curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -1,0 +1,162 @@
+"""Step counts that are measured, not given: `--time-budget` and the automatic head warm-up.
+
+A time budget (`--time-budget 3m`) turns into a step count once, at the start of a run: a short
+probe times a few steps on a copy of the model (each engine brings its own probe), and the count
+is saved with the run's config, so `--resume` continues the same schedule on any machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlmtune import checkpoint as ckpt
+from mlmtune import distributed
+from mlmtune.config import TrainConfig, parse_duration
+from mlmtune.device import resolve_device, resolve_precision
+from mlmtune.errors import MlmtuneError, say
+from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
+from mlmtune.masking import IGNORE_INDEX, Masker
+from mlmtune.model import has_new_head
+from mlmtune.schedule import steps_for
+
+# Share of a time budget given to the head-only phase when the head is new and no count is given.
+# A head-only step costs about 40% of a full one; on the quickstart the head alone stops improving
+# after some 30 steps (eval loss 10.4 -> 5.5), and the rest needs the encoder to train.
+HEAD_SHARE = 0.15
+AUTO_HEAD_SHARE = 0.1  # of a run's steps that train a new head alone, when no count or budget is given
+DEFAULT_HEAD_LR = 1e-3  # Adam's usual rate for fitting a linear probe, whatever --learning-rate the encoder gets
+
+Probe = Callable[[bool], float]  # seconds per optimizer step, full (False) or head-only (True)
+
+
+def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3, head_only: bool = False,
+                device: torch.device | None = None) -> dict:
+    """Seconds per optimizer step and peak memory, from a few real PyTorch steps on a copy of the model.
+
+    The first step pays for one-time allocations and is left out of the median.
+    """
+    device = device or resolve_device(cfg.device)
+    probe = copy.deepcopy(model).to(device).train()
+    freeze_encoder(probe, head_only)
+    dtype = resolve_precision(cfg.precision, device)
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  fused=True)
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batches = [masker(train_blocks[torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),),
+                                                     generator=generator)], generator)
+                   for _ in range(cfg.gradient_accumulation_steps)]
+        n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        backward_masked(MaskedLMLoss(probe), batches, n_masked, device, dtype, head_only=head_only)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    del probe, optimizer
+    warm = sorted(times[1:] or times)
+    return {"step_seconds": warm[len(warm) // 2], "peak_memory_gb": round(peak_gb, 2)}
+
+
+def torch_probe(cfg: TrainConfig, model, tokenizer, train_blocks, device: torch.device | None = None) -> Probe:
+    """PyTorch's probe: the median seconds of three timed steps."""
+    def probe(head_only: bool) -> float:
+        return timed_probe(cfg, model, tokenizer, train_blocks, steps=3, head_only=head_only,
+                           device=device)["step_seconds"]
+
+    return probe
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The step counts a time budget allows, and the timings they came from."""
+
+    max_steps: int
+    head_warmup_steps: int
+    full_step_seconds: float
+    head_step_seconds: float | None
+    probe_seconds: float
+
+    def describe(self, budget: str) -> str:
+        head = (f"{self.head_warmup_steps} head-only steps ({self.head_step_seconds:.2f}s each), then "
+                if self.head_warmup_steps else "")
+        return (f"--time-budget {budget}: {head}{self.max_steps - self.head_warmup_steps} full steps "
+                f"({self.full_step_seconds:.2f}s each), measured in a {self.probe_seconds:.0f}s probe")
+
+
+def plan_budget(cfg: TrainConfig, new_head: bool, probe: Probe) -> BudgetPlan:
+    """Pick the step counts that fit `cfg.time_budget` (the probe's own time included).
+
+    With a new head and no --head-warmup-steps, HEAD_SHARE of the time trains the head alone. An
+    explicit --max-steps caps the total.
+
+    Args:
+        probe: seconds per optimizer step, full or head-only, measured by the engine that will train.
+    """
+    budget = parse_duration(cfg.time_budget)
+    t0 = time.perf_counter()
+    full = probe(False)
+    asked = cfg.head_warmup_steps
+    wants_head = new_head if asked is None else asked > 0
+    head = probe(True) if wants_head else None
+    probe_seconds = time.perf_counter() - t0
+    left = max(budget - probe_seconds, 0.0)
+    head_warmup = 0
+    if wants_head:
+        head_warmup = min(int(HEAD_SHARE * left / head) if asked is None else asked, int(left / head))
+    full_steps = int((left - head_warmup * (head or 0)) / full)
+    total = head_warmup + full_steps
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+        head_warmup = min(head_warmup, total)
+    if total < 1:
+        raise MlmtuneError(f"--time-budget {cfg.time_budget} does not fit one training step on this machine "
+                           f"(a step takes {full:.1f}s after a {probe_seconds:.0f}s probe); give more time")
+    return BudgetPlan(total, head_warmup, full, head, probe_seconds)
+
+
+def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: int | None, device: torch.device,
+                  probe: Callable[[], Probe]) -> TrainConfig:
+    """Turn --time-budget, an automatic --head-warmup-steps and its learning rate into numbers, once per run.
+
+    A resumed run takes the counts its checkpoints were made with; a new one measures (rank 0 probes,
+    every rank gets its numbers). The returned config is the one saved with the run.
+
+    Args:
+        n_train_blocks: the training split's blocks (None for a stream).
+        probe: makes the engine's probe (only called when there is a budget to plan).
+    """
+    new_head = has_new_head(model)
+    head = cfg.head_warmup_steps
+    max_steps = cfg.max_steps
+    saved = ckpt.newest_config(Path(cfg.output_dir)) if cfg.resume and cfg.time_budget is not None else None
+    if saved is not None and saved.get("time_budget") == cfg.time_budget:
+        max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
+    elif cfg.time_budget is not None:
+        counts = [0, 0]
+        if d.main:
+            plan = plan_budget(cfg, new_head, probe())
+            say(plan.describe(cfg.time_budget))
+            counts = [plan.max_steps, plan.head_warmup_steps]
+        max_steps, head = (int(c) for c in distributed.all_reduce_sum(d, counts, device))
+    elif head is None:
+        total = cfg.max_steps if n_train_blocks is None else steps_for(cfg, n_train_blocks, d.world)[1]
+        head = round(AUTO_HEAD_SHARE * total) if new_head else 0
+        if head:
+            say(f"The model has no masked-LM head: the first {head} of {total} steps train the new head alone "
+                f"(--head-warmup-steps sets this)")
+    head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
+    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
