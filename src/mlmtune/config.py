@@ -53,6 +53,7 @@ class DataConfig:
     dataset: str | None = None
     """Hub dataset id, local file or folder, a folder made by `mlmtune prepare`, or `builtin:python-docs`."""
     dataset_config: str | None = None
+    """The dataset's configuration (subset) name, for Hub datasets that have several."""
     split: str = "train"
     """Split to read; slicing works (`train[:5000]`, `train[:10%]`)."""
     text_field: str = "text"
@@ -61,6 +62,7 @@ class DataConfig:
     """Fraction of records held out for evaluation; 0 means none (default: 0.2 for train and prepare; eval
     scores the training run's held-out split on its own dataset, and all of any other dataset)."""
     block_size: int = 128
+    """Tokens per block: each split is concatenated and cut into blocks of this length."""
     cache_dir: str | None = None
     """Where tokenized blocks are cached (default: ~/.cache/mlmtune)."""
     streaming: bool = False
@@ -103,13 +105,16 @@ class TrainConfig:
     """Everything `mlmtune train` (and `mlmtune quickstart`) needs; saved beside every output."""
 
     model: str = DEFAULT_MODEL
+    """The model to continue training: a Hub id, a local model folder, or builtin:all-minilm-l6-v2."""
     data: DataConfig = field(default_factory=DataConfig)
     backend: str = "torch"
     """Training engine: torch, or keras (a keras-hub model trained with model.fit on TensorFlow, for the BERT,
     RoBERTa and DistilBERT families; needs `pip install "mlmtune[keras]"`). Data, masks, evaluation and the
     output folder are the same."""
     mlm_probability: float = 0.15
+    """Share of the tokens chosen for prediction (of which 80% become the mask, 10% a random token, 10% stay)."""
     epochs: float = 3
+    """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
     """Total optimizer steps; overrides --epochs when set."""
     time_budget: str | None = None
@@ -121,13 +126,17 @@ class TrainConfig:
     head_learning_rate: float | None = None
     """Learning rate of the head warm-up steps, constant (default: 1e-3)."""
     learning_rate: float = 2e-5
+    """Peak learning rate of AdamW, reached after --warmup-steps and decayed linearly to 0."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (none on biases and LayerNorm weights)."""
     batch_size: int = 8
     """Blocks per device per forward pass (the guide's per_device_train_batch_size)."""
     eval_batch_size: int | None = None
     """Blocks per evaluation forward pass (default: --batch-size)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step: the global batch is --batch-size x processes x this."""
     warmup_steps: int = 0
+    """Steps of linear warm-up of the learning rate (after any head warm-up)."""
     precision: str = "auto"
     """Training precision: auto (bf16 where the hardware runs it fast, fp16 with a gradient scaler on GPUs before
     Ampere, else fp32), fp32, bf16 or fp16. Eval is fp32."""
@@ -149,18 +158,23 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip gradients to this norm (the Trainer's default); 0 turns clipping off."""
     seed: int = 42
+    """Seeds the split, the new head, the order of the blocks, every step's masks and dropout, and the eval masks."""
     save_steps: int | None = None
     """Checkpoint every N optimizer steps (default: at the end of every epoch)."""
     save_total_limit: int = 2
     """How many checkpoints to keep under output_dir/checkpoints."""
     logging_steps: int = 10
+    """Log the training loss every N optimizer steps."""
     report_to: str = "none"
     """Where to log while training: none, or tensorboard (event files under OUTPUT_DIR/runs/)."""
     output_dir: str = "mlmtune-output"
+    """Where the model folder, checkpoints and records go: a new or empty folder, or the run's own with --resume."""
     resume: bool = False
     """Continue from the newest checkpoint in --output-dir."""
     push_to_hub: bool = False
+    """Upload the finished model folder (not its checkpoints) to the Hub."""
     hub_model_id: str | None = None
+    """The Hub repository to push to (default: the name of --output-dir)."""
 
     def __post_init__(self):
         _check_common(self)
@@ -209,7 +223,9 @@ class PrepareConfig:
     """Whose tokenizer to use."""
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 42
+    """Seeds the split into train and test records."""
     output_dir: str = "mlmtune-prepared"
+    """A new or empty folder, or an earlier `mlmtune prepare` output (only its own entries are replaced)."""
 
     def __post_init__(self):
         _require(bool(self.data.dataset), "--dataset is required")
@@ -220,10 +236,14 @@ class EvalConfig:
     """`mlmtune eval`: perplexity on fixed masks, and optionally pseudo-perplexity."""
 
     model: str = DEFAULT_MODEL
+    """The model to score: a Hub id or a model folder (a training run's output reuses its own settings)."""
     data: DataConfig = field(default_factory=DataConfig)
     mlm_probability: float = 0.15
+    """Share of the tokens masked for scoring (a training run's own value when scoring its data)."""
     seed: int = 42
+    """Seeds the split and the fixed eval masks (a training run's own seed when scoring its data)."""
     batch_size: int = 16
+    """Blocks per forward pass (the result does not depend on it)."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
     pseudo: bool = False
@@ -247,10 +267,13 @@ class FillConfig:
     """`mlmtune fill`: top-k predictions for each mask, as `pipeline("fill-mask")` gives them."""
 
     model: str = DEFAULT_MODEL
+    """The model that fills: a Hub id or a model folder."""
     top_k: int = 5
+    """Predictions per mask."""
     targets: list[str] | None = None
     """Restrict candidates to these words (comma-separated on the command line)."""
     batch_size: int = 32
+    """Texts per forward pass."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
     precision: str = "fp32"
@@ -269,9 +292,11 @@ class ServeConfig:
     """`mlmtune serve`: fill-mask over HTTP, requests batched into shared forward passes."""
 
     model: str = DEFAULT_MODEL
+    """The model to serve: a Hub id or a model folder (safetensors weights only)."""
     host: str = "127.0.0.1"
     """Address to bind; the default answers this machine only."""
     port: int = 8000
+    """Port to bind; 0 picks a free one (the server prints it)."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
     precision: str = "fp32"
