@@ -162,3 +162,16 @@ def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     exact = [float(probs[p["token"]]) for p in preds]
     assert [p["score"] for p in preds] == pytest.approx(exact, rel=2e-2)
     assert [p["score"] for p in preds] != pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["serve", "--help"], ["train", "--bogus-flag"]])
+def test_help_and_bad_flags_answer_without_importing_the_heavy_stack(args):
+    """`mlmtune --help` and a mistyped flag answer at once: torch, transformers and datasets (seconds to import)
+    are imported only by the command that runs."""
+    code = ("import sys\nfrom mlmtune.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'fastapi') if m in sys.modules]\n"
+            "print(code, heavy)\n")
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    expected = "2" if args[-1] == "--bogus-flag" else "0"
+    assert p.stdout.strip().splitlines()[-1] == f"{expected} []", p.stdout + p.stderr

@@ -204,9 +204,9 @@ def test_keras_backend_learns_like_the_torch_backend(keras_run, configs, tmp_pat
     # the same model, eval blocks and masks (RoBERTa's token-type row folded into its positions: rounding only)
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
     assert k["eval_loss_after"] < k["eval_loss_before"] - 0.3  # it learned
-    # measured apart on the same masks, head warm-up included: eval 0.1%, 4-step loss windows at most 0.7%
-    # (dropout draws differ)
-    assert k["eval_loss_after"] == pytest.approx(t["eval_loss_after"], rel=0.01)
+    # measured apart on the same masks, head warm-up included: eval 0.12%, 4-step loss windows at most 0.57%
+    # (dropout draws differ), against a drop of 7% in eval loss
+    assert k["eval_loss_after"] == pytest.approx(t["eval_loss_after"], rel=0.004)
     for a, b in zip(k["train_loss"], t["train_loss"]):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=0.015)
 
@@ -287,13 +287,13 @@ def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, caps
         'mlmtune: error: --backend keras needs keras-hub, which is not installed: pip install "mlmtune[keras]"')
 
 
-def test_readme_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
-    """The README's rewrite of the guide's Keras code, with a tiny model, a tiny corpus and one epoch."""
+def test_docs_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
+    """docs/keras.md's rewrite of the guide's Keras code, with a tiny model, a tiny corpus and two epochs."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "keras.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     (code,) = [block for block in blocks if "mk.load_masked_lm" in block]
     out = tmp_path / "my_awesome_eli5_mlm_model"
     for old, new in [("distilbert/distilroberta-base", str(tiny_model_dir)),
@@ -305,7 +305,7 @@ def test_readme_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_p
     scope: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        exec(compile(code, "README.md", "exec"), scope)
+        exec(compile(code, "docs/keras.md", "exec"), scope)
     assert not [w for w in caught if "ran out of data" in str(w.message)]  # the datasets know their length
 
     history = scope["history"].history

@@ -1,0 +1,85 @@
+"""`api.parse_fill`, the server's one check of a fill request, without HTTP: what it accepts (checked against the
+tokenizer and the pipeline's target rule), and the 4xx it gives for everything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlmtune.api import BadRequest, Limits, parse_fill
+from mlmtune.fill import FillMask
+
+LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, max_top_k=100)
+
+
+@pytest.fixture(scope="module")
+def filler(tiny_model_dir):
+    return FillMask.from_pretrained(str(tiny_model_dir))
+
+
+def _parse(body, filler, limits=LIMITS):
+    return parse_fill(json.dumps(body).encode() if not isinstance(body, bytes) else body, limits, filler)
+
+
+@pytest.mark.parametrize("body, texts, is_list, top_k", [
+    ({"text": "The <mask> statement."}, ["The <mask> statement."], False, 5),
+    ({"text": ["A <mask>.", "The [MASK] keyword."], "top_k": 2}, ["A <mask>.", "The [MASK] keyword."], True, 2),
+    ({"inputs": "A <mask>.", "parameters": {"top_k": 3}}, ["A <mask>."], False, 3),
+    ({"inputs": ["A <mask>."], "parameters": {"top_k": None, "targets": None}}, ["A <mask>."], True, 5),
+    ({"inputs": "A <mask>.", "options": {"wait_for_model": True}}, ["A <mask>."], False, 5),
+])
+def test_valid_requests(filler, body, texts, is_list, top_k):
+    req = _parse(body, filler)
+    assert (req.texts, req.is_list, req.top_k, req.target_ids) == (texts, is_list, top_k, None)
+    # the ids the model will see are the tokenizer's own, with either mask spelling made the model's
+    tok = filler.tokenizer
+    assert [ids.tolist() for ids in req.encoded] == \
+        [tok(t.replace("[MASK]", tok.mask_token))["input_ids"] for t in texts]
+    again = _parse(body, filler)  # a pure function: the same body gives the same request
+    assert (again.texts, again.top_k) == (req.texts, req.top_k) and all(
+        a.equal(b) for a, b in zip(again.encoded, req.encoded))
+
+
+def test_targets_follow_the_pipelines_rule(filler, tiny_model_dir):
+    from transformers import pipeline
+
+    targets = ["Ġloop", "Ġdef", "zzzz"]  # the last is not one token: the pipeline takes its first piece
+    req = _parse({"inputs": "The <mask> statement.", "parameters": {"top_k": 2, "targets": targets}}, filler)
+    pipe = pipeline("fill-mask", model=str(tiny_model_dir))
+    assert sorted(req.target_ids.tolist()) == sorted(pipe.get_target_ids(targets).tolist())
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b'{"text": "A <mask>.",', 400, "malformed JSON"),
+    (b"[" * 3_000, 400, "nested too deeply"),
+    (b'"A <mask>."', 400, "the body must be a JSON object"),
+    (b"x" * 4001, 413, "request body is 4,001 bytes; the limit is 4,000"),
+    ({"text": "<mask> " + "x" * 400}, 413, "the text is 407 characters; the limit is 300"),
+    ({"text": ["A <mask>."] * 4}, 422, '"text" holds 4 texts; the limit is 3'),
+    ({"text": "No mask at all."}, 422, "the text has no mask"),
+    ({"text": ["A <mask>.", "none"]}, 422, "text 2 has no mask"),
+    ({"text": "<mask> <mask> <mask> <mask>"}, 422, "the text has 4 masks; the limit is 3"),
+    ({"text": "<mask> " + "word " * 58}, 422, "tokens long; the model takes at most 64"),
+    ({"text": " "}, 422, "the text is empty"),
+    ({"text": "A <mask>.", "top_k": 0}, 422, '"top_k" must be an integer from 1 to 100'),
+    ({"text": "A <mask>.", "top_k": True}, 422, '"top_k" must be an integer'),
+    ({"text": 42}, 422, '"text" must be a string or a non-empty list of strings'),
+    ({"text": []}, 422, '"text" must be a string or a non-empty list of strings'),
+    ({"txt": "A <mask>."}, 422, "unknown field(s): txt; known: targets, text, top_k"),
+    ({"inputs": "A <mask>.", "parameters": {"topk": 3}}, 422, "unknown field(s) in parameters: topk"),
+    ({"inputs": "A <mask>.", "parameters": [3]}, 422, '"parameters" must be an object'),
+    ({"text": "A <mask>.", "targets": "loop"}, 422, '"targets" must be a non-empty list of words'),
+    ({"text": "A <mask>.", "targets": [""]}, 422, '"targets" must be a non-empty list of words'),
+])
+def test_bad_requests_are_named(filler, body, status, message):
+    with pytest.raises(BadRequest) as bad:
+        _parse(body, filler)
+    assert bad.value.status == status and message in str(bad.value)
+
+
+def test_top_k_over_the_vocabulary_is_refused_unless_targets_bound_it(filler):
+    limits = Limits(max_top_k=1000)
+    with pytest.raises(BadRequest, match="top_k 700 is larger than the vocabulary of this model"):
+        _parse({"text": "A <mask>.", "top_k": 700}, filler, limits)
+    assert _parse({"text": "A <mask>.", "top_k": 700, "targets": ["Ġloop"]}, filler, limits).top_k == 700
