@@ -99,11 +99,23 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join([head, rule, *body])
 
 
-def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
-    """benchmarks/results/NAME.json (or FOLDER/NAME.json): the machine, then the figures."""
+def machine_slug(m: dict) -> str:
+    """A folder name for a machine class: its GPU, or its CPU's maker and class (intel-xeon-amx, amd-epyc-avx2)."""
+    if m.get("gpu"):
+        return "-".join(m["gpu"].lower().replace("nvidia", "nvidia ").split()[:3])
+    words = [w for w in m["cpu"].lower().replace("(r)", "").split() if w not in ("processor", "cpu")][:2]
+    kind = {"AMX (AVX-512 bf16 and AMX tiles)": "amx", "AVX-512 bf16, no AMX": "avx512-bf16",
+            "AVX-512 without bf16": "avx512", "AVX2 only": "avx2"}.get(m["cpu_class"], "other")
+    return "-".join([*words, kind])
+
+
+def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+    """benchmarks/results/MACHINE/NAME.json (or FOLDER/NAME.json): the machine, then the figures."""
+    m = machine()
+    folder = folder or RESULTS / machine_slug(m)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": m, **payload}, indent=2) + "\n")
     return path
 
 

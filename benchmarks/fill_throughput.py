@@ -6,7 +6,7 @@ The same model folder (the quickstart's MiniLM with its seeded new head) for bot
 sentences are Python-docs sentences with one word masked. Baselines: the pipeline as users call
 it (a list of texts, batch size 1) and the pipeline with batch_size=32. Checks that the top-k
 tokens are identical for every sentence and reports the largest score difference. Prints a
-table and writes benchmarks/results/fill_throughput.json.
+table and writes benchmarks/results/MACHINE/fill_throughput.json.
 """
 
 from __future__ import annotations

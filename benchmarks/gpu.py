@@ -11,7 +11,7 @@ peak GPU memory and MFU against the bf16 matmul peak measured in the same run (F
 6 x matmul parameters per token plus attention; the sparse head counted at the masked 15% only for
 mlmtune, whose head runs only there). Fill: 1,000 sentences with one mask, top-5, mlmtune's
 `FillMask` (batch 64) against the pipeline (batch 1 and 64); the top-5 tokens must be identical.
-Writes benchmarks/results/gpu.json (or gpu_smoke.json; `--results DIR` puts it elsewhere).
+Writes benchmarks/results/MACHINE/gpu.json (or gpu_smoke.json; `--results DIR` puts it elsewhere).
 
 What the GPU machine needs: PyTorch, transformers and accelerate (the usual CUDA images have
 them), plus `datasets` (the guide's pipeline and mlmtune's data stage), `dill` and `multiprocess`
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, matmul_peak, run_child, table, write_json  # noqa: E402
+from _common import machine, matmul_peak, run_child, table, write_json  # noqa: E402
 from _guide import make_group_texts, make_preprocess_function  # noqa: E402
 
 BLOCK = 128
@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--texts", type=int, default=1000)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where gpu.json (gpu_smoke.json) goes")
+    parser.add_argument("--results", type=Path, help="where gpu.json (gpu_smoke.json) goes (default: "
+                        "benchmarks/results/MACHINE/)")
     args = parser.parse_args()
     if args.child:
         if args.child == "trainer":

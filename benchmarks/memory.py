@@ -8,7 +8,7 @@ random blocks, no corpus at all; (b) `mlmtune train` on the corpus (read, tokeni
 train, evaluate on a 0.2% held-out split). The difference is what the corpus costs in memory.
 RSS is sampled every 0.2 s from /proc, split into anonymous memory (what the process holds) and
 file-backed pages (memory-mapped Arrow files, page cache the kernel can reclaim). Prints a table and
-writes benchmarks/results/memory.json.
+writes benchmarks/results/MACHINE/memory.json.
 """
 
 from __future__ import annotations

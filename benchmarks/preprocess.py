@@ -7,7 +7,7 @@ a nested `answers.text` list). The guide: `flatten()`, its `preprocess_function`
 `sum`-based `group_texts`, each a batched `map` with num_proc=4, as written. mlmtune: the same
 stages through `mlmtune.data.select_text` and `mlmtune.blocks` (tokenize, group_blocks). Both use the quickstart's
 fast WordPiece tokenizer and block size 128. Prints a table and writes
-benchmarks/results/preprocess.json.
+benchmarks/results/MACHINE/preprocess.json.
 """
 
 from __future__ import annotations

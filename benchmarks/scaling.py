@@ -6,7 +6,7 @@ The quickstart model (MiniLM) on the built-in corpus, the same global batch (16 
 steps; 1 process with all cores, then 2 processes with one thread each. On a 2-core machine
 this measures the cost of the gradient all-reduce rather than a speed-up: report it as it is.
 On a machine with GPUs, run `torchrun --nproc_per_node N -m mlmtune train ...` by hand.
-Prints a table and writes benchmarks/results/scaling.json.
+Prints a table and writes benchmarks/results/MACHINE/scaling.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ seeded head, saved to a temporary folder), sends `--requests` POST /fill request
 on (`--max-batch 32`) and off (`--max-batch 1`). Then a burst: a server with `--max-queue 16`
 gets 400 requests at once; it must answer 503 to the overflow, 200 to the rest, and stay up.
 Every loop is bounded in count and time. Prints a table and writes
-benchmarks/results/serve_load.json.
+benchmarks/results/MACHINE/serve_load.json.
 """
 
 from __future__ import annotations

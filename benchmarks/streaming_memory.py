@@ -7,7 +7,7 @@ whole corpus into blocks with the quickstart tokenizer: the streaming path
 (`mlmtune.data.BlockStream`: records -> texts -> blocks on the fly, every block of one pass) and
 the non-streaming path (`prepare_blocks`: Arrow files, tokenized, grouped and cached). Peak RSS
 (anonymous, and file-backed pages of memory-mapped files) is sampled from /proc. Streaming must
-stay flat as the corpus grows. Prints a table and writes benchmarks/results/streaming_memory.json.
+stay flat as the corpus grows. Prints a table and writes benchmarks/results/MACHINE/streaming_memory.json.
 """
 
 from __future__ import annotations
