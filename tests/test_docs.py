@@ -1,0 +1,85 @@
+"""The README and docs/ tell the truth about the project: the commands CI runs, links that resolve, and a CLI
+reference that lists every flag of every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"^(python3 -m venv .*)$", readme, flags=re.M)
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_tests():
+    quickstart, tests = _commands()[:2]
+    assert quickstart.endswith("mlmtune quickstart")
+    assert tests.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
+    assert ci.index("python -m pytest -m slow") > ci.index(tests)  # what stays long runs in CI too
+    assert "pip install torch==2.13.0" in tests  # the CPU build, never the CUDA one from the registry
+
+
+def test_the_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_relative_link_resolves():
+    checked = 0
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code is not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.is_file(), f"{page.name}: {target} does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name}: no heading #{anchor} in {file.name}"
+            checked += 1
+    assert checked > 20  # the README links every page, and the pages each other
+
+
+def test_the_cli_reference_is_generated_from_the_parsers():
+    from mlmtune.cli import build_parser, reference_markdown
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    assert page == reference_markdown(), "docs/cli.md is stale: python -m mlmtune.cli --reference > docs/cli.md"
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        section = page.split(f"## mlmtune {name}\n", 1)[1].split("\n## ", 1)[0]
+        flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+        assert flags and all(f in section for f in flags), name
+
+
+def test_every_published_figure_names_its_machine():
+    import json
+
+    results = sorted((ROOT / "benchmarks" / "results").glob("*/*.json"))
+    assert results
+    for path in results:
+        machine = json.loads(path.read_text())["machine"]
+        assert {"cpu", "cores", "cpu_class", "cpu_flags", "gpu", "date"} <= machine.keys(), path
+
+
+def test_the_benchmark_tables_are_the_measured_ones():
+    """docs/benchmarks.md's tables are made from benchmarks/results/MACHINE/*.json (python benchmarks/tables.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    assert tables.stale() == [], "run python benchmarks/tables.py --write"
