@@ -33,8 +33,8 @@ if mode == "stream":
     data = DataConfig(dataset=corpus, streaming=True, eval_records=0)
     stream = BlockStream(data, tok, seed=0, global_batch=16, buffer_size=1000)
     n = 0
-    for batch in stream.batches():
-        n += len(batch)
+    for ids, _ in stream.batches():
+        n += len(ids)
         if n >= int(sys.argv[4]):  # one full pass over the corpus
             break
     print(n)

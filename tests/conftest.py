@@ -183,3 +183,49 @@ def reference_run(configs, tmp_path_factory) -> Reference:
     m = result.metrics
     assert m["eval_loss_after"] < m["eval_loss_before"] - 0.05  # it moved, so "ends equal" means something
     return Reference(out, m, load_file(str(out / "model.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def modernbert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """A tiny random ModernBERT (2 layers, hidden 32; layer 0 global attention, layer 1 local with a 16-token window,
+    shorter than a 32-token block), on the tiny BERT's WordPiece tokenizer ([MASK])."""
+    from transformers import AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
+
+    folder = tmp_path_factory.mktemp("tiny-modernbert")
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=64, global_attn_every_n_layers=2,
+                              local_attention=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                              eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id,
+                              sep_token_id=tok.sep_token_id)
+    ModernBertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def eurobert_dir(tmp_path_factory, docs_texts) -> Path:
+    """A tiny random EuroBERT (2 layers, hidden 32) with a byte-level BPE tokenizer whose mask is `<|mask|>`, as
+    EuroBERT's own is."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import EuroBertConfig, EuroBertForMaskedLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-eurobert")
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|mask|>", "<|pad|>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs_texts, vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
+    bpe._tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>",
+        special_tokens=[(t, bpe.token_to_id(t)) for t in specials[:2]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=specials[0], eos_token=specials[1],
+                                  mask_token=specials[2], pad_token=specials[3], model_max_length=64)
+    torch.manual_seed(0)
+    config = EuroBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            mask_token_id=tok.mask_token_id)
+    EuroBertForMaskedLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

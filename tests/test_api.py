@@ -28,6 +28,7 @@ def _parse(body, filler, limits=LIMITS):
     ({"inputs": "A <mask>.", "parameters": {"top_k": 3}}, ["A <mask>."], False, 3),
     ({"inputs": ["A <mask>."], "parameters": {"top_k": None, "targets": None}}, ["A <mask>."], True, 5),
     ({"inputs": "A <mask>.", "options": {"wait_for_model": True}}, ["A <mask>."], False, 5),
+    ({"text": "The <|mask|> keyword."}, ["The <|mask|> keyword."], False, 5),  # EuroBERT's spelling
 ])
 def test_valid_requests(filler, body, texts, is_list, top_k):
     req = _parse(body, filler)
@@ -35,7 +36,7 @@ def test_valid_requests(filler, body, texts, is_list, top_k):
     # the ids the model will see are the tokenizer's own, with either mask spelling made the model's
     tok = filler.tokenizer
     assert [ids.tolist() for ids in req.encoded] == \
-        [tok(t.replace("[MASK]", tok.mask_token))["input_ids"] for t in texts]
+        [tok(t.replace("[MASK]", tok.mask_token).replace("<|mask|>", tok.mask_token))["input_ids"] for t in texts]
     again = _parse(body, filler)  # a pure function: the same body gives the same request
     assert (again.texts, again.top_k) == (req.texts, req.top_k) and all(
         a.equal(b) for a, b in zip(again.encoded, req.encoded))

@@ -30,7 +30,7 @@ def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path)
     from datasets import load_from_disk
 
     dd = load_from_disk(str(prepared))
-    assert set(dd) == {"train", "test"} and dd["train"].column_names == ["input_ids"]
+    assert set(dd) == {"train", "test"} and dd["train"].column_names == ["input_ids", "word_starts"]
     assert len(dd["train"][0]["input_ids"]) == 32
 
     cfg = tmp_path / "train.yaml"

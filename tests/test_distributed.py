@@ -137,3 +137,29 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     assert worst < 1e-6, worst  # the optimizer's moments came back into the shards too
     m3 = json.loads((part / "metrics.json").read_text())
     assert m3["eval_loss_after"] == pytest.approx(m2["eval_loss_after"], rel=1e-6)
+
+
+@pytest.mark.slow  # the generic DDP and FSDP paths are the RoBERTa tests above; these add the new families
+@pytest.mark.parametrize("family, sharding", [
+    ("modernbert_dir", []),
+    ("eurobert_dir", []),
+    ("modernbert_dir", ["--fsdp"]),
+])
+def test_todays_encoders_on_two_processes_match_one(request, family, sharding, eli5_like, tmp_path):
+    """ModernBERT (global and local attention) and EuroBERT under DDP, and ModernBERT under FSDP: the same updates
+    as one process with the whole global batch (their default dropout is 0, so only the order of fp32 sums
+    differs)."""
+    model = request.getfixturevalue(family)
+    common = _common(model, eli5_like, tmp_path / "cache")
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6", "--output-dir",
+          str(tmp_path / "one")], tmp_path)
+    _torchrun([*common, *sharding, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
+    assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-4)
+    w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4

@@ -20,6 +20,13 @@ def _models():
     yield transformers.XLMRobertaForMaskedLM(transformers.XLMRobertaConfig(**TINY, pad_token_id=1))
     yield transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
         vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=80))
+    yield transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=80, global_attn_every_n_layers=2, local_attention=16, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2))
+    yield transformers.EuroBertForMaskedLM(transformers.EuroBertConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=80, pad_token_id=1, bos_token_id=0, eos_token_id=2, mask_token_id=4))
     yield transformers.ElectraForMaskedLM(transformers.ElectraConfig(**TINY, embedding_size=32))  # dense path
 
 
@@ -56,7 +63,8 @@ def test_sparse_loss_and_gradients_equal_the_dense_computation(model):
 
 def test_the_common_architectures_take_the_sparse_path():
     names = [type(m).__name__ for m in _models() if has_sparse_head(m)]
-    assert names == ["BertForMaskedLM", "RobertaForMaskedLM", "XLMRobertaForMaskedLM", "DistilBertForMaskedLM"]
+    assert names == ["BertForMaskedLM", "RobertaForMaskedLM", "XLMRobertaForMaskedLM", "DistilBertForMaskedLM",
+                     "ModernBertForMaskedLM", "EuroBertForMaskedLM"]
 
 
 def test_logits_where_respects_the_attention_mask():

@@ -240,6 +240,7 @@ def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp
     assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
 
 
+@pytest.mark.slow  # a child process that imports TensorFlow: the Ctrl-C resume above covers the default suite
 def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, configs, tmp_path):
     """SIGKILL at step 11 leaves the step-8 checkpoint (no save on the way out); --resume goes on from it."""
     cfg, full = keras_run
@@ -357,3 +358,15 @@ def test_check_estimates_a_keras_run_with_the_keras_probe(tiny_model_dir, eli5_l
     assert float(est["seconds_per_step"]) == 7.0 and "peak_memory_gb" not in est  # TensorFlow's memory: not measured
     minutes, seconds = est["run_time"].rstrip("s").split("m")
     assert 60 * int(minutes) + int(seconds) >= 7 * int(est["total_steps"])
+
+
+@pytest.mark.slow
+def test_keras_trains_on_whole_word_masks(configs, tmp_path):
+    """The Keras engine takes the same masks as PyTorch's: a whole-word run starts from the same eval, on its own
+    masks and on the token scheme's, and learns."""
+    k = train(configs(tmp_path / "keras", backend="keras", masking="whole-word", max_steps=4), progress=False).metrics
+    t = train(configs(tmp_path / "torch", masking="whole-word", max_steps=4), progress=False).metrics
+    assert k["masking"] == "whole-word"
+    assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
+    assert k["token_eval_loss_before"] == pytest.approx(t["token_eval_loss_before"], abs=1e-6)
+    assert k["eval_loss_after"] < k["eval_loss_before"] - 0.05

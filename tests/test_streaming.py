@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlmtune.blocks import blocks_tensor, group_blocks, tokenize
+from mlmtune.blocks import Blocks, blocks_tensor, group_blocks, tokenize
 from mlmtune.config import DataConfig, TrainConfig
 from mlmtune.errors import MlmtuneError
 from mlmtune.options import resolve
@@ -22,8 +22,11 @@ def test_stream_blocks_equal_the_whole_split_grouping(tiny, docs_texts):
 
     texts = docs_texts[:1500]
     expected = blocks_tensor(group_blocks(tokenize(Dataset.from_dict({"text": texts}), tok), 32)[0])
-    streamed = torch.stack(list(stream_blocks(iter(texts), tok, 32, batch=100)))
-    assert streamed.equal(expected)
+    streamed = list(stream_blocks(iter(texts), tok, 32, batch=100))
+    assert torch.stack([ids for ids, _ in streamed]).equal(expected)
+    # the word starts are grouped's too
+    grouped = Blocks(group_blocks(tokenize(Dataset.from_dict({"text": texts}), tok), 32)[0])
+    assert torch.stack([s for _, s in streamed]).equal(grouped.word_starts(slice(None)))
 
 
 def test_stream_reads_nested_fields_and_names_missing_ones(eli5_like):

@@ -49,21 +49,30 @@ class BlockStats:
 # Tokens -> blocks
 
 
+def word_starts(word_ids: list[int | None]) -> list[int]:
+    """1 where a token begins a word, from a fast tokenizer's `word_ids()` (a special token is a word of its own)."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(int(w is None or w != previous))
+        previous = w
+    return out
+
+
 def tokenize(texts: Dataset, tokenizer) -> Dataset:
-    """Batched fast tokenization with the model's special tokens around each text, as the guide does."""
+    """Batched fast tokenization with the model's special tokens around each text, as the guide does; with a fast
+    tokenizer, each token's word boundary too (`word_starts`), as the tokenizer itself splits words."""
+    fast = getattr(tokenizer, "is_fast", False)
 
     def encode(batch):
-        ids = tokenizer(batch["text"], return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        return {"input_ids": ids["input_ids"]}
+        enc = tokenizer(batch["text"], return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        out = {"input_ids": enc["input_ids"]}
+        if fast:
+            out["word_starts"] = [word_starts(e.word_ids) for e in enc.encodings]
+        return out
 
-    return texts.map(
-        encode,
-        batched=True,
-        batch_size=1000,
-        remove_columns=texts.column_names,
-        features=Features({"input_ids": List(Value("int32"))}),
-        desc="Tokenizing",
-    )
+    columns = {"input_ids": List(Value("int32")), **({"word_starts": List(Value("uint8"))} if fast else {})}
+    return texts.map(encode, batched=True, batch_size=1000, remove_columns=texts.column_names,
+                     features=Features(columns), desc="Tokenizing")
 
 
 def group_blocks(tokenized: Dataset, block_size: int, path: str | Path | None = None) -> tuple[Dataset, int]:
@@ -72,75 +81,110 @@ def group_blocks(tokenized: Dataset, block_size: int, path: str | Path | None = 
     Linear time, and at most `block_size - 1` tokens are dropped for the whole split, not per map
     batch. The split streams through chunk by chunk (Arrow record batches, a remainder of fewer
     than `block_size` tokens carried between them), so memory holds one chunk, not the corpus.
+    Word boundaries (`word_starts`), when the tokens have them, are cut the same way, and each block
+    begins a word: a word never spans two blocks.
 
     Args:
-        tokenized: a dataset with an `input_ids` list column.
+        tokenized: a dataset with an `input_ids` list column (and maybe `word_starts`).
         block_size: tokens per block.
         path: write the blocks to this Arrow file and memory-map it; None keeps them in memory.
 
     Returns:
-        (blocks with a fixed-length `input_ids` column, number of tokens dropped)
+        (blocks with fixed-length `input_ids` (and `word_starts`) columns, number of tokens dropped)
     """
     if tokenized._indices is not None:
         tokenized = tokenized.flatten_indices()
-    schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
+    names = [c for c in ("input_ids", "word_starts") if c in tokenized.column_names]
+    types = {"input_ids": pa.int32(), "word_starts": pa.uint8()}
+    schema = pa.schema([(c, pa.list_(types[c], block_size)) for c in names])
     sink = pa.ipc.new_stream(str(path), schema) if path is not None else None
     batches: list[pa.RecordBatch] = []
-    carry = pa.array([], pa.int32())
-    for chunk in tokenized.data.column("input_ids").chunks:
-        values = pa.concat_arrays([carry, chunk.flatten().cast(pa.int32())])
-        n = len(values) // block_size * block_size
-        carry = values.slice(n)
+    carry = {c: pa.array([], types[c]) for c in names}
+    for record_batch in tokenized.data.table.select(names).to_batches():
+        values = {c: pa.concat_arrays([carry[c], record_batch.column(c).flatten().cast(types[c])]) for c in names}
+        n = len(values["input_ids"]) // block_size * block_size
+        carry = {c: values[c].slice(n) for c in names}
         if n:
-            blocks = pa.FixedSizeListArray.from_arrays(values.slice(0, n), block_size)
-            batch = pa.record_batch([blocks], schema=schema)
+            columns = [_cut(values[c].slice(0, n), block_size, c == "word_starts") for c in names]
+            batch = pa.record_batch(columns, schema=schema)
             if sink is not None:
                 sink.write_batch(batch)
             else:
                 batches.append(batch)
     if sink is not None:
         sink.close()
-        return Dataset.from_file(str(path)), len(carry)
-    return Dataset(InMemoryTable(pa.Table.from_batches(batches, schema=schema))), len(carry)
+        return Dataset.from_file(str(path)), len(carry["input_ids"])
+    return Dataset(InMemoryTable(pa.Table.from_batches(batches, schema=schema))), len(carry["input_ids"])
+
+
+def _cut(values: pa.Array, block_size: int, starts: bool) -> pa.FixedSizeListArray:
+    """Values -> rows of `block_size`; word starts get a 1 at each row's first token."""
+    if starts:
+        array = values.to_numpy(zero_copy_only=False).reshape(-1, block_size).copy()
+        array[:, 0] = 1
+        values = pa.array(array.reshape(-1), pa.uint8())
+    return pa.FixedSizeListArray.from_arrays(values, block_size)
+
+
+def _rows(chunks) -> list[np.ndarray]:
+    """The non-empty chunks of a fixed-length list column as (rows, size) arrays."""
+    out = []
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        if isinstance(chunk.type, pa.FixedSizeListType):
+            size = chunk.type.list_size
+        else:  # a variable-length list column written by another tool: rows must be equal
+            size = len(chunk[0].values)
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        if len(values) != size * len(chunk):
+            raise MlmtuneError("the prepared blocks have rows of different lengths; prepare them again")
+        out.append(values.reshape(len(chunk), size))
+    return out
 
 
 class Blocks:
     """The blocks of a split, read on demand from their (memory-mapped) Arrow table.
 
-    Indexing with a tensor of row numbers gives a (B, T) int64 batch; nothing else is copied out
-    of Arrow, so training on a corpus larger than memory holds one batch at a time.
+    Indexing with a tensor of row numbers gives a (B, T) int64 batch, and `word_starts` the same rows'
+    word boundaries; nothing else is copied out of Arrow, so training on a corpus larger than memory holds
+    one batch at a time.
     """
 
     def __init__(self, blocks: Dataset):
         if blocks._indices is not None:
             blocks = blocks.flatten_indices()
-        self.chunks: list[np.ndarray] = []
-        for chunk in blocks.data.column("input_ids").chunks:
-            if not len(chunk):
-                continue
-            if isinstance(chunk.type, pa.FixedSizeListType):
-                size = chunk.type.list_size
-            else:  # a variable-length list column written by another tool: rows must be equal
-                size = len(chunk[0].values)
-            values = chunk.flatten().to_numpy(zero_copy_only=False)
-            if len(values) != size * len(chunk):
-                raise MlmtuneError("the prepared blocks have rows of different lengths; prepare them again")
-            self.chunks.append(values.reshape(len(chunk), size))
+        self.chunks = _rows(blocks.data.column("input_ids").chunks)
+        self.start_chunks = (_rows(blocks.data.column("word_starts").chunks) if "word_starts" in blocks.column_names
+                             else None)
         self.starts = np.cumsum([0] + [len(c) for c in self.chunks])
         self.block_size = self.chunks[0].shape[1] if self.chunks else 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    @property
+    def has_words(self) -> bool:
+        return self.start_chunks is not None
+
+    def _read(self, chunks: list[np.ndarray], rows: torch.Tensor | slice, dtype) -> torch.Tensor:
         if isinstance(rows, slice):
             rows = torch.arange(len(self))[rows]
         rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        out = np.empty((len(rows), self.block_size), dtype=np.int64)
+        out = np.empty((len(rows), self.block_size), dtype=dtype)
         for i, (c, r) in enumerate(zip(which, rows)):
-            out[i] = self.chunks[c][r - self.starts[c]]
+            out[i] = chunks[c][r - self.starts[c]]
         return torch.from_numpy(out)
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        return self._read(self.chunks, rows, np.int64)
+
+    def word_starts(self, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        """(B, T) bool: where the words of these rows begin; None when the blocks were made without them."""
+        if self.start_chunks is None:
+            return None
+        return self._read(self.start_chunks, rows, np.bool_)
 
 
 def blocks_tensor(blocks: Dataset) -> torch.Tensor:

@@ -45,6 +45,16 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.2f}"
 
 
+def _token_rows(metrics: dict[str, Any]) -> str:
+    """A whole-word or span run's eval on token masks too, the yardstick that compares runs of any scheme."""
+    if "token_eval_loss_after" not in metrics:
+        return ""
+    return (f"| before, on token masks | {_fmt(metrics.get('token_eval_loss_before'))} | "
+            f"{_fmt(metrics.get('token_perplexity_before'))} |\n"
+            f"| after, on token masks | {_fmt(metrics.get('token_eval_loss_after'))} | "
+            f"{_fmt(metrics.get('token_perplexity_after'))} |\n")
+
+
 def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str,
                      name: str | None = None) -> Path:
     """A Hugging Face model card: YAML metadata (pipeline_tag: fill-mask) and the run's numbers."""
@@ -60,7 +70,7 @@ def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, ma
         ("base model", cfg.model), ("dataset", f"{dataset} (split `{cfg.data.split}`, field "
                                     f"`{cfg.data.text_field}`)"),
         ("eval split", f"{cfg.data.held_out:.0%} of records" if cfg.data.held_out else "none"),
-        ("block size", cfg.data.block_size), ("mlm probability", cfg.mlm_probability),
+        ("block size", cfg.data.block_size), ("mlm probability", cfg.mlm_probability), ("masking", cfg.masking),
         ("learning rate", cfg.learning_rate), ("weight decay", cfg.weight_decay),
         ("batch size", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"),
         ("optimizer steps", metrics["train_steps"]), ("warmup steps", cfg.warmup_steps), ("seed", cfg.seed),
@@ -85,7 +95,7 @@ from the seed, so both numbers score the same predictions.
 | --- | --- | --- |
 | before | {_fmt(metrics.get("eval_loss_before"))} | {_fmt(metrics.get("perplexity_before"))} |
 | after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
-
+{_token_rows(metrics)}
 Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
 
 ## Training

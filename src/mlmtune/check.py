@@ -1,7 +1,8 @@
 """`mlmtune check`: what would go wrong in a run, said before any compute is spent on it.
 
 It runs every check `train` runs at its start (which stops on the first error), the engine's own
-refusals, and a short timed probe that estimates the run's time and memory.
+refusals, and a short timed probe that estimates the run's time and memory. `--show-masks N` shows
+instead the first N blocks as the run will mask them.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from mlmtune.blocks import Blocks
 from mlmtune.budget import timed_probe
 from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError
+from mlmtune.feed import StepBatches
 from mlmtune.findings import ERROR, OK, Findings, check_data, check_tokenizer
-from mlmtune.model import check_block_size, load_model
+from mlmtune.forward import describe_head
+from mlmtune.masking import IGNORE_INDEX, Masker, word_numbers
+from mlmtune.model import check_block_size, load_model, load_tokenizer
 from mlmtune.prepare import prepare_blocks
 from mlmtune.run import engine_class
 from mlmtune.schedule import steps_for
@@ -32,6 +36,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
         model, tokenizer = load_model(cfg.model)
         findings.add(OK, f"model {cfg.model}: {type(model).__name__}, "
                          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+        findings.add(OK, describe_head(model))
         engine = engine_class(cfg.backend)  # Keras' packages missing: a finding
         note = engine.check_model(model)  # what `train` refuses before it reads the data
         if note:
@@ -66,3 +71,47 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(int(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
+
+
+def masked_examples(cfg: TrainConfig, n: int) -> tuple[list[dict], object]:
+    """The first `n` blocks the run trains on, masked as training masks them (its first steps, one process).
+
+    Returns:
+        (one dict per block: `input_ids` (what the model sees), `labels` (IGNORE_INDEX where nothing is
+        predicted), `word_ids` (each token's word within the block, None for special tokens) and `tokens` (the
+        original pieces); the tokenizer).
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
+    train_blocks = Blocks(blocks["train"])
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability, cfg.masking)
+    steps = StepBatches(train_blocks, None, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps)
+    special = set(tokenizer.all_special_ids)
+    out: list[dict] = []
+    for step in range(steps_for(cfg, len(train_blocks))[1]):
+        micro = steps.blocks_of(step, words=True)
+        for (ids, starts), (inputs, labels) in zip(micro, steps.mask(step, micro)):
+            words = word_numbers(starts) if starts is not None else torch.arange(ids.shape[1]).expand_as(ids)
+            for row in range(len(ids)):
+                out.append({"step": step, "input_ids": inputs[row].tolist(), "labels": labels[row].tolist(),
+                            "word_ids": [None if t in special else w for t, w in zip(ids[row].tolist(),
+                                                                                       words[row].tolist())],
+                            "tokens": tokenizer.convert_ids_to_tokens(ids[row].tolist())})
+                if len(out) == n:
+                    return out, tokenizer
+    return out, tokenizer
+
+
+def render_masks(example: dict, tokenizer) -> str:
+    """One masked block as its pieces: [piece] masked, [piece=] kept, [piece>other] replaced by a random piece."""
+    parts = []
+    for piece, shown, label in zip(example["tokens"], example["input_ids"], example["labels"]):
+        if label == IGNORE_INDEX:
+            parts.append(piece)
+        elif shown == tokenizer.mask_token_id:
+            parts.append(f"[{piece}]")
+        elif shown == label:
+            parts.append(f"[{piece}=]")
+        else:
+            parts.append(f"[{piece}>{tokenizer.convert_ids_to_tokens(shown)}]")
+    return " ".join(parts)

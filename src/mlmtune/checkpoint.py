@@ -35,9 +35,9 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate", "backend", "fsdp")
+               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking")
 # what a checkpoint from before a setting existed ran with
-RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False}
+RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token"}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,

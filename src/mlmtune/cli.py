@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check a training config and estimate its time and memory, without training")
     _add_config_flags(p, TrainConfig)
     p.add_argument("--no-probe", action="store_true", help="skip the timed probe of a few training steps")
+    p.add_argument("--show-masks", type=int, metavar="N", help="print, instead of the checks, the first N blocks "
+                   "the run trains on, masked as it masks them: [piece] masked, [piece=] kept, [piece>other] "
+                   "replaced by a random piece")
+    p.add_argument("--json", action="store_true", help="with --show-masks: one JSON object per block (input_ids, "
+                   "labels, word_ids, tokens)")
     p = sub.add_parser("prepare", help="load, split, tokenize and group a corpus into blocks (save_to_disk)")
     _add_config_flags(p, PrepareConfig)
     p = sub.add_parser("eval", help="perplexity on fixed masks (and pseudo-perplexity)")
@@ -108,8 +113,16 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from mlmtune.check import preflight  # heavy: imported when the command runs
+    from mlmtune.check import masked_examples, preflight, render_masks  # heavy: imported when the command runs
 
+    if args.show_masks is not None:
+        if args.show_masks < 1:
+            raise MlmtuneError(f"--show-masks must be a positive number of blocks, got {args.show_masks}")
+        examples, tokenizer = masked_examples(_config(TrainConfig, args), args.show_masks)
+        for n, example in enumerate(examples, 1):
+            print(json.dumps(example, ensure_ascii=False) if args.json else
+                  f"block {n} (step {example['step']}):\n{render_masks(example, tokenizer)}\n")
+        return 0
     report = preflight(_config(TrainConfig, args), probe=not args.no_probe)
     print("\n".join(report.lines()))
     if report.errors:

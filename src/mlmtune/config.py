@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FILL_PRECISIONS = ("fp32", "bf16", "fp16")
 REPORT_TO = ("none", "tensorboard")
 BACKENDS = ("torch", "keras")
+MASKING = ("token", "whole-word", "span")  # the schemes of masking.py
 DEFAULT_TEST_SIZE = 0.2
 
 # `mlmtune quickstart`: applied over TrainConfig's defaults, under any --config file and flags. The head is
@@ -97,6 +98,7 @@ def parse_duration(text: str) -> float:
 
 def _check_common(cfg: Any) -> None:
     _require(0 < cfg.mlm_probability < 1, f"--mlm-probability must be in (0, 1), got {cfg.mlm_probability}")
+    _require(cfg.masking in MASKING, f"--masking must be one of {', '.join(MASKING)}, got {cfg.masking!r}")
     _require(cfg.batch_size >= 1, f"--batch-size must be a positive integer, got {cfg.batch_size}")
 
 
@@ -113,6 +115,10 @@ class TrainConfig:
     output folder are the same."""
     mlm_probability: float = 0.15
     """Share of the tokens chosen for prediction (of which 80% become the mask, 10% a random token, 10% stay)."""
+    masking: str = "token"
+    """What is chosen: token (each sub-word token on its own, the guide's rule), whole-word (every piece of a
+    chosen word), or span (SpanBERT's spans of whole words, 3.8 words long on average). The eval masks use the
+    same scheme; a run that is not token is also scored on token masks, so runs of different schemes compare."""
     epochs: float = 3
     """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
@@ -240,6 +246,9 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mlm_probability: float = 0.15
     """Share of the tokens masked for scoring (a training run's own value when scoring its data)."""
+    masking: str = "token"
+    """token, whole-word or span: how the fixed eval masks are drawn (a training run's own scheme when scoring its
+    data)."""
     seed: int = 42
     """Seeds the split and the fixed eval masks (a training run's own seed when scoring its data)."""
     batch_size: int = 16

@@ -34,6 +34,8 @@ class EvalResult:
     loss: float
     perplexity: float
     masked_tokens: int
+    token: EvalResult | None = None
+    """The same model scored on the token scheme's masks, when the run masks whole words or spans."""
 
 
 def _perplexity(loss: float) -> float:
@@ -139,8 +141,19 @@ def _same_source(a: str | None, b: str | None) -> bool:
     return a == b
 
 
-def eval_plan(cfg: EvalConfig) -> tuple[DataConfig, int, float, str]:
-    """What `mlmtune eval` scores: (data settings, seed, mlm probability, a sentence saying which records).
+@dataclass(frozen=True)
+class EvalPlan:
+    """What `mlmtune eval` scores, and how its masks are drawn."""
+
+    data: DataConfig
+    seed: int
+    mlm_probability: float
+    masking: str
+    which: str  # a sentence saying which records
+
+
+def eval_plan(cfg: EvalConfig) -> EvalPlan:
+    """What `mlmtune eval` scores.
 
     - On the dataset the model was trained on (recorded in its folder's `mlmtune_config.yaml`)
       and without --test-size: the run's own held-out split, drawn with the run's seed, test size
@@ -156,13 +169,18 @@ def eval_plan(cfg: EvalConfig) -> tuple[DataConfig, int, float, str]:
         data = DataConfig(**{**run_data, "dataset": data.dataset, "cache_dir": data.cache_dir})
         seed = int(recorded.get("seed", cfg.seed))
         mlm = float(recorded.get("mlm_probability", cfg.mlm_probability))
+        masking = str(recorded.get("masking", "token"))
         if data.streaming:
-            return data, seed, mlm, f"the training run's held-out records (the first {data.eval_records:,})"
-        return data, seed, mlm, (f"the training run's held-out split ({data.held_out:.0%} of the records, "
-                                 f"seed {seed}, block size {data.block_size}, mlm probability {mlm:g})")
+            return EvalPlan(data, seed, mlm, masking,
+                            f"the training run's held-out records (the first {data.eval_records:,})")
+        return EvalPlan(data, seed, mlm, masking, f"the training run's held-out split ({data.held_out:.0%} of the "
+                        f"records, seed {seed}, block size {data.block_size}, mlm probability {mlm:g}, {masking} "
+                        f"masking)")
     if data.test_size is None:
-        return dataclasses.replace(data, test_size=0.0), cfg.seed, cfg.mlm_probability, "all of it"
-    return data, cfg.seed, cfg.mlm_probability, f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})"
+        return EvalPlan(dataclasses.replace(data, test_size=0.0), cfg.seed, cfg.mlm_probability, cfg.masking,
+                        "all of it")
+    return EvalPlan(data, cfg.seed, cfg.mlm_probability, cfg.masking,
+                    f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})")
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -175,7 +193,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
     """
     model, tokenizer = load_model(cfg.model)
-    data, seed, mlm_probability, which = eval_plan(cfg)
+    plan = eval_plan(cfg)
+    data, seed, which = plan.data, plan.seed, plan.which
     model.to(resolve_device(cfg.device))
     prepared = bool(data.dataset) and is_prepared(data.dataset)
     if prepared:
@@ -189,7 +208,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         split = load_texts(data, seed)
         return list(split["test" if "test" in split else "train"]["text"])
 
-    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which}
+    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which, "masking": plan.masking}
     try:
         check_block_size(data.block_size, model, tokenizer)
         if data.streaming:
@@ -199,7 +218,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             blocks, stats = prepare_blocks(data, tokenizer, seed)
         split = "test" if "test" in blocks else "train"
         eval_blocks = Blocks(blocks[split])
-        masker = Masker.from_tokenizer(tokenizer, mlm_probability)
+        masker = Masker.from_tokenizer(tokenizer, plan.mlm_probability, plan.masking)
         result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, seed), cfg.batch_size,
                                progress=progress, total=len(eval_blocks))
         out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,

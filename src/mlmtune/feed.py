@@ -19,7 +19,7 @@ import torch
 
 from mlmtune.config import TrainConfig
 from mlmtune.distributed import Dist
-from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
+from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, block_rows
 from mlmtune.schedule import epoch_length
 from mlmtune.stream import BlockStream
 
@@ -62,26 +62,34 @@ class StepBatches:
                 start=first_step * cfg.gradient_accumulation_steps, progress=progress)
         return cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
 
+    def blocks_of(self, step: int, words: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The step's global micro-batches before masking: (ids, word starts) each, (B, T). A stream is read on."""
+        if self.stream is not None:
+            return [next(self.stream) for _ in range(self.accumulation)]
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.blocks), self.seed, epoch)
+        first = in_epoch * self.accumulation
+        return [block_rows(self.blocks, order[i * self.global_batch : (i + 1) * self.global_batch],
+                           words or self.masker.needs_words)
+                for i in range(first, min(first + self.accumulation, self.micro_per_epoch))]
+
+    def mask(self, step: int, micro: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[Batch]:
+        """The step's masks over its global micro-batches, drawn from (seed, step)."""
+        mask_gen = torch.Generator().manual_seed(self.seed * SEED_MIX + step + 1)
+        return [self.masker(ids, mask_gen, starts) for ids, starts in micro]
+
     def __call__(self, step: int) -> tuple[list[Batch], int, int, int]:
         """(this rank's (inputs, labels) per micro-batch, the step's global blocks, its global masked
         tokens, this rank's blocks)."""
-        if self.stream is not None:
-            micro = [next(self.stream) for _ in range(self.accumulation)]
-        else:
-            epoch, in_epoch = divmod(step, self.steps_per_epoch)
-            order = epoch_order(len(self.blocks), self.seed, epoch)
-            first = in_epoch * self.accumulation
-            micro = [self.blocks[order[i * self.global_batch : (i + 1) * self.global_batch]]
-                     for i in range(first, min(first + self.accumulation, self.micro_per_epoch))]
-        mask_gen = torch.Generator().manual_seed(self.seed * SEED_MIX + step + 1)
-        masked = [self.masker(m, mask_gen) for m in micro]
+        micro = self.blocks_of(step)
+        masked = self.mask(step, micro)
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
         share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         mine = [(inputs[share], labels[share]) for inputs, labels in masked]
         my_blocks = sum(len(inputs) for inputs, _ in mine)
         mine = [(inputs, labels) if len(inputs) else (b[0][:1], torch.full_like(b[1][:1], IGNORE_INDEX))
                 for (inputs, labels), b in zip(mine, masked)]
-        return mine, sum(len(m) for m in micro), n_masked, my_blocks
+        return mine, sum(len(ids) for ids, _ in micro), n_masked, my_blocks
 
 
 def pin(batch: Any) -> Any:

@@ -2,8 +2,8 @@
 
 `FillMask` returns, for each text, exactly the structure `pipeline("fill-mask")` returns
 (`score`, `token`, `token_str`, `sequence`; one list per mask when a text has several), but
-batches texts into one forward pass and accepts `<mask>` and `[MASK]` whatever the model's own
-mask token is.
+batches texts into one forward pass and accepts `<mask>`, `[MASK]` and `<|mask|>` whatever the
+model's own mask token is.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_where
 from mlmtune.model import load_model, max_positions
 
-MASK_SPELLINGS = ("<mask>", "[MASK]")
+MASK_SPELLINGS = ("<mask>", "[MASK]", "<|mask|>")  # RoBERTa and mmBERT; BERT and ModernBERT; EuroBERT
 
 Prediction = dict[str, Any]  # {"score", "token", "token_str", "sequence"}
 

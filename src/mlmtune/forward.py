@@ -31,6 +31,14 @@ def _distilbert_head(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.vocab_projector(hidden)
 
 
+def _modernbert_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.decoder(model.head(hidden))  # ModernBERT's own sparse_prediction gathers at the same place
+
+
+def _eurobert_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(hidden)  # the final norm is the encoder's
+
+
 # class name -> head applied to (P, H) gathered hidden states. Keyed by exact class so that a
 # subclass with another head layout falls back to the dense path instead of being wrong.
 SPARSE_HEADS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]] = {
@@ -40,11 +48,22 @@ SPARSE_HEADS: dict[str, Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]]
     "CamembertForMaskedLM": _roberta_head,
     "Data2VecTextForMaskedLM": _roberta_head,
     "DistilBertForMaskedLM": _distilbert_head,
+    "ModernBertForMaskedLM": _modernbert_head,  # ModernBERT and mmBERT
+    "EuroBertForMaskedLM": _eurobert_head,
 }
 
 
 def has_sparse_head(model) -> bool:
     return type(model).__name__ in SPARSE_HEADS
+
+
+def describe_head(model) -> str:
+    """Which vocabulary head a run of `model` computes, and why (for `mlmtune check`)."""
+    name = type(model).__name__
+    if name in SPARSE_HEADS:
+        return f"head: sparse (the vocabulary projection at the masked positions only; {name}'s layout is known)"
+    return (f"head: dense (the vocabulary projection at every position, then the masked ones picked: {name}'s "
+            f"head layout is not one mlmtune knows; correct, but slower and heavier)")
 
 
 def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -1,19 +1,84 @@
-"""Blocks -> masked batches: BERT-style dynamic masking, and eval masks that never change.
+"""Blocks -> masked batches: token, whole-word and span masking, and eval masks that never change.
 
-The rule is the one of transformers' `DataCollatorForLanguageModeling`: each non-special token
-is chosen with probability `mlm_probability`; of the chosen, 80% become the mask token, 10% a
-random token, 10% stay. Every draw comes from an explicit `torch.Generator`, so training masks
-are reproducible from the seed (and resumable), and eval masks are drawn once and reused.
+Three schemes (`--masking`), all with the same budget and the same 80/10/10 rule:
+
+- `token`: transformers' `DataCollatorForLanguageModeling` rule: each non-special token is chosen with
+  probability `mlm_probability`; of the chosen, 80% become the mask token, 10% a random token, 10% stay.
+- `whole-word`: each word is chosen with probability `mlm_probability` (so each token still is, as in
+  `token`), and every piece of a chosen word gets the word's fate (all masked, all random, or all kept).
+- `span`: SpanBERT's rule: spans of whole words, their lengths in words drawn from a geometric law
+  (p = 0.2) truncated at 10 words (mean 3.8), each started at a random word, until `mlm_probability` of
+  the block's tokens is covered; one fate per span.
+
+Words are the fast tokenizer's (`word_ids()`), kept with the blocks as `word_starts` (1 where a word
+begins); a word never spans two texts or two blocks. Every draw comes from an explicit `torch.Generator`,
+so training masks are reproducible from the seed (and resumable), and eval masks are drawn once and reused.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 
+from mlmtune.config import MASKING as SCHEMES
+from mlmtune.errors import MlmtuneError
+
 IGNORE_INDEX = -100  # label of an unmasked position; cross_entropy skips it
 SEED_MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
+
+SPAN_P, SPAN_MAX = 0.2, 10  # SpanBERT's geometric law of span lengths, in words, and its truncation
+_SPAN_CDF = [sum(SPAN_P * (1 - SPAN_P) ** (k - 1) for k in range(1, n + 1)) for n in range(1, SPAN_MAX + 1)]
+_SPAN_CDF = [c / _SPAN_CDF[-1] for c in _SPAN_CDF]  # P(length <= n), n = 1..10
+
+
+def span_length(u: float) -> int:
+    """A span length in words, 1..10, from a uniform draw u in [0, 1): the truncated geometric law."""
+    return min(bisect.bisect_right(_SPAN_CDF, u) + 1, SPAN_MAX)
+
+
+def choose_spans(sizes: list[int], budget: float,
+                 uniforms: list[float]) -> tuple[list[tuple[int, float]], list[int]]:
+    """SpanBERT's spans over one block's words: (the chosen words with their span's fate draw, the span lengths
+    drawn).
+
+    Spans start at a random word that can be chosen and run over consecutive words, stopping at a word that
+    cannot (a special token: texts are not joined into one span) or that an earlier span took. Words are
+    added while they fit the budget; the word that would overflow it is added with the probability that
+    makes the expected number of chosen tokens exactly `budget`, and then the block is done.
+
+    Args:
+        sizes: per word of the block, how many of its tokens can be chosen (0 for special tokens).
+        budget: the tokens to cover, `mlm_probability` x the tokens that can be chosen.
+        uniforms: draws in [0, 1), used in order (3 per span, and 1 for the last word).
+    """
+    words = [w for w, n in enumerate(sizes) if n]
+    chosen: dict[int, float] = {}
+    lengths: list[int] = []
+    covered, i = 0, 0
+    while covered < budget and len(chosen) < len(words) and i + 4 <= len(uniforms):
+        length, start, fate = span_length(uniforms[i]), words[int(uniforms[i + 1] * len(words))], uniforms[i + 2]
+        i += 3
+        lengths.append(length)
+        for w in range(start, min(start + length, len(sizes))):
+            if not sizes[w] or w in chosen:  # a span stops at a special token and at an earlier span
+                break
+            if covered + sizes[w] > budget:
+                if uniforms[i] < (budget - covered) / sizes[w]:  # keeps the expected coverage at the budget
+                    chosen[w] = fate
+                i += 1
+                return list(chosen.items()), lengths
+            chosen[w] = fate
+            covered += sizes[w]
+    return list(chosen.items()), lengths
+
+
+def word_numbers(word_starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) word starts -> (B, T) the number of each token's word within its row (the first token starts one)."""
+    starts = word_starts.bool().clone()
+    starts[:, 0] = True
+    return starts.long().cumsum(1) - 1
 
 
 @dataclass(frozen=True)
@@ -26,23 +91,46 @@ class Masker:
     mlm_probability: float = 0.15
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
+    scheme: str = "token"  # one of SCHEMES
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"masking scheme {self.scheme!r} is not one of {SCHEMES}")
+
+    @property
+    def needs_words(self) -> bool:
+        return self.scheme != "token"
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, mlm_probability: float = 0.15) -> Masker:
+    def from_tokenizer(cls, tokenizer, mlm_probability: float = 0.15, scheme: str = "token") -> Masker:
         return cls(
             mask_token_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
             special_ids=torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
             mlm_probability=mlm_probability,
+            scheme=scheme,
         )
 
-    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator,
+                 word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask a (B, T) batch.
+
+        Args:
+            word_starts: (B, T), 1 where a word begins; needed by `whole-word` and `span`.
 
         Returns:
             (inputs, labels): inputs with masks applied; labels equal to the original ids at
             the chosen positions and IGNORE_INDEX elsewhere.
         """
+        if self.scheme == "token":
+            return self._tokens(input_ids, generator)
+        if word_starts is None:
+            raise MlmtuneError(f"--masking {self.scheme} needs word boundaries, and these blocks have none (a slow "
+                               f"tokenizer, or a folder prepared before they were kept): prepare them again with a "
+                               f"fast tokenizer, or use --masking token")
+        return self._words(input_ids.long(), word_numbers(word_starts), generator)
+
+    def _tokens(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = input_ids.long()
         labels = input_ids.clone()
         probs = torch.full(input_ids.shape, self.mlm_probability)
@@ -64,6 +152,52 @@ class Masker:
         inputs[to_random] = random_ids[to_random]
         return inputs, labels
 
+    def _words(self, input_ids: torch.Tensor, words: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole words chosen (per word, or in spans), each word's or span's fate shared by its pieces."""
+        candidate = ~torch.isin(input_ids, self.special_ids)  # (B, T)
+        if self.scheme == "whole-word":
+            chosen_word = torch.rand(input_ids.shape, generator=generator) < self.mlm_probability  # (B, W <= T)
+            fate_word = torch.rand(input_ids.shape, generator=generator)
+        else:
+            chosen_word, fate_word = self._spans(words, candidate, generator)
+        chosen = chosen_word.gather(1, words) & candidate
+        fate = fate_word.gather(1, words)  # the draw of the token's word (or span)
+        to_mask = chosen & (fate < self.mask_replace_prob)
+        to_random = chosen & ~to_mask & (fate < self.mask_replace_prob + self.random_replace_prob)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, dtype=torch.long, generator=generator)
+        labels = torch.where(chosen, input_ids, IGNORE_INDEX)
+        inputs = torch.where(to_mask, self.mask_token_id, torch.where(to_random, random_ids, input_ids))
+        return inputs, labels
+
+    def _spans(self, words: torch.Tensor, candidate: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, width = words.shape
+        key = torch.arange(rows)[:, None] * width + words  # (row, word) -> one index
+        sizes = torch.bincount(key[candidate], minlength=rows * width).view(rows, width).tolist()
+        n_words = (words[:, -1] + 1).tolist()
+        uniforms = torch.rand((rows, 3 * width + 1), generator=generator).tolist()  # enough for any block
+        picked_rows, picked_words, fates = [], [], []
+        for b in range(rows):
+            picked, _ = choose_spans(sizes[b][: n_words[b]], self.mlm_probability * sum(sizes[b]), uniforms[b])
+            for w, fate in picked:
+                picked_rows.append(b)
+                picked_words.append(w)
+                fates.append(fate)
+        chosen_word = torch.zeros((rows, width), dtype=torch.bool)
+        fate_word = torch.ones((rows, width))
+        chosen_word[picked_rows, picked_words] = True
+        fate_word[picked_rows, picked_words] = torch.tensor(fates, dtype=fate_word.dtype)
+        return chosen_word, fate_word
+
+
+def block_rows(blocks, index, words: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, word starts or None) of some rows of `blocks`: `mlmtune.blocks.Blocks`, or an (N, T) ids tensor.
+    `words=False` skips reading the word starts (the token scheme does not use them)."""
+    if words and hasattr(blocks, "word_starts"):
+        return blocks[index], blocks.word_starts(index)
+    return blocks[index], None
+
 
 def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
     """Eval blocks masked once per `seed`, yielded `chunk` blocks at a time.
@@ -74,11 +208,12 @@ def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
     memory holds one chunk whatever the size of the eval split.
 
     Args:
-        blocks: (N, T) tensor, or `mlmtune.data.Blocks`.
+        blocks: (N, T) tensor, or `mlmtune.blocks.Blocks`.
     """
     for k, start in enumerate(range(0, len(blocks), chunk)):
         generator = torch.Generator().manual_seed(seed * SEED_MIX + k)
-        yield masker(blocks[start : start + chunk], generator)
+        ids, starts = block_rows(blocks, slice(start, start + chunk), masker.needs_words)
+        yield masker(ids, generator, starts)
 
 
 def rank_shares(chunks, rank: int, world: int):

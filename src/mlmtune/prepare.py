@@ -25,6 +25,7 @@ from mlmtune.data import load_records, select_text, split_texts
 from mlmtune.errors import MlmtuneError, say, warn
 
 PREPARED_META = "mlmtune_prepared.json"
+BLOCKS_FORMAT = 2  # 2: blocks keep their word starts; a cache entry of another format is not reused
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -135,6 +136,7 @@ def _stats_from_meta(meta: dict) -> BlockStats:
 def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> dict:
     return {
         "block_size": block_size,
+        "format": BLOCKS_FORMAT,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
         "dataset": data.dataset,
@@ -193,7 +195,7 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
 
     A folder made by `mlmtune prepare` is read as it is. Otherwise the blocks are written to
     `save_to` (what `mlmtune prepare` does) or to the cache under `cache_root(data)`, keyed by
-    texts, tokenizer and block size, and returned memory-mapped from there.
+    texts, tokenizer, block size and format, and returned memory-mapped from there.
     """
     if data.dataset and is_prepared(data.dataset):
         return load_prepared(data.dataset, tokenizer, data.block_size)
@@ -203,9 +205,8 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
     selected = select_text(records, data.text_field)
     texts = split_texts(selected, data.held_out, seed)
     if save_to is None:
-        key = hashlib.sha256(
-            f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}".encode()
-        ).hexdigest()[:24]
+        key = hashlib.sha256(f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}:{data.block_size}:"
+                             f"{BLOCKS_FORMAT}".encode()).hexdigest()[:24]
         folder = cache_root(data) / "blocks" / key
         if is_prepared(folder):
             try:

@@ -185,8 +185,21 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     n_train = "a stream of" if train_blocks is None else len(train_blocks)
     say(f"Blocks: {n_train} train, {0 if eval_blocks is None else len(eval_blocks)} eval, "
         f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
-    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
+    check_words(cfg, tokenizer, [b for b in (train_blocks, eval_blocks) if b is not None])
+    masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability, cfg.masking)
     return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker)
+
+
+def check_words(cfg, tokenizer, blocks: list[Blocks]) -> None:
+    """--masking whole-word and span need each token's word: refuse blocks made without them, before training."""
+    if cfg.masking == "token":
+        return
+    if not getattr(tokenizer, "is_fast", False):
+        raise MlmtuneError(f"--masking {cfg.masking} needs the words of a fast tokenizer, and the tokenizer of "
+                           f"{cfg.model} is not one: use --masking token")
+    if any(not b.has_words for b in blocks):
+        raise MlmtuneError(f"--masking {cfg.masking} needs word boundaries, and the blocks of {cfg.data.dataset} have "
+                           f"none (prepared by an older mlmtune): run mlmtune prepare again, or use --masking token")
 
 
 def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict | None) -> dict[str, Any]:
@@ -214,7 +227,17 @@ def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict 
         "block_size": cfg.data.block_size,
         "dropped_tokens": run.stats.total_dropped,
         "backend": cfg.backend,
+        "masking": cfg.masking,
+        **(_token_metrics(before, after) if cfg.masking != "token" else {}),
     }
+
+
+def _token_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
+    """A whole-word or span run scored on the token scheme's masks too: one yardstick for every scheme."""
+    return {"token_eval_loss_before": before.get("token_eval_loss") if before else None,
+            "token_perplexity_before": before.get("token_perplexity") if before else None,
+            "token_eval_loss_after": after.get("token_eval_loss") if after else None,
+            "token_perplexity_after": after.get("token_perplexity") if after else None}
 
 
 def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any]) -> None:

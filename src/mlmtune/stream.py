@@ -16,6 +16,7 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
 from mlmtune import hub
+from mlmtune.blocks import word_starts
 from mlmtune.config import DataConfig
 from mlmtune.data import DEFUNCT_DATASETS, _as_text, _txt_lines, defunct_error, local_source, python_docs_texts
 from mlmtune.errors import MlmtuneError
@@ -87,29 +88,40 @@ def stream_texts(records, text_field: str, skip: int = 0, take: int | None = Non
 def stream_blocks(texts, tokenizer, block_size: int, batch: int = 1000):
     """Tokenize texts in batches and cut the running concatenation into blocks, as they come.
 
-    Yields (block_size,) int64 tensors; holds at most one batch of tokens plus a remainder.
+    Yields ((block_size,) int64 ids, (block_size,) bool word starts, or None without a fast tokenizer), as
+    `blocks.group_blocks` cuts them; holds at most one batch of tokens plus a remainder.
     """
-    buffer: list[int] = []
+    fast = getattr(tokenizer, "is_fast", False)
+    ids: list[int] = []
+    starts: list[int] = []
     pending: list[str] = []
 
     def flush():
-        ids = tokenizer(pending, return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        for seq in ids["input_ids"]:
-            buffer.extend(seq)
+        enc = tokenizer(pending, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        for n, seq in enumerate(enc["input_ids"]):
+            ids.extend(seq)
+            if fast:
+                starts.extend(word_starts(enc.encodings[n].word_ids))
         pending.clear()
+
+    def cut():
+        while len(ids) >= block_size:
+            block_starts = None
+            if fast:
+                block_starts = torch.tensor(starts[:block_size], dtype=torch.bool)
+                block_starts[0] = True  # a block begins a word
+                del starts[:block_size]
+            yield torch.tensor(ids[:block_size], dtype=torch.long), block_starts
+            del ids[:block_size]
 
     for text in texts:
         pending.append(text)
         if len(pending) == batch:
             flush()
-            while len(buffer) >= block_size:
-                yield torch.tensor(buffer[:block_size], dtype=torch.long)
-                del buffer[:block_size]
+            yield from cut()
     if pending:
         flush()
-    while len(buffer) >= block_size:
-        yield torch.tensor(buffer[:block_size], dtype=torch.long)
-        del buffer[:block_size]
+    yield from cut()
 
 
 class BlockStream:
@@ -125,13 +137,14 @@ class BlockStream:
         self.records = stream_records(data).skip(data.eval_records).shuffle(seed=seed, buffer_size=buffer_size)
 
     def batches(self, start: int = 0, progress: bool = True):
-        """Yield (global_batch, T) tensors, skipping the first `start` (what a resumed run did)."""
+        """Yield ((global_batch, T) ids, their word starts or None), skipping the first `start` (what a resumed
+        run did)."""
         produced, epoch = 0, 0
         bar = tqdm(total=start, desc="Fast-forwarding the stream", disable=not (progress and start), leave=False)
         while True:
             self.records.set_epoch(epoch)
             texts = stream_texts(self.records, self.data.text_field)
-            batch: list[torch.Tensor] = []
+            batch: list[tuple[torch.Tensor, torch.Tensor | None]] = []
             any_block = False
             for block in stream_blocks(texts, self.tokenizer, self.data.block_size):
                 any_block = True
@@ -139,7 +152,8 @@ class BlockStream:
                 if len(batch) == self.global_batch:
                     if produced >= start:
                         bar.close()
-                        yield torch.stack(batch)
+                        ids = torch.stack([b[0] for b in batch])
+                        yield ids, (None if batch[0][1] is None else torch.stack([b[1] for b in batch]))
                     else:
                         bar.update(1)
                     produced += 1

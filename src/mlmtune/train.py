@@ -15,6 +15,7 @@ exactly the batches, masks, dropout and learning rates an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.feed import Prefetcher, StepBatches
-from mlmtune.masking import iter_eval_masks, rank_shares
+from mlmtune.masking import Masker, iter_eval_masks, rank_shares
 from mlmtune.options import to_dict
 from mlmtune.run import (
     Engine,
@@ -96,25 +97,35 @@ def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step) -> TrainRe
 
 
 def eval_entry(result: EvalResult) -> dict[str, Any]:
-    return {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
+    entry = {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
+    if result.token is not None:  # the same model on the token scheme's masks: one yardstick for every scheme
+        entry.update(token_eval_loss=result.token.loss, token_perplexity=result.token.perplexity)
+    return entry
 
 
 def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], EvalResult | None]:
     """fp32 perplexity of the engine's current weights on the eval split, with the masks `iter_eval_masks`
-    draws from the seed, each chunk shared evenly over the ranks and the sums added up token-weighted;
-    None without an eval split."""
+    draws from the seed in the run's scheme (and in the token scheme too, when the run's is another), each
+    chunk shared evenly over the ranks and the sums added up token-weighted; None without an eval split."""
     d, eval_bs = engine.dist, cfg.eval_batch_size or cfg.batch_size
+    token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
 
-    def evaluate(desc: str) -> EvalResult | None:
-        if run.eval_blocks is None:
-            return None
-        chunks = iter_eval_masks(run.eval_blocks, run.masker, cfg.seed)
+    def score(masker: Masker, desc: str) -> EvalResult:
+        chunks = iter_eval_masks(run.eval_blocks, masker, cfg.seed)
         if not d.enabled:
             return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc,
                                  total=len(run.eval_blocks))
         return perplexity_of(engine.eval_model(), rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress,
                              desc=desc, total=-(-len(run.eval_blocks) // d.world),
                              reduce=lambda v: distributed.all_reduce_sum(d, v, engine.device))
+
+    def evaluate(desc: str) -> EvalResult | None:
+        if run.eval_blocks is None:
+            return None
+        result = score(run.masker, desc)
+        if token_masker is None:
+            return result
+        return dataclasses.replace(result, token=score(token_masker, f"{desc}, token masks"))
 
     return evaluate
 
@@ -133,8 +144,12 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine,
     before = evaluate("Eval (before)")
     if before:
         state.eval_before = eval_entry(before)
-        say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}")
+        say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}{_token(before)}")
     return state, False
+
+
+def _token(result: EvalResult) -> str:
+    return "" if result.token is None else f" (on token masks: eval loss {result.token.loss:.4f})"
 
 
 class Stop:
@@ -330,7 +345,7 @@ class Loop:
                  **eval_entry(result)}
         state.epochs.append(entry)
         where = f"step {state.step}" if streaming else f"epoch {entry['epoch']:g} step {state.step}"
-        say(f"{where}: eval loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
+        say(f"{where}: eval loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}{_token(result)}")
         self.dash.eval(state.step, result.loss, result.perplexity)
 
 
