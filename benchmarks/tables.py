@@ -1,18 +1,19 @@
 """The tables of docs/benchmarks.md, made from benchmarks/results/MACHINE/*.json: one row per variant and machine.
 
     python benchmarks/tables.py            # print every table
-    python benchmarks/tables.py --write    # put them into docs/benchmarks.md, between their markers
-    python benchmarks/tables.py --check    # exit 1 when docs/benchmarks.md holds other figures
+    python benchmarks/tables.py --write    # put them into their pages, between their markers
+    python benchmarks/tables.py --check    # exit 1 when a page holds other figures
 
-docs/benchmarks.md (and the README, for its few figures) holds each table between `<!-- table: NAME -->`
-and `<!-- end -->`; the test suite checks that they are these, so a figure in the docs is always one a
-script measured and wrote.
+docs/benchmarks.md (docs/masking.md for its two, and the README for its few figures) holds each table
+between `<!-- table: NAME -->` and `<!-- end -->`; the test suite checks that they are these, so a
+figure in the docs is always one a script measured and wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -147,6 +148,37 @@ def scaling() -> str:
     return _table(["machine", "processes", "threads each", "precision", "tokens/s", "x one process"], rows)
 
 
+def masking() -> str:
+    rows = []
+    for r in _runs("masking"):
+        for v in r["rows"]:
+            rows.append([_machine(r["machine"]), v["scheme"], f"{v['ms_per_batch']:.2f}", f"{v['vs_token']:.1f}",
+                         f"{v['chosen_share']:.1%}"])
+    return _table(["machine", "--masking", "ms per 64 x 128 micro-batch (median, 1 thread)", "x token",
+                   "tokens chosen"], rows)
+
+
+def schemes() -> str:
+    rows = []
+    for r in _runs("schemes"):
+        for v in r["rows"]:
+            rows.append([_machine(r["machine"]), v["scheme"], str(r["steps"]),
+                         f"{v['perplexity_before']:,.1f} -> {v['perplexity_after']:,.1f}",
+                         f"{math.exp(v['token_eval_loss_before']):,.1f} -> {math.exp(v['token_eval_loss_after']):,.1f}",
+                         f"{v['train_seconds']:.0f}"])
+    return _table(["machine", "--masking", "steps", "perplexity on its own masks", "perplexity on token masks",
+                   "training s"], rows)
+
+
+def modernbert() -> str:
+    rows = []
+    for r in _runs("modernbert"):
+        for v in r["rows"]:
+            rows.append([_machine(r["machine"]), v["variant"], f"{v['tokens_per_s']:,.0f}", f"{v['vs_dense']:.2f}",
+                         f"{v['peak_rss_gb']:.2f}", f"{v['eval_loss_before']:.4f} -> {v['eval_loss_after']:.4f}"])
+    return _table(["machine", "variant", "tokens/s", "x dense", "peak RSS GB", "eval loss"], rows)
+
+
 def readme() -> str:
     """The README's figures: one row per claim, one column per machine that measured it."""
     names = {}
@@ -182,12 +214,12 @@ def readme() -> str:
     return _table(["measured (2 CPU cores)", *columns], rows)
 
 
-TABLES = {f.__name__: f for f in (machines, train_throughput, parity, preprocess, fill_throughput, memory,
-                                  streaming_memory, serve_load, serve_burst, scaling)}
-README_TABLES = {"readme": readme}
+TABLES = {f.__name__: f for f in (machines, train_throughput, parity, modernbert, preprocess, fill_throughput,
+                                  memory, streaming_memory, serve_load, serve_burst, scaling)}
 
 
-PAGES = {DOCS: TABLES, README: README_TABLES}
+PAGES = {DOCS: TABLES, DOCS.parent / "masking.md": {"masking": masking, "schemes": schemes},
+         README: {"readme": readme}}
 
 
 def stale() -> list[str]:
@@ -228,9 +260,9 @@ def main() -> None:
         if names:
             sys.exit(f"docs/benchmarks.md: stale tables: {', '.join(names)}")
         return
-    for name, make in TABLES.items():
-        print(f"<!-- table: {name} -->\n{make()}\n<!-- end -->\n")
-    print(f"<!-- table: readme -->\n{readme()}\n<!-- end -->")
+    for path, tables in PAGES.items():
+        for name, make in tables.items():
+            print(f"<!-- {path.name} -->\n<!-- table: {name} -->\n{make()}\n<!-- end -->\n")
 
 
 if __name__ == "__main__":
