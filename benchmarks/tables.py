@@ -4,7 +4,7 @@
     python benchmarks/tables.py --write    # put them into their pages, between their markers
     python benchmarks/tables.py --check    # exit 1 when a page holds other figures
 
-docs/benchmarks.md (docs/masking.md for its two, and the README for its few figures) holds each table
+docs/benchmarks.md (docs/masking.md and docs/fill.md for theirs, and the README for its few figures) holds each table
 between `<!-- table: NAME -->` and `<!-- end -->`; the test suite checks that they are these, so a
 figure in the docs is always one a script measured and wrote.
 """
@@ -179,6 +179,16 @@ def modernbert() -> str:
     return _table(["machine", "variant", "tokens/s", "x dense", "peak RSS GB", "eval loss"], rows)
 
 
+def score() -> str:
+    rows = []
+    for r in _runs("score"):
+        for v in r["rows"]:
+            rows.append([_machine(r["machine"]), v["method"], f"{v['texts_per_s']:,.1f}", f"{v['tokens_per_s']:,.0f}",
+                         f"{v['vs_loop']:.1f}"])
+        rows[-1][1] += f" (PLL within {r['max_pll_diff']:.0e} of the loop's, {r['texts']} texts)"
+    return _table(["machine", "method", "texts/s", "scored tokens/s", "x loop"], rows)
+
+
 def readme() -> str:
     """The README's figures: one row per claim, one column per machine that measured it."""
     names = {}
@@ -219,7 +229,7 @@ TABLES = {f.__name__: f for f in (machines, train_throughput, parity, modernbert
 
 
 PAGES = {DOCS: TABLES, DOCS.parent / "masking.md": {"masking": masking, "schemes": schemes},
-         README: {"readme": readme}}
+         DOCS.parent / "fill.md": {"score": score}, README: {"readme": readme}}
 
 
 def stale() -> list[str]:

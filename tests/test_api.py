@@ -45,10 +45,13 @@ def test_valid_requests(filler, body, texts, is_list, top_k):
 def test_targets_follow_the_pipelines_rule(filler, tiny_model_dir):
     from transformers import pipeline
 
-    targets = ["Ġloop", "Ġdef", "zzzz"]  # the last is not one token: the pipeline takes its first piece
+    targets = ["Ġin", "Ġdef", "Ġthe"]  # vocabulary entries: ids as the pipeline maps them
     req = _parse({"inputs": "The <mask> statement.", "parameters": {"top_k": 2, "targets": targets}}, filler)
     pipe = pipeline("fill-mask", model=str(tiny_model_dir))
-    assert sorted(req.target_ids.tolist()) == sorted(pipe.get_target_ids(targets).tolist())
+    assert not req.words and sorted(req.target_ids.tolist()) == sorted(pipe.get_target_ids(targets).tolist())
+    # a target of several pieces makes it a request for words, scored whole (not cut to its first piece)
+    req = _parse({"text": "The <mask> statement.", "targets": ["Ġin", "zzzz"]}, filler)
+    assert req.words and req.target_ids is None and req.targets == ["Ġin", "zzzz"]
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -67,7 +70,7 @@ def test_targets_follow_the_pipelines_rule(filler, tiny_model_dir):
     ({"text": "A <mask>.", "top_k": True}, 422, '"top_k" must be an integer'),
     ({"text": 42}, 422, '"text" must be a string or a non-empty list of strings'),
     ({"text": []}, 422, '"text" must be a string or a non-empty list of strings'),
-    ({"txt": "A <mask>."}, 422, "unknown field(s): txt; known: targets, text, top_k"),
+    ({"txt": "A <mask>."}, 422, "unknown field(s): txt; known: beam_size, joint, max_pieces, targets, text, top_k"),
     ({"inputs": "A <mask>.", "parameters": {"topk": 3}}, 422, "unknown field(s) in parameters: topk"),
     ({"inputs": "A <mask>.", "parameters": [3]}, 422, '"parameters" must be an object'),
     ({"text": "A <mask>.", "targets": "loop"}, 422, '"targets" must be a non-empty list of words'),
@@ -83,4 +86,4 @@ def test_top_k_over_the_vocabulary_is_refused_unless_targets_bound_it(filler):
     limits = Limits(max_top_k=1000)
     with pytest.raises(BadRequest, match="top_k 700 is larger than the vocabulary of this model"):
         _parse({"text": "A <mask>.", "top_k": 700}, filler, limits)
-    assert _parse({"text": "A <mask>.", "top_k": 700, "targets": ["Ġloop"]}, filler, limits).top_k == 700
+    assert _parse({"text": "A <mask>.", "top_k": 700, "targets": ["Ġin"]}, filler, limits).top_k == 700

@@ -41,11 +41,25 @@ def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler):
         assert_same_as_pipeline(result, pipe(text, top_k=3))
 
 
-def test_targets_match_the_pipeline(pipe, filler):
-    targets = ["Ġloop", "Ġdef", "Ġthe", "function", "zzzz"]
+def test_single_piece_targets_match_the_pipeline(pipe, filler):
+    targets = ["Ġin", "Ġdef", "Ġthe", "Ġfunction"]  # vocabulary entries: one piece each
+    assert all(filler.single_piece(t) is not None for t in targets)
     text = "The <mask> statement is used in a loop."
     assert_same_as_pipeline(filler(text, top_k=3, targets=targets), pipe(text, top_k=3, targets=targets))
     assert_same_as_pipeline(filler(text, top_k=10, targets=targets), pipe(text, top_k=10, targets=targets))
+
+
+def test_a_target_of_several_pieces_is_not_cut_to_its_first(pipe, filler):
+    """The pipeline replaces "zzzz" with its first piece; mlmtune scores the whole word (tests/test_scoring.py
+    checks the score by hand)."""
+    text = "The <mask> statement is used in a loop."
+    pieces = filler.tokenizer(" zzzz", add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1 and filler.single_piece("zzzz") is None
+    got = filler(text, top_k=5, targets=["Ġin", "zzzz"])
+    whole = [g for g in got if g["token_str"] == "zzzz"]
+    assert whole and whole[0]["tokens"] == pieces and whole[0]["pieces"] == len(pieces)
+    assert "The zzzz statement" in whole[0]["sequence"]
+    assert all(p["token_str"].strip() != "zzzz" for p in pipe(text, top_k=5, targets=["Ġin", "zzzz"]))
 
 
 @pytest.mark.parametrize("model_fixture, ours, theirs", [

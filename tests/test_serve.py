@@ -43,7 +43,7 @@ def client(filler):
     {"text": "The <mask> statement is used in a <mask>.", "top_k": 3},
     {"text": ["A <mask> is defined.", "The <mask> keyword."], "top_k": 2},
     {"text": ["Only <mask> here."]},
-    {"text": "The <mask> statement.", "top_k": 3, "targets": ["Ġloop", "Ġdef", "Ġthe"]},
+    {"text": "The <mask> statement.", "top_k": 3, "targets": ["Ġin", "Ġdef", "Ġthe"]},
 ])
 def test_fill_matches_the_pipeline(client, pipe, body):
     r = client.post("/fill", json=body)
@@ -190,8 +190,8 @@ def test_playground_in_a_real_browser(live_server, pipe):
 @pytest.mark.parametrize("path", ["/", "/fill"])
 @pytest.mark.parametrize("body, kwargs", [
     ({"inputs": "The <mask> statement is used in a loop."}, {}),
-    ({"inputs": "The <mask> statement.", "parameters": {"top_k": 3, "targets": ["Ġloop", "Ġdef", "Ġthe"]}},
-     {"top_k": 3, "targets": ["Ġloop", "Ġdef", "Ġthe"]}),
+    ({"inputs": "The <mask> statement.", "parameters": {"top_k": 3, "targets": ["Ġin", "Ġdef", "Ġthe"]}},
+     {"top_k": 3, "targets": ["Ġin", "Ġdef", "Ġthe"]}),
     ({"inputs": ["A <mask> is defined.", "The <mask> keyword."], "parameters": {"top_k": 2}}, {"top_k": 2}),
     ({"inputs": "The <mask> statement.", "parameters": {"top_k": None, "targets": None}}, {}),  # client's nulls
 ])
@@ -284,7 +284,7 @@ def test_inference_client_against_mlmtune_serve(keyed_server, pipe, monkeypatch)
     text = "The <mask> statement is used in a loop."
     got = client.fill_mask(text, top_k=3)
     assert_same_as_pipeline([dict(p) for p in got], pipe(text, top_k=3))
-    targets = ["Ġloop", "Ġdef", "Ġthe"]
+    targets = ["Ġin", "Ġdef", "Ġthe"]
     got = client.fill_mask(text, targets=targets, top_k=2)
     assert_same_as_pipeline([dict(p) for p in got], pipe(text, targets=targets, top_k=2))
 
@@ -319,3 +319,48 @@ def test_api_key_and_metrics(keyed_server):
     assert delta("mlmtune_batch_texts_count") == 3 and delta("mlmtune_batch_texts_sum") == 3
     assert after[("mlmtune_queue_depth", ())] == 0
     assert after[("mlmtune_model_load_seconds", ())] > 0
+
+
+# --- /score and words in /fill --------------------------------------------------------------------
+
+
+def test_score_route_equals_the_scorer(client, tiny_model_dir):
+    from mlmtune.scoring import Scorer
+
+    texts = ["The break statement exits the innermost loop.", "Names refer to objects."]
+    expected = Scorer.from_pretrained(str(tiny_model_dir)).score(texts, metric="original")
+    r = client.post("/score", json={"text": texts, "metric": "original", "per_word": True})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [g["pll"] for g in got] == pytest.approx([e.pll for e in expected], abs=1e-5)
+    assert [g["per_word"] for g in got][1] == [{**w, "pll": pytest.approx(w["pll"], abs=1e-5)}
+                                               for w in expected[1].words]
+    one = client.post("/score", json={"inputs": texts[0], "parameters": {"metric": "original"}}).json()
+    assert one["pll"] == pytest.approx(expected[0].pll, abs=1e-5) and "per_word" not in one
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text": " "}, 422, "is empty: there is nothing to score"),
+    ({"text": "a", "metric": "l2r"}, 422, '"metric" must be one of within-word-l2r, original'),
+    ({"text": "a", "per_word": "yes"}, 422, '"per_word" must be true or false'),
+    ({"text": "word " * 70}, 413, "the limit is 300"),
+    ({"txt": "a"}, 422, "unknown field(s): txt"),
+])
+def test_bad_score_requests(client, body, status, message):
+    r = client.post("/score", json=body)
+    assert r.status_code == status and message in r.json()["error"], r.text
+
+
+def test_fill_route_fills_words(client, filler):
+    text = "The <mask> statement."
+    r = client.post("/fill", json={"text": text, "top_k": 2, "targets": ["Ġin", "photosynthesis"]})
+    assert r.status_code == 200, r.text
+    assert r.json() == [{**e, "score": pytest.approx(e["score"], rel=1e-5)}
+                        for e in filler(text, top_k=2, targets=["Ġin", "photosynthesis"])]
+    r = client.post("/fill", json={"inputs": "The <mask> is used in a <mask>.", "parameters": {"joint": True,
+                                                                                              "top_k": 2}})
+    assert r.status_code == 200 and len(r.json()) == 2 and len(r.json()[0]["tokens"]) == 2
+    r = client.post("/fill", json={"text": "The <mask> of <mask>.", "max_pieces": 2})
+    assert r.status_code == 422 and "words of several pieces are filled into one mask" in r.json()["error"]
+    r = client.post("/fill", json={"text": "The <mask>.", "max_pieces": 9})
+    assert r.status_code == 422 and '"max_pieces" must be an integer from 1 to 5' in r.json()["error"]

@@ -9,4 +9,14 @@ docs/development.md maps every module.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "score"]
+
+
+def __getattr__(name: str):
+    """`mlmtune.score(model, texts, metric=...)`, imported on first use: it brings torch and transformers, which
+    `mlmtune --help` must not wait for."""
+    if name == "score":
+        from mlmtune.scoring import score
+
+        return score
+    raise AttributeError(f"module 'mlmtune' has no attribute {name!r}")

@@ -1,5 +1,5 @@
-"""The HTTP API's shapes: what a fill request may hold, checked by one pure function (`parse_fill`), and the
-OpenAPI description of both request shapes.
+"""The HTTP API's shapes: what a fill or score request may hold, each checked by one pure function
+(`parse_fill`, `parse_score`), and the OpenAPI description of both request shapes.
 
 Two shapes are accepted: mlmtune's `{"text": ..., "top_k": 5, "targets": [...]}` and the Inference
 API's `{"inputs": ..., "parameters": {"top_k": 5, "targets": [...]}}`, which is what
@@ -15,6 +15,7 @@ from typing import Any
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
+from mlmtune.scoring import METRICS, Scorer
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,13 @@ def _check_fields(payload: dict, known: set[str], where: str = "") -> None:
                               f"known: {', '.join(sorted(known))}")
 
 
-def _parse_body(body: bytes, limits: Limits) -> tuple[list[str], bool, int, list[str] | None]:
-    """Validate a fill body: (texts, whether the texts came as a list, top_k, targets), or BadRequest.
+MAX_PIECES = 5  # a beam search over more pieces than this is not a request's work
+MAX_BEAM = 16
 
-    Two shapes are accepted: mlmtune's `{"text": ..., "top_k": 5, "targets": [...]}` and the
-    Inference API's `{"inputs": ..., "parameters": {"top_k": 5, "targets": [...]}}`, which is what
-    `huggingface_hub.InferenceClient.fill_mask` sends.
-    """
+
+def _payload(body: bytes, limits: Limits, known: set[str]) -> tuple[str, list[str], bool, dict]:
+    """A body in either shape: (the texts' field, the texts, whether they came as a list, the parameters), or
+    BadRequest. `known`: the parameters this route takes."""
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"request body is {len(body):,} bytes; the limit is {limits.max_body_bytes:,}")
     try:
@@ -63,9 +64,9 @@ def _parse_body(body: bytes, limits: Limits) -> tuple[list[str], bool, int, list
         params = payload.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest(422, '"parameters" must be an object like {"top_k": 5}')
-        _check_fields(params, {"top_k", "targets"}, " in parameters")
+        _check_fields(params, known, " in parameters")
     else:
-        _check_fields(payload, {"text", "top_k", "targets"})
+        _check_fields(payload, {"text", *known})
         field_name, text, params = "text", payload.get("text"), payload
     is_list = isinstance(text, list)
     texts = text if is_list else [text]
@@ -73,19 +74,26 @@ def _parse_body(body: bytes, limits: Limits) -> tuple[list[str], bool, int, list
         raise BadRequest(422, f'"{field_name}" must be a string or a non-empty list of strings')
     if len(texts) > limits.max_texts:
         raise BadRequest(422, f'"{field_name}" holds {len(texts)} texts; the limit is {limits.max_texts}')
-    top_k = params.get("top_k")
-    top_k = 5 if top_k is None else top_k  # the client sends null for a parameter it was not given
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limits.max_top_k:
-        raise BadRequest(422, f'"top_k" must be an integer from 1 to {limits.max_top_k}, got {top_k!r}')
-    targets = params.get("targets")
-    if targets is not None and (not isinstance(targets, list) or not targets
-                                or not all(isinstance(t, str) and t for t in targets)):
-        raise BadRequest(422, '"targets" must be a non-empty list of words')
     for n, t in enumerate(texts, 1):
-        where = f"text {n}" if is_list else "the text"
         if len(t) > limits.max_chars:
+            where = f"text {n}" if is_list else "the text"
             raise BadRequest(413, f"{where} is {len(t):,} characters; the limit is {limits.max_chars:,}")
-    return texts, is_list, top_k, targets
+    return field_name, texts, is_list, params
+
+
+def _integer(params: dict, name: str, default: int, top: int) -> int:
+    value = params.get(name)
+    value = default if value is None else value  # the client sends null for a parameter it was not given
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise BadRequest(422, f'"{name}" must be an integer from 1 to {top}, got {value!r}')
+    return value
+
+
+def _flag(params: dict, name: str) -> bool:
+    value = params.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(422, f'"{name}" must be true or false, got {value!r}')
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,12 @@ class FillRequest:
     is_list: bool  # the texts came as a list (the answer is then a list per text)
     top_k: int
     encoded: list  # token ids per text
-    target_ids: Any  # vocabulary ids of the targets, or None
+    target_ids: Any  # vocabulary ids of single-piece targets, or None
+    targets: list[str] | None = None
+    max_pieces: int = 1
+    joint: bool = False
+    beam_size: int = 8
+    words: bool = False  # beyond the pipeline's single pieces: filled with `FillMask.fill_words`
 
 
 def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
@@ -104,7 +117,14 @@ def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
 
     Nothing here changes any state: the same body and model always give the same answer.
     """
-    texts, is_list, top_k, targets = _parse_body(body, limits)
+    _, texts, is_list, params = _payload(body, limits, {"top_k", "targets", "joint", "max_pieces", "beam_size"})
+    top_k = _integer(params, "top_k", 5, limits.max_top_k)
+    targets = params.get("targets")
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not all(isinstance(t, str) and t for t in targets)):
+        raise BadRequest(422, '"targets" must be a non-empty list of words')
+    max_pieces, beam_size = _integer(params, "max_pieces", 1, MAX_PIECES), _integer(params, "beam_size", 8, MAX_BEAM)
+    joint = _flag(params, "joint")
     try:
         encoded = filler.encode(texts)
         for n, ids in enumerate(encoded, 1):
@@ -113,10 +133,40 @@ def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
                 where = f"text {n}" if is_list else "the text"
                 raise BadRequest(422, f"{where} has {masks} masks; the limit is {limits.max_masks}")
         filler.check_top_k(top_k, targets)
-        target_ids = filler.target_ids(targets) if targets else None
-    except MlmtuneError as e:  # no mask, empty, too long, top_k over the vocabulary, targets not in it
+        words = filler.words_needed(targets, max_pieces, joint)
+        if words and not joint and any(int((ids == filler.tokenizer.mask_token_id).sum()) > 1 for ids in encoded):
+            raise BadRequest(422, "words of several pieces are filled into one mask: send one mask per text, "
+                                  'or "joint": true')
+        target_ids = filler.target_ids(targets) if targets and not words else None
+    except MlmtuneError as e:  # no mask, empty, too long, top_k over the vocabulary, a target of no pieces
         raise BadRequest(422, str(e)) from None
-    return FillRequest(texts, is_list, top_k, encoded, target_ids)
+    return FillRequest(texts, is_list, top_k, encoded, target_ids, targets, max_pieces, joint, beam_size, words)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A valid score request: its texts tokenized and checked against the model."""
+
+    texts: list[str]
+    is_list: bool
+    encodings: list
+    metric: str
+    per_word: bool
+
+
+def parse_score(body: bytes, limits: Limits, scorer: Scorer) -> ScoreRequest:
+    """A score body (`{"text": ..., "metric": ..., "per_word": ...}` or the `inputs` / `parameters` shape) checked
+    against the limits and the model: the request, or BadRequest(status, message)."""
+    _, texts, is_list, params = _payload(body, limits, {"metric", "per_word"})
+    metric = params.get("metric") or "within-word-l2r"
+    if metric not in METRICS:
+        raise BadRequest(422, f'"metric" must be one of {", ".join(METRICS)}, got {metric!r}')
+    per_word = _flag(params, "per_word")
+    try:
+        encodings = scorer.encode(texts)
+    except MlmtuneError as e:  # empty, too long
+        raise BadRequest(422, str(e)) from None
+    return ScoreRequest(texts, is_list, encodings, metric, per_word)
 
 
 _PREDICTION = {"type": "object", "properties": {
@@ -124,7 +174,12 @@ _PREDICTION = {"type": "object", "properties": {
     "sequence": {"type": "string"}}}
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 _PARAMS = {"top_k": {"type": "integer", "minimum": 1, "default": 5},
-           "targets": {"type": "array", "items": {"type": "string"}, "description": "score only these words"}}
+           "targets": {"type": "array", "items": {"type": "string"},
+                       "description": "score only these words (a word of several pieces is scored whole)"},
+           "max_pieces": {"type": "integer", "minimum": 1, "maximum": MAX_PIECES, "default": 1,
+                          "description": "also propose words of up to this many pieces"},
+           "joint": {"type": "boolean", "default": False, "description": "fill all the masks of a text together"},
+           "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM, "default": 8}}
 FILL_OPENAPI = {
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"oneOf": [
@@ -150,6 +205,26 @@ FILL_OPENAPI = {
         "4XX": {"description": "Bad input: {\"error\": \"what is wrong\"}",
                 "content": {"application/json": {"schema": {"type": "object",
                                                             "properties": {"error": {"type": "string"}}}}}},
+        "503": {"description": "Loading, or the queue is full: retry"},
+    },
+}
+
+_SCORE_PARAMS = {"metric": {"type": "string", "enum": list(METRICS), "default": "within-word-l2r"},
+                 "per_word": {"type": "boolean", "default": False}}
+SCORE_OPENAPI = {
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"oneOf": [
+            {"title": "mlmtune", "type": "object", "required": ["text"],
+             "properties": {"text": _TEXTS, **_SCORE_PARAMS}},
+            {"title": "inputs", "type": "object", "required": ["inputs"],
+             "properties": {"inputs": _TEXTS, "parameters": {"type": "object", "properties": _SCORE_PARAMS}}},
+        ]},
+        "examples": {"rank": {"value": {"text": ["The cat sat on the mat.", "The cat sat on the hat."],
+                                        "per_word": True}}}}}},
+    "responses": {
+        "200": {"description": "One object per text (a list when the input is a list): text, pll (the natural-log "
+                               "pseudo-log-likelihood), words, tokens, and per_word when asked."},
+        "4XX": {"description": "Bad input: {\"error\": \"what is wrong\"}"},
         "503": {"description": "Loading, or the queue is full: retry"},
     },
 }

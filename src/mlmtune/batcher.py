@@ -1,7 +1,8 @@
-"""Requests -> forward passes: concurrent fill requests collected for a short window and filled in one pass.
+"""Requests -> forward passes: concurrent requests collected for a short window and run in one pass.
 
-The `Batcher` feeds the model from a bounded queue (when it is full a request gets 503 at once, so
-memory cannot grow without bound), and runs the model in a worker thread, never on the event loop.
+A `Batcher` feeds one forward function (fill's logits at the masks, score's masked copies) from a bounded
+queue: when it is full a request gets 503 at once, so memory cannot grow without bound. The model runs in a
+worker thread, never on the event loop, one pass at a time (the batchers of one model share a lock).
 """
 
 from __future__ import annotations
@@ -12,28 +13,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlmtune.fill import FillMask
-
 
 @dataclass
 class _Job:
-    encoded: list  # token ids per text
-    top_k: int
-    target_ids: Any
+    items: list  # what the forward pass takes, one per text
+    finish: Callable[[list], Any]  # the job's outputs -> its answer (run in the worker thread)
     future: asyncio.Future
 
 
 class Batcher:
-    """Collects jobs for up to `window_s` (or `max_batch` texts) and fills them in one forward pass."""
+    """Collects jobs for up to `window_s` (or `max_batch` texts) and runs them in one forward pass.
 
-    def __init__(self, filler: FillMask, max_batch: int = 32, window_s: float = 0.005, max_queue: int = 256,
-                 on_batch: Callable[[int], None] | None = None):
-        self.filler = filler
-        self.on_batch = on_batch  # told the number of texts of every forward pass
+    Args:
+        forward: items of every job of a batch -> one output per item, in order.
+        lock: held around every forward pass; share it between the batchers of one model.
+        on_batch: told the number of items of every forward pass.
+    """
+
+    def __init__(self, forward: Callable[[list], list], max_batch: int = 32, window_s: float = 0.005,
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None,
+                 lock: threading.Lock | None = None):
+        self.forward = forward
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.window_s = window_s
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
-        self.lock = threading.Lock()  # one forward pass at a time, whatever calls it
+        self.lock = lock or threading.Lock()  # one forward pass at a time, whatever calls it
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -43,17 +48,17 @@ class Batcher:
         if self.task:
             self.task.cancel()
 
-    def submit(self, encoded: list, top_k: int, target_ids) -> asyncio.Future:
+    def submit(self, items: list, finish: Callable[[list], Any]) -> asyncio.Future:
         """Queue a job; raises asyncio.QueueFull when the bound is reached."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Job(encoded, top_k, target_ids, future))
+        self.queue.put_nowait(_Job(items, finish, future))
         return future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self.queue.get()]
-            size = len(jobs[0].encoded)
+            size = len(jobs[0].items)
             deadline = loop.time() + self.window_s
             while size < self.max_batch:
                 timeout = deadline - loop.time()
@@ -64,9 +69,9 @@ class Batcher:
                 except TimeoutError:
                     break
                 jobs.append(job)
-                size += len(job.encoded)
+                size += len(job.items)
             try:
-                results = await loop.run_in_executor(None, self._fill, jobs)
+                results = await loop.run_in_executor(None, self._run_batch, jobs)
                 for job, result in zip(jobs, results):
                     if not job.future.done():
                         job.future.set_result(result)
@@ -75,17 +80,23 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(e)
 
-    def _fill(self, jobs: list[_Job]) -> list[list]:
-        encoded = [ids for job in jobs for ids in job.encoded]
+    def _run_batch(self, jobs: list[_Job]) -> list:
+        items = [item for job in jobs for item in job.items]
         if self.on_batch:
-            self.on_batch(len(encoded))
+            self.on_batch(len(items))
         with self.lock:
-            logits = self.filler.mask_logits(encoded)
-        out, i = [], 0
+            outputs = self.forward(items)
+        answers, i = [], 0
         for job in jobs:
-            part = []
-            for ids in job.encoded:
-                part.append(self.filler.predictions(ids, logits[i], job.top_k, job.target_ids))
-                i += 1
-            out.append(part)
-        return out
+            answers.append(job.finish(outputs[i : i + len(job.items)]))
+            i += len(job.items)
+        return answers
+
+    async def run_alone(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (a request of several forward passes: a joint fill, a beam search over pieces) in the worker
+        thread, between batches."""
+        def locked():
+            with self.lock:
+                return fn()
+
+        return await asyncio.get_running_loop().run_in_executor(None, locked)

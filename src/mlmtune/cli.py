@@ -12,12 +12,21 @@ must answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from typing import Any
 
-from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, FillConfig, PrepareConfig, ServeConfig, TrainConfig
+from mlmtune.config import (
+    QUICKSTART_DEFAULTS,
+    EvalConfig,
+    FillConfig,
+    PrepareConfig,
+    ScoreConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from mlmtune.errors import MlmtuneError, warn
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 
@@ -59,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, FillConfig)
     p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
     p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
+    p = sub.add_parser("score", help="pseudo-log-likelihood of texts (arguments, stdin, or --dataset), by word")
+    _add_config_flags(p, ScoreConfig)
+    p.add_argument("--json", action="store_true", help="one JSON object per text: text, pll, words, tokens "
+                   "(and per_word)")
+    p.add_argument("texts", nargs="*", help="texts to score; read from stdin when none are given (or --dataset)")
     p = sub.add_parser("serve", help="fill masks over HTTP (POST / or /fill, GET /health, /info, /metrics, /docs, "
                                      "/ playground)")
     _add_config_flags(p, ServeConfig)
@@ -172,7 +186,11 @@ def _format_table(text: str, result) -> str:
         if len(per_mask) > 1:
             rows.append(f"  mask {n}:")
         for rank, p in enumerate(preds, 1):
-            rows.append(f"  {rank:>2}  {p['score']:.4f}  {p['token_str'].strip():<16} {p['sequence']}")
+            if "pll" in p:  # a joint filling: ranked by the filled text's pseudo-log-likelihood
+                rows.append(f"  {rank:>2}  pll {p['pll']:8.3f}  {' | '.join(p['token_strs']):<24} {p['sequence']}")
+                continue
+            pieces = f" ({p['pieces']} pieces)" if p.get("pieces", 1) > 1 else ""
+            rows.append(f"  {rank:>2}  {p['score']:.4f}  {p['token_str'].strip() + pieces:<16} {p['sequence']}")
     return "\n".join(rows)
 
 
@@ -200,9 +218,39 @@ def cmd_fill(args) -> int:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
                                       precision=cfg.precision)
-    results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets)
+    results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets, max_pieces=cfg.max_pieces, joint=cfg.joint,
+                          beam_size=cfg.beam_size)
     for text, result in zip(texts, results):
         print(json.dumps(result, ensure_ascii=False) if args.json else _format_table(text, result) + "\n")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from mlmtune.data import load_texts  # heavy: imported when the command runs
+    from mlmtune.scoring import Scorer
+
+    cfg = _config(ScoreConfig, args)
+    if cfg.data.dataset:
+        split = load_texts(dataclasses.replace(cfg.data, test_size=0.0), 0)["train"]
+        texts = list(split["text"][: cfg.max_texts])
+    else:
+        texts = args.texts or read_stdin_lines()
+    if not texts:
+        raise MlmtuneError("no text given: pass texts as arguments, one per line on stdin, or --dataset")
+    scorer = Scorer.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
+    encodings = scorer.encode(texts, truncate=bool(cfg.data.dataset))
+    cut = sum(len(enc["input_ids"]) == scorer.max_length for enc in encodings)
+    if cfg.data.dataset and cut:
+        warn(f"{cut:,} of {len(texts):,} texts fill the model's {scorer.max_length} positions and may have been "
+             f"cut there: their scores are of their first part")
+    for result in scorer.score_encoded(texts, encodings, cfg.metric):
+        if args.json:
+            print(json.dumps(result.as_dict(cfg.per_word), ensure_ascii=False))
+            continue
+        print(f"{result.pll:10.3f}  {len(result.words)} words, {result.tokens} tokens  {result.text}")
+        for w in result.words if cfg.per_word else []:
+            pieces = f" ({w['pieces']} pieces)" if w["pieces"] > 1 else ""
+            print(f"{w['pll']:14.3f}  {w['word']}{pieces}")
     return 0
 
 
@@ -225,7 +273,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
-            "quickstart": cmd_quickstart, "serve": cmd_serve}
+            "score": cmd_score, "quickstart": cmd_quickstart, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

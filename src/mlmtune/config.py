@@ -281,6 +281,14 @@ class FillConfig:
     """Predictions per mask."""
     targets: list[str] | None = None
     """Restrict candidates to these words (comma-separated on the command line)."""
+    max_pieces: int = 1
+    """Also propose words of up to this many pieces for a mask (beam search over pieces, ranked by the whole
+    word's probability); 1 proposes single pieces, as the pipeline does."""
+    joint: bool = False
+    """Fill all the masks of a text together: the best joint fillings (a beam search, re-ranked by the filled
+    text's pseudo-log-likelihood) instead of each mask on its own."""
+    beam_size: int = 8
+    """Beams of --joint and --max-pieces."""
     batch_size: int = 32
     """Texts per forward pass."""
     device: str | None = None
@@ -291,9 +299,41 @@ class FillConfig:
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
+        _require(self.max_pieces >= 1, f"--max-pieces must be at least 1, got {self.max_pieces}")
+        _require(self.beam_size >= 1, f"--beam-size must be at least 1, got {self.beam_size}")
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
         _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
+
+
+SCORE_METRICS = ("within-word-l2r", "original")  # scoring.METRICS
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`mlmtune score`: the pseudo-log-likelihood of texts (each token masked in turn), by word and in all."""
+
+    model: str = DEFAULT_MODEL
+    """The model that scores: a Hub id or a model folder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    metric: str = "within-word-l2r"
+    """within-word-l2r: with each token, the pieces of its word to its right are masked too, so a word of many
+    pieces is not given away by its own pieces (Kauf & Ivanova, 2023); original: one token at a time (Salazar
+    et al., 2020). A word of one piece scores the same under both."""
+    per_word: bool = False
+    """Print each word's share of the score too."""
+    max_texts: int | None = None
+    """With --dataset: score at most this many records (default: all)."""
+    batch_size: int = 64
+    """Masked copies per forward pass."""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+
+    def __post_init__(self):
+        _require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
+                 f"got {self.metric!r}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(self.max_texts is None or self.max_texts >= 1, "--max-texts must be >= 1")
 
 
 @dataclass(frozen=True)

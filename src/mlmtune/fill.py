@@ -16,6 +16,7 @@ import torch
 
 from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.errors import MlmtuneError
+from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
 from mlmtune.forward import logits_where
 from mlmtune.model import load_model, max_positions
 
@@ -82,23 +83,21 @@ class FillMask:
                 text = text.replace(spelling, self.tokenizer.mask_token)
         return text
 
+    def single_piece(self, target: str) -> int | None:
+        """The vocabulary id of a target that is one piece (a vocabulary entry, or a word the tokenizer writes as
+        one piece), or None for a word of several pieces (`fill_words` scores those whole)."""
+        id_ = self.tokenizer.get_vocab().get(target)
+        if id_ is not None:
+            return id_
+        pieces = self.tokenizer(target, add_special_tokens=False, return_attention_mask=False,
+                                return_token_type_ids=False)["input_ids"]
+        if not pieces:
+            raise MlmtuneError(f"the target {target!r} tokenizes to nothing: give a word")
+        return pieces[0] if len(pieces) == 1 else None
+
     def target_ids(self, targets: list[str]) -> np.ndarray:
-        """Target words -> vocabulary ids, by the pipeline's rule (a word not in the vocabulary
-        stands for its first sub-token)."""
-        vocab = self.tokenizer.get_vocab()
-        ids = []
-        for target in targets:
-            id_ = vocab.get(target)
-            if id_ is None:
-                pieces = self.tokenizer(target, add_special_tokens=False, return_attention_mask=False,
-                                        return_token_type_ids=False, max_length=1, truncation=True)["input_ids"]
-                if not pieces:
-                    continue
-                id_ = pieces[0]
-            ids.append(id_)
-        ids = list(set(ids))  # the pipeline's order, so ties among targets break the same way
-        if not ids:
-            raise MlmtuneError(f"none of the targets {targets} maps to a token of this model")
+        """Single-piece target words -> vocabulary ids (as the pipeline maps them)."""
+        ids = list({self.single_piece(t) for t in targets})  # the pipeline's order, so ties break the same way
         return np.array(ids)
 
     def check_top_k(self, top_k: int, targets: list[str] | None = None) -> None:
@@ -161,18 +160,45 @@ class FillMask:
         values, indices = (t.cpu() for t in probs.topk(top_k))  # one copy of (masks, k) to the host
         return format_predictions(self.tokenizer, ids.numpy(), values.tolist(), indices.tolist(), target_ids)
 
-    def fill(self, texts: list[str], top_k: int = 5, targets: list[str] | None = None) -> list:
-        """Fill every text; one pipeline-shaped result per text, in input order.
+    def words_needed(self, targets: list[str] | None, max_pieces: int, joint: bool) -> bool:
+        """Whether a fill goes beyond the pipeline's single pieces: joint, words of several pieces proposed, or a
+        target of several pieces."""
+        return joint or max_pieces > 1 or any(self.single_piece(t) is None for t in targets or [])
+
+    def fill(self, texts: list[str], top_k: int = 5, targets: list[str] | None = None, max_pieces: int = 1,
+             joint: bool = False, beam_size: int = 8) -> list:
+        """Fill every text; one result per text, in input order: what `pipeline("fill-mask")` returns, unless asked
+        for words of several pieces (`targets` of several pieces, `max_pieces` > 1) or a `joint` filling of all
+        masks (`fill_words.py`).
 
         Raises:
-            MlmtuneError: a text is empty, has no mask, or is longer than the model takes.
+            MlmtuneError: a text is empty, has no mask, or is longer than the model takes; words of several pieces
+                asked for a text with more than one mask; `max_pieces` or `beam_size` below 1.
         """
         self.check_top_k(top_k, targets)
-        target_ids = self.target_ids(targets) if targets else None
+        if max_pieces < 1 or beam_size < 1:
+            raise MlmtuneError(f"max_pieces and beam_size must be at least 1, got {max_pieces} and {beam_size}")
         encoded = self.encode(texts)
+        if self.words_needed(targets, max_pieces, joint):
+            return [self.fill_words(text, ids, top_k, targets, max_pieces, joint, beam_size)
+                    for text, ids in zip(texts, encoded)]
+        target_ids = self.target_ids(targets) if targets else None
         logits = self.mask_logits(encoded)
         return [self.predictions(ids, lg, top_k, target_ids) for ids, lg in zip(encoded, logits)]
 
-    def __call__(self, text: str, top_k: int = 5, targets: list[str] | None = None):
-        """Fill one text; the result is what `pipeline("fill-mask")(text)` returns."""
-        return self.fill([text], top_k=top_k, targets=targets)[0]
+    def fill_words(self, text: str, ids: torch.Tensor, top_k: int, targets: list[str] | None, max_pieces: int,
+                   joint: bool, beam_size: int) -> list[dict]:
+        """One text filled with words (`fill_words.py`): joint, whole targets, or candidates of several pieces."""
+        if joint:
+            return fill_joint(self, ids, top_k, beam_size)
+        masks = int((ids == self.tokenizer.mask_token_id).sum())
+        if masks > 1:
+            raise MlmtuneError(f"words of several pieces are filled into one mask, and this text has {masks}: "
+                               f"fill them jointly (--joint), or one mask at a time")
+        if targets:
+            return fill_targets(self, text, ids, targets, top_k)
+        return fill_candidates(self, text, ids, top_k, max_pieces, beam_size)
+
+    def __call__(self, text: str, top_k: int = 5, targets: list[str] | None = None, **words):
+        """Fill one text; the result is what `pipeline("fill-mask")(text)` returns (see `fill` for `words`)."""
+        return self.fill([text], top_k=top_k, targets=targets, **words)[0]

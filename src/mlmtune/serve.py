@@ -26,16 +26,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mlmtune.api import FILL_OPENAPI, BadRequest, Limits, parse_fill
+from mlmtune.api import FILL_OPENAPI, SCORE_OPENAPI, BadRequest, Limits, parse_fill, parse_score
 from mlmtune.batcher import Batcher
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
+from mlmtune.scoring import Scorer
 
 
 class Metrics:
     """What Prometheus scrapes from GET /metrics; one registry per app, so apps never share counts."""
 
-    ROUTES = ("/", "/fill", "/health", "/info", "/metrics", "/docs", "/openapi.json")
+    ROUTES = ("/", "/fill", "/score", "/health", "/info", "/metrics", "/docs", "/openapi.json")
+    WORK = ("/", "/fill", "/score")  # the routes whose latency is measured
 
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()
@@ -76,6 +78,14 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
                            f"MLMTUNE_API_KEY (or --api-key), or pass --insecure to serve it to anyone who can connect")
 
 
+def _declared_too_large(request: Request, limits: Limits) -> JSONResponse | None:
+    """413 at once for a body whose declared length is over the limit (before it is read)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        return _error(413, f"request body is {int(declared):,} bytes; the limit is {limits.max_body_bytes:,}")
+    return None
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
@@ -87,7 +97,10 @@ class ModelSlot:
     def __init__(self, model: str | FillMask, max_batch: int, window_ms: float, max_queue: int, metrics: Metrics):
         self.model, self.max_batch, self.window_s, self.max_queue = model, max_batch, window_ms / 1000, max_queue
         self.metrics = metrics
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | None = None  # fills
+        self.scores: Batcher | None = None  # scores, sharing the fills' lock: one forward pass at a time
+        self.filler: FillMask | None = None
+        self.scorer: Scorer | None = None
         self.error: str | None = None
         self.name = model if isinstance(model, str) else getattr(model.model, "name_or_path", "")
 
@@ -100,11 +113,15 @@ class ModelSlot:
                     None, lambda: FillMask.from_pretrained(self.model, batch_size=self.max_batch,
                                                            safetensors_only=True))
             self.metrics.load_seconds.set(filler.load_seconds or 0.0)
-            batcher = Batcher(filler, max_batch=self.max_batch, window_s=self.window_s, max_queue=self.max_queue,
-                              on_batch=self.metrics.batch_texts.observe)
-            self.metrics.queue_depth.set_function(batcher.queue.qsize)
+            batcher = Batcher(filler.mask_logits, max_batch=self.max_batch, window_s=self.window_s,
+                              max_queue=self.max_queue, on_batch=self.metrics.batch_texts.observe)
+            self.scorer = Scorer(filler.model, filler.tokenizer, batch_size=64, device=filler.device)
+            scores = Batcher(self._score, max_batch=self.max_batch, window_s=self.window_s, max_queue=self.max_queue,
+                             on_batch=self.metrics.batch_texts.observe, lock=batcher.lock)
+            self.metrics.queue_depth.set_function(lambda: batcher.queue.qsize() + scores.queue.qsize())
             batcher.start()
-            self.batcher = batcher
+            scores.start()
+            self.filler, self.batcher, self.scores = filler, batcher, scores
         except MlmtuneError as e:
             self.error = str(e)
         except Exception as e:  # a task that dies silently would leave /health at "loading" for ever
@@ -120,8 +137,19 @@ class ModelSlot:
         yield
         if loader:
             loader.cancel()
-        if self.batcher:
-            await self.batcher.stop()
+        for batcher in (self.batcher, self.scores):
+            if batcher:
+                await batcher.stop()
+
+    def _score(self, items: list[tuple]) -> list:
+        """(text, encoding, metric) items -> their scores, the items of each metric in one call (batched)."""
+        out: list = [None] * len(items)
+        for metric in {m for _, _, m in items}:
+            idx = [i for i, item in enumerate(items) if item[2] == metric]
+            results = self.scorer.score_encoded([items[i][0] for i in idx], [items[i][1] for i in idx], metric)
+            for i, r in zip(idx, results):
+                out[i] = r
+        return out
 
 
 def make_app(model: str | FillMask, limits: Limits | None = None, max_batch: int = 32, window_ms: float = 5.0,
@@ -155,7 +183,7 @@ def make_app(model: str | FillMask, limits: Limits | None = None, max_batch: int
         else:
             response = await call_next(request)
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        if request.method == "POST" and route in ("/", "/fill"):
+        if request.method == "POST" and route in Metrics.WORK:
             metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response
 
@@ -176,7 +204,7 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits)
     async def info():
         if slot.batcher is None:
             return _error(503, "the model is still loading")
-        f = slot.batcher.filler
+        f = slot.filler
         return {"model": slot.name, "model_type": f.model.config.model_type, "mask_token": f.tokenizer.mask_token,
                 "max_length": f.max_length, "device": str(f.device), "precision": f.precision,
                 "max_batch": slot.max_batch, "limits": limits.__dict__}
@@ -193,20 +221,47 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits)
         batcher = slot.batcher
         if batcher is None:
             return _error(503, "the model is still loading; retry when GET /health says ok")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return _error(413, f"request body is {int(declared):,} bytes; the limit is {limits.max_body_bytes:,}")
+        if too_large := _declared_too_large(request, limits):
+            return too_large
         try:
-            req = parse_fill(await request.body(), limits, batcher.filler)
+            req = parse_fill(await request.body(), limits, slot.filler)
+        except BadRequest as e:
+            return _error(e.status, str(e))
+        if req.words:  # several forward passes (a beam search, whole words): between the batches
+            f = slot.filler
+            results = await batcher.run_alone(lambda: [
+                f.fill_words(t, ids, req.top_k, req.targets, req.max_pieces, req.joint, req.beam_size)
+                for t, ids in zip(req.texts, req.encoded)])
+        else:
+            def finish(logits: list) -> list:
+                return [slot.filler.predictions(ids, lg, req.top_k, req.target_ids)
+                        for ids, lg in zip(req.encoded, logits)]
+
+            try:
+                results = await batcher.submit(req.encoded, finish)
+            except asyncio.QueueFull:
+                return _error(503, f"the server is busy ({batcher.queue.maxsize} requests waiting); retry shortly")
+        # exactly what pipeline("fill-mask") returns: a list of one text gives that text's result
+        return results if req.is_list and len(results) > 1 else results[0]
+
+    @app.post("/score", summary="Pseudo-log-likelihood of one text or a list of texts",
+              openapi_extra=SCORE_OPENAPI)
+    async def score(request: Request):
+        scores = slot.scores
+        if scores is None:
+            return _error(503, "the model is still loading; retry when GET /health says ok")
+        if too_large := _declared_too_large(request, limits):
+            return too_large
+        try:
+            req = parse_score(await request.body(), limits, slot.scorer)
         except BadRequest as e:
             return _error(e.status, str(e))
         try:
-            future = batcher.submit(req.encoded, req.top_k, req.target_ids)
+            results = await scores.submit([(t, enc, req.metric) for t, enc in zip(req.texts, req.encodings)],
+                                          lambda outs: [r.as_dict(req.per_word) for r in outs])
         except asyncio.QueueFull:
-            return _error(503, f"the server is busy ({batcher.queue.maxsize} requests waiting); retry shortly")
-        results = await future
-        # exactly what pipeline("fill-mask") returns: a list of one text gives that text's result
-        return results if req.is_list and len(results) > 1 else results[0]
+            return _error(503, f"the server is busy ({scores.queue.maxsize} requests waiting); retry shortly")
+        return results if req.is_list else results[0]
 
     for path in ("/fill", "/"):  # POST / is where Inference API clients send, given the server's URL
         app.post(path, summary="Fill the masks of one text or a list of texts", openapi_extra=FILL_OPENAPI)(fill)
