@@ -121,7 +121,7 @@ def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
 
 def corpus_texts(repeat: int = 1) -> list[str]:
     """The built-in Python-docs paragraphs, repeated to size."""
-    from mlmtune.data import python_docs_texts
+    from mlmtune.corpora import python_docs_texts
 
     return python_docs_texts() * repeat
 

@@ -57,7 +57,7 @@ def make_model_dir(folder: Path, tokenizer: str, smoke: bool) -> Path:
 
 
 def write_corpus(path: Path, repeat: int) -> Path:
-    from mlmtune.data import python_docs_texts
+    from mlmtune.corpora import python_docs_texts
 
     with path.open("w") as f:
         for t in python_docs_texts() * repeat:
@@ -146,7 +146,7 @@ def child_fill(model_dir: str, n: int) -> dict:
     import torch
     from transformers import AutoTokenizer, pipeline
 
-    from mlmtune.data import python_docs_texts
+    from mlmtune.corpora import python_docs_texts
     from mlmtune.fill import FillMask
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -47,7 +47,7 @@ def _build_tokenizer(texts: list[str], folder: Path):
 
 @pytest.fixture(scope="session")
 def docs_texts() -> list[str]:
-    from mlmtune.data import python_docs_texts
+    from mlmtune.corpora import python_docs_texts
 
     return python_docs_texts()
 
@@ -129,12 +129,13 @@ def session_cache(tmp_path_factory) -> str:
 
 class Configs:
     """Training configs on the tiny model and the ELI5-shaped corpus: 8 steps of 4 blocks of 32 tokens at
-    lr 1e-2 in fp32, a checkpoint every 2 steps, a log line every step. Any field can be overridden."""
+    lr 1e-2 in fp32, a checkpoint every 2 steps, a log line every step, no general check. Any field can be
+    overridden."""
 
     def __init__(self, model: Path, dataset: Path, cache: str):
         self.base = {"model": str(model), "dataset": str(dataset), "text_field": "answers.text", "block_size": 32,
                      "batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 10,
-                     "logging_steps": 1, "precision": "fp32", "cache_dir": cache}
+                     "logging_steps": 1, "precision": "fp32", "cache_dir": cache, "general_eval": "none"}
 
     def flags(self, out: Path | str, **over: Any) -> dict[str, Any]:
         """The options as a flat dict (what a child process resolves again)."""

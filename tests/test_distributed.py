@@ -163,3 +163,29 @@ def test_todays_encoders_on_two_processes_match_one(request, family, sharding, e
     w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.slow  # the DDP and FSDP paths are the tests above; this adds a grown vocabulary and the general check
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]])
+def test_added_words_and_the_general_check_on_two_processes_match_one(no_dropout_model, eli5_like, tmp_path,
+                                                                       sharding):
+    """--add-tokens and --general-eval under DDP and FSDP: the same words, the same grown model, the same general
+    perplexity before and after as one process."""
+    words = tmp_path / "words.txt"
+    words.write_text("interpreter\nidentifier\ncoroutine\n")
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--add-tokens", str(words),
+              "--general-eval", "builtin:wikipedia"]
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6", "--output-dir",
+          str(tmp_path / "one")], tmp_path)
+    _torchrun([*common, *sharding, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1["added_tokens"] == m2["added_tokens"] == 3
+    assert (tmp_path / "two" / "added_tokens.txt").read_text() == "interpreter\nidentifier\ncoroutine\n"
+    for key in ("general_loss_before", "eval_loss_before", "nll_per_word_before"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-6), key
+    for key in ("general_loss_after", "eval_loss_after", "nll_per_word_after"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4), key
+    w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4

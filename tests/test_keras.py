@@ -370,3 +370,16 @@ def test_keras_trains_on_whole_word_masks(configs, tmp_path):
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
     assert k["token_eval_loss_before"] == pytest.approx(t["token_eval_loss_before"], abs=1e-6)
     assert k["eval_loss_after"] < k["eval_loss_before"] - 0.05
+
+
+@pytest.mark.slow
+def test_keras_trains_a_grown_vocabulary(configs, tmp_path):
+    """--add-tokens with the Keras engine: the grown model converts, starts where PyTorch's starts, and learns."""
+    words = tmp_path / "words.txt"
+    words.write_text("interpreter\nidentifier\ncoroutine\n")
+    k = train(configs(tmp_path / "keras", backend="keras", add_tokens=str(words), max_steps=4), progress=False).metrics
+    t = train(configs(tmp_path / "torch", add_tokens=str(words), max_steps=4), progress=False).metrics
+    assert k["added_tokens"] == t["added_tokens"] == 3
+    assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
+    assert k["eval_loss_after"] < k["eval_loss_before"] - 0.05
+    assert (tmp_path / "keras" / "added_tokens.txt").read_text() == "interpreter\nidentifier\ncoroutine\n"

@@ -45,3 +45,7 @@ def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     assert metrics["perplexity_after"] < metrics["perplexity_before"] / 10  # a new head learns fast
     assert f"{metrics['perplexity_before']:,.1f} before -> {metrics['perplexity_after']:,.1f} after" in printed
     assert printed.count("before:") == 3 and printed.count("after:") == 3
+    # general English beside the docs (builtin:wikipedia is installed with the tests), as metrics.json has it
+    assert metrics["general_eval"] == "builtin:wikipedia" and metrics["general_blocks"] == 64
+    assert (f"Perplexity on general English (builtin:wikipedia): {metrics['general_perplexity_before']:,.1f} before "
+            f"-> {metrics['general_perplexity_after']:,.1f} after") in printed

@@ -10,6 +10,7 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot, so a notebook's plotting backend is left alone
 
 from mlmtune.config import TrainConfig
+from mlmtune.corpora import WIKIPEDIA, WIKIPEDIA_LICENCE
 
 
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
@@ -27,9 +28,19 @@ def plot_curves(metrics: dict[str, Any], folder: Path) -> Path:
     ax_loss.set(title="Training loss (masked tokens)", xlabel="step", ylabel="loss")
     points = [(0, metrics["perplexity_before"])] if metrics.get("perplexity_before") is not None else []
     points += [(e["step"], e["perplexity"]) for e in metrics.get("epochs", [])]
+    general = [(0, metrics.get("general_perplexity_before")), (metrics.get("train_steps", 0),
+                                                                 metrics.get("general_perplexity_after"))]
+    general = [p for p in general if p[1] is not None]
     if points:
-        ax_ppl.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:orange")
+        ax_ppl.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:orange",
+                    label="eval split")
         ax_ppl.set_yscale("log")
+    if general:
+        ax_ppl.plot([p[0] for p in general], [p[1] for p in general], marker="s", linestyle="--", color="tab:green",
+                    label=f"general: {metrics.get('general_eval')}")
+        ax_ppl.set_yscale("log")
+    if points or general:
+        ax_ppl.legend()
     else:
         ax_ppl.text(0.5, 0.5, "no eval split (--test-size 0)", ha="center", va="center", transform=ax_ppl.transAxes)
     ax_ppl.set(title="Eval perplexity (fixed masks)", xlabel="step", ylabel="perplexity")
@@ -53,6 +64,72 @@ def _token_rows(metrics: dict[str, Any]) -> str:
             f"{_fmt(metrics.get('token_perplexity_before'))} |\n"
             f"| after, on token masks | {_fmt(metrics.get('token_eval_loss_after'))} | "
             f"{_fmt(metrics.get('token_perplexity_after'))} |\n")
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    """The run's last lines: how the eval split's perplexity moved, the general corpus', and the vocabulary's."""
+    lines = []
+    if m.get("perplexity_before") is not None and m.get("perplexity_after") is not None:
+        lines.append(f"perplexity: {m['perplexity_before']:,.2f} before -> {m['perplexity_after']:,.2f} after "
+                     f"(eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f})")
+    if m.get("general_perplexity_before") is not None and m.get("general_perplexity_after") is not None:
+        b, a = m["general_perplexity_before"], m["general_perplexity_after"]
+        lines.append(f"general perplexity ({m['general_eval']}, what the model forgot): {b:,.2f} before -> "
+                     f"{a:,.2f} after ({a / b - 1:+.1%})")
+    if m.get("added_tokens"):
+        tpw = (f"; tokens per word {m['tokens_per_word_before']:.3f} -> {m['tokens_per_word_after']:.3f}"
+               if m.get("tokens_per_word_before") is not None else "")
+        lines.append(f"added {m['added_tokens']} words to the tokenizer{tpw}")
+    if m.get("nll_per_word_before") is not None:
+        lines.append(f"tokenizer-free, on {m['tokenizer_free_texts']} held-out texts: {m['nll_per_word_before']:.3f} "
+                     f"-> {m['nll_per_word_after']:.3f} nats per word, {m['bits_per_char_before']:.3f} -> "
+                     f"{m['bits_per_char_after']:.3f} bits per character")
+    return lines
+
+
+def _general_section(m: dict[str, Any]) -> str:
+    if "general_eval" not in m:
+        return ""
+    source = m["general_eval"]
+    licence = f"\nText: {WIKIPEDIA_LICENCE}.\n" if source in WIKIPEDIA else ""
+    return f"""
+## What it forgot
+
+The same model on a fixed sample of a general corpus, `{source}` ({m['general_blocks']} blocks,
+{m['general_masked_tokens']:,} masked tokens, masks drawn once from seed 0): a rise means the
+adaptation cost general knowledge.
+
+| | loss | perplexity |
+| --- | --- | --- |
+| before | {_fmt(m.get("general_loss_before"))} | {_fmt(m.get("general_perplexity_before"))} |
+| after | {_fmt(m.get("general_loss_after"))} | {_fmt(m.get("general_perplexity_after"))} |
+{licence}"""
+
+
+def _vocabulary_section(m: dict[str, Any]) -> str:
+    if not m.get("added_tokens"):
+        return ""
+    rows = [f"| tokens per word (training split) | {_fmt3(m.get('tokens_per_word_before'))} | "
+            f"{_fmt3(m.get('tokens_per_word_after'))} |"]
+    if m.get("nll_per_word_before") is not None:
+        rows += [f"| nats per word ({m['tokenizer_free_texts']} held-out texts) | {_fmt3(m['nll_per_word_before'])} "
+                 f"| {_fmt3(m['nll_per_word_after'])} |",
+                 f"| bits per character | {_fmt3(m['bits_per_char_before'])} | {_fmt3(m['bits_per_char_after'])} |"]
+    return f"""
+## Vocabulary
+
+{m['added_tokens']} of the domain's words were added to the tokenizer (`added_tokens.txt`), each
+embedding started from the mean of its pieces'. The perplexities above count the new tokens, so
+compare with the base model by the tokenizer-free figures (whole-word pseudo-log-likelihood):
+
+| | before | after |
+| --- | --- | --- |
+{chr(10).join(rows)}
+"""
+
+
+def _fmt3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str,
@@ -97,7 +174,7 @@ from the seed, so both numbers score the same predictions.
 | after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
 {_token_rows(metrics)}
 Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
-
+{_general_section(metrics)}{_vocabulary_section(metrics)}
 ## Training
 
 | setting | value |

@@ -35,9 +35,10 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run it continues; anything else may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking")
+               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers")
 # what a checkpoint from before a setting existed ran with
-RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token"}
+RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
+                   "add_numbers": False}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -77,6 +78,7 @@ class TrainState:
     train_seconds: float = 0.0
     train_tokens: int = 0
     eval_before: dict[str, Any] | None = None
+    general_before: dict[str, Any] | None = None  # the general corpus' sample, before training (--general-eval)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from mlmtune.config import (
@@ -105,15 +106,14 @@ def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = N
 
 
 def cmd_train(args) -> int:
+    from mlmtune.card import summary_lines
     from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
 
     result = train(_config(TrainConfig, args))
-    m = result.metrics
     if result.rank != 0:  # one report per run, not one per process
         return 0
-    if m["perplexity_before"] is not None:
-        print(f"perplexity: {m['perplexity_before']:,.2f} before -> {m['perplexity_after']:,.2f} after "
-              f"(eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f})")
+    for line in summary_lines(result.metrics):
+        print(line)
     print(f"model saved in {result.output_dir}")
     return 0
 
@@ -151,12 +151,34 @@ def cmd_prepare(args) -> int:
 
     cfg = _config(PrepareConfig, args)
     tokenizer = load_tokenizer(cfg.model)
-    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, save_to=cfg.output_dir)
+    added = _add_tokens(cfg, tokenizer) if cfg.add_tokens else None
+    blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, save_to=cfg.output_dir, added=added)
     for split in blocks:
         print(f"{split}: {stats.blocks[split]:,} blocks of {cfg.data.block_size} tokens "
               f"({stats.dropped_tokens[split]} tokens dropped)")
     print(f"saved in {cfg.output_dir}")
     return 0
+
+
+def _left_out(n: int) -> str:
+    return f"; {n} longer than the model takes left out" if n else ""
+
+
+def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
+    """prepare --add-tokens: the words added to the tokenizer the blocks are made with (train adds the same)."""
+    from mlmtune.data import load_texts
+    from mlmtune.prepare import check_prepare_target
+    from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, add_words, choose_words, tokens_per_word
+
+    check_prepare_target(Path(cfg.output_dir))  # before the mining, as without --add-tokens
+    texts = list(load_texts(cfg.data, cfg.seed)["train"]["text"])
+    words = choose_words(cfg.add_tokens, cfg.add_numbers, texts, tokenizer)
+    before = tokens_per_word(texts[:TOKENS_PER_WORD_TEXTS], tokenizer)
+    add_words(tokenizer, words)
+    after = tokens_per_word(texts[:TOKENS_PER_WORD_TEXTS], tokenizer)
+    print(f"added {len(words)} words to the tokenizer ({', '.join(words[:8])}{', ...' if len(words) > 8 else ''}); "
+          f"tokens per word {before:.3f} -> {after:.3f} on the training split")
+    return words
 
 
 def cmd_eval(args) -> int:
@@ -173,9 +195,17 @@ def cmd_eval(args) -> int:
     else:
         print(f"perplexity {result['perplexity']:,.3f} (eval loss {result['eval_loss']:.4f} over "
               f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks)")
-        if "pseudo_perplexity" in result:
-            print(f"pseudo-perplexity {result['pseudo_perplexity']:,.3f} (over {result['pseudo_tokens']:,} tokens "
-                  f"of {result['pseudo_texts']:,} texts)")
+    if "pseudo_perplexity" in result:
+        print(f"pseudo-perplexity {result['pseudo_perplexity']:,.3f} (over {result['pseudo_tokens']:,} tokens "
+              f"of {result['pseudo_texts']:,} texts)")
+    if "nll_per_word" in result:
+        print(f"tokenizer-free: {result['nll_per_word']:.4f} nats per word, {result['bits_per_char']:.4f} bits per "
+              f"character (whole-word PLL of {result['tokenizer_free_texts']} texts, "
+              f"{result['tokenizer_free_words']:,} words{_left_out(result['tokenizer_free_left_out'])})")
+    if "general_perplexity" in result:
+        print(f"general perplexity ({result['general_eval']}) {result['general_perplexity']:,.3f} (loss "
+              f"{result['general_loss']:.4f} over {result['general_masked_tokens']:,} masked tokens in "
+              f"{result['general_blocks']} blocks)")
     return 0
 
 

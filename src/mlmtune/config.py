@@ -2,8 +2,7 @@
 
 Config flows one way: dataclass defaults < `--config FILE.yaml` < command-line flags, resolved
 once by `options.resolve()` and never changed afterwards (the dataclasses are frozen). Validation
-lives in `__post_init__`, so a config that exists is a config that is valid. Each field's
-docstring is its `--help` text.
+lives in `__post_init__`, so a config that exists is a config that is valid. Each field's docstring is its `--help`.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlmtune.errors import MlmtuneError
@@ -52,7 +52,8 @@ class DataConfig:
     """Where the text comes from and how it becomes blocks (shared by train, prepare and eval)."""
 
     dataset: str | None = None
-    """Hub dataset id, local file or folder, a folder made by `mlmtune prepare`, or `builtin:python-docs`."""
+    """Hub dataset id, local file or folder, a folder made by `mlmtune prepare`, or a built-in corpus:
+    builtin:python-docs, builtin:wikipedia (-fr, -es)."""
     dataset_config: str | None = None
     """The dataset's configuration (subset) name, for Hub datasets that have several."""
     split: str = "train"
@@ -96,6 +97,15 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
 
 
+def check_add_tokens(value: str | None) -> None:
+    """--add-tokens is a positive number of words, or a file of words that exists."""
+    if value is not None and value.strip().lstrip("-").isdigit():
+        _require(int(value) >= 1, f"--add-tokens must be a positive number of words or a file of words, got {value}")
+    elif value is not None:
+        _require(Path(value).expanduser().is_file(), f"--add-tokens {value}: no such file (give a number of words, "
+                 f"or a file of words, one a line)")
+
+
 def _check_common(cfg: Any) -> None:
     _require(0 < cfg.mlm_probability < 1, f"--mlm-probability must be in (0, 1), got {cfg.mlm_probability}")
     _require(cfg.masking in MASKING, f"--masking must be one of {', '.join(MASKING)}, got {cfg.masking!r}")
@@ -116,9 +126,16 @@ class TrainConfig:
     mlm_probability: float = 0.15
     """Share of the tokens chosen for prediction (of which 80% become the mask, 10% a random token, 10% stay)."""
     masking: str = "token"
-    """What is chosen: token (each sub-word token on its own, the guide's rule), whole-word (every piece of a
-    chosen word), or span (SpanBERT's spans of whole words, 3.8 words long on average). The eval masks use the
-    same scheme; a run that is not token is also scored on token masks, so runs of different schemes compare."""
+    """What is chosen: token (each sub-word token on its own, the guide's rule), whole-word (every piece of a chosen
+    word) or span (SpanBERT's, of whole words). Eval uses it, and token masks too, so that schemes compare."""
+    add_tokens: str | None = None
+    """The domain's words as single tokens started from their pieces: N (the training split's that save the most
+    tokens) or FILE (one a line)."""
+    add_numbers: bool = False
+    """With --add-tokens N: words with digits may be added too."""
+    general_eval: str = "auto"
+    """A general corpus scored before and after training (what the run forgot): auto (builtin:wikipedia when
+    installed), none, or a --dataset value (its `text` field), on a fixed sample of 64 blocks."""
     epochs: float = 3
     """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
@@ -196,6 +213,9 @@ class TrainConfig:
         _require(self.head_warmup_steps is None or self.head_warmup_steps >= 0, "--head-warmup-steps must be >= 0")
         _require(self.time_budget is None or parse_duration(self.time_budget) > 0,
                  "--time-budget must be longer than 0s")
+        check_add_tokens(self.add_tokens)
+        _require(not (self.add_tokens and self.data.streaming and self.add_tokens.isdigit()),
+                 "--add-tokens N mines the training split, which a stream does not hold: give a FILE of words")
         _require(self.gradient_accumulation_steps >= 1, "--gradient-accumulation-steps must be >= 1")
         _require(self.warmup_steps >= 0, "--warmup-steps must be >= 0")
         _require(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0")
@@ -230,11 +250,16 @@ class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 42
     """Seeds the split into train and test records."""
+    add_tokens: str | None = None
+    """As `train --add-tokens`: the blocks are tokenized with the domain's words added (train with the same value)."""
+    add_numbers: bool = False
+    """With --add-tokens N: words with digits may be added too."""
     output_dir: str = "mlmtune-prepared"
     """A new or empty folder, or an earlier `mlmtune prepare` output (only its own entries are replaced)."""
 
     def __post_init__(self):
         _require(bool(self.data.dataset), "--dataset is required")
+        check_add_tokens(self.add_tokens)
 
 
 @dataclass(frozen=True)
@@ -258,7 +283,11 @@ class EvalConfig:
     pseudo: bool = False
     """Also compute pseudo-perplexity (every token masked in turn; slow)."""
     pseudo_max_texts: int | None = None
-    """Pseudo-perplexity on at most this many texts of the eval split (default: all)."""
+    """Pseudo-perplexity on at most this many texts of the eval split (default: all; --tokenizer-free: 16)."""
+    tokenizer_free: bool = False
+    """Also nats per word and bits per character (whole-word PLL): figures that compare models of any tokenizer."""
+    general_eval: str = "none"
+    """A general corpus scored too, as `train --general-eval` does (auto: builtin:wikipedia when installed)."""
 
     def __post_init__(self):
         _check_common(self)

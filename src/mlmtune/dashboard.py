@@ -52,6 +52,14 @@ class Dashboard:
         self.writer.add_scalar("eval/perplexity", perplexity, step)
         self.writer.flush()  # an evaluation is rare and worth seeing at once
 
+    def general(self, step: int, loss: float, perplexity: float) -> None:
+        """The general corpus' check (`--general-eval`), before and after training."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar("eval_general/loss", loss, step)
+        self.writer.add_scalar("eval_general/perplexity", perplexity, step)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

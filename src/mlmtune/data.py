@@ -1,8 +1,8 @@
 """Text: load a corpus from any source and select one text per record, then split it.
 
 Sources: a Hub dataset id, local .jsonl/.json/.csv/.parquet/.txt files or folders of them, and
-the built-in `builtin:python-docs`. `load_texts()` is the whole stage; `blocks.py` takes its
-texts on to tokens and blocks.
+the built-in corpora (`corpora.py`: `builtin:python-docs`, `builtin:wikipedia`). `load_texts()` is
+the whole stage; `blocks.py` takes its texts on to tokens and blocks.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, ReadInstruction, Value, load_dataset
@@ -19,6 +18,7 @@ from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
 from mlmtune import hub
 from mlmtune.config import DataConfig
+from mlmtune.corpora import builtin_texts
 from mlmtune.errors import MlmtuneError, warn
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -31,22 +31,6 @@ DEFUNCT_DATASETS = {
 
 # ---------------------------------------------------------------------------------------------
 # Text: load a source and select one text per record
-
-
-def python_docs_texts() -> list[str]:
-    """The Python Language Reference topics that ship with CPython (`pydoc_data.topics`).
-
-    One text per paragraph (blank-line separated), so a record is prose of a few sentences.
-    Paragraphs that the topics repeat word for word are kept once, so no eval text is also a
-    training text.
-    """
-    texts: dict[str, None] = {}
-    for key in sorted(topics):
-        for para in topics[key].split("\n\n"):
-            para = " ".join(para.split())
-            if para:
-                texts.setdefault(para)
-    return list(texts)
 
 
 def _slice(ds: Dataset, split: str) -> Dataset:
@@ -126,10 +110,8 @@ def load_records(data: DataConfig) -> Dataset:
         MlmtuneError: unknown source, defunct dataset, unreachable Hub, bad split.
     """
     name = data.dataset or ""
-    if name == "builtin:python-docs":
-        return _slice(Dataset.from_dict({"text": python_docs_texts()}), data.split)
     if name.startswith("builtin:"):
-        raise MlmtuneError(f"unknown built-in corpus {name!r}; the built-in corpus is builtin:python-docs")
+        return _slice(Dataset.from_dict({"text": builtin_texts(name)}), data.split)
     path = Path(name).expanduser()
     if path.exists():
         files, builder = local_source(path)

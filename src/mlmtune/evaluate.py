@@ -23,6 +23,16 @@ from mlmtune.data import load_texts
 from mlmtune.device import resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_where, masked_nll_sum
+from mlmtune.general import (
+    FREE_TEXTS,
+    GENERAL_SEED,
+    free_sample,
+    general_blocks,
+    general_entry,
+    general_masker,
+    general_source,
+    tokenizer_free,
+)
 from mlmtune.masking import Masker, iter_eval_masks
 from mlmtune.model import check_block_size, load_model, max_positions
 from mlmtune.prepare import is_prepared, prepare_blocks
@@ -186,11 +196,15 @@ def eval_plan(cfg: EvalConfig) -> EvalPlan:
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     """`mlmtune eval`: perplexity of `cfg.model` on fixed masks, over the records `eval_plan` picks.
 
-    With `cfg.pseudo`, pseudo-perplexity too; it needs no blocks, so it works on texts of any length.
+    With `cfg.pseudo`, pseudo-perplexity too; it needs no blocks, so it works on texts of any length. With
+    `cfg.general_eval`, the general check of `general.py`; with `cfg.tokenizer_free`, the figures that compare
+    models whose tokenizers differ.
 
     Returns:
         A dict with scored (which records), eval_texts, eval_loss, perplexity, eval_masked_tokens,
-        eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts.
+        eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts; with
+        `cfg.general_eval`, general_loss, general_perplexity, general_masked_tokens, general_blocks; with
+        `cfg.tokenizer_free`, nll_per_word, bits_per_char, tokenizer_free_texts and tokenizer_free_words.
     """
     model, tokenizer = load_model(cfg.model)
     plan = eval_plan(cfg)
@@ -204,7 +218,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         if data.streaming:
             return held_out_texts(data)
         if prepared:
-            raise MlmtuneError("--pseudo needs the texts, not prepared blocks: pass the original --dataset")
+            raise MlmtuneError("--pseudo and --tokenizer-free need the texts, not prepared blocks: pass the original "
+                               "--dataset")
         split = load_texts(data, seed)
         return list(split["test" if "test" in split else "train"]["text"])
 
@@ -224,7 +239,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,
                    eval_masked_tokens=result.masked_tokens, eval_blocks=len(eval_blocks))
     except MlmtuneError as e:  # no blocks to score: pseudo-perplexity needs none
-        if not cfg.pseudo:
+        if not (cfg.pseudo or cfg.tokenizer_free):
             raise (MlmtuneError(f"{e}; or pass --pseudo, which scores texts of any length") if isinstance(
                 e, TooFewTokens) else e) from None
         out.update(eval_loss=None, perplexity=None, eval_masked_tokens=0, eval_blocks=0,
@@ -235,4 +250,16 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         out.update(pseudo_perplexity=pseudo.perplexity, pseudo_loss=pseudo.loss, pseudo_tokens=pseudo.masked_tokens,
                    pseudo_texts=len(texts))
         out.setdefault("eval_texts", len(texts))
+    if cfg.tokenizer_free:
+        free = tokenizer_free(model, tokenizer, free_sample(texts_scored(), cfg.pseudo_max_texts or FREE_TEXTS),
+                              model.device, batch_size=cfg.batch_size)
+        out.update(nll_per_word=free["nll_per_word"], bits_per_char=free["bits_per_char"],
+                   tokenizer_free_texts=free["texts"], tokenizer_free_words=free["words"],
+                   tokenizer_free_left_out=free["left_out"])
+    source = general_source(cfg.general_eval)
+    if source:
+        blocks = general_blocks(source, model, tokenizer)
+        result = perplexity_of(model, iter_eval_masks(blocks, general_masker(tokenizer), GENERAL_SEED),
+                               cfg.batch_size, progress=progress, desc="General check", total=len(blocks))
+        out.update(general_entry(result, source, blocks))
     return out

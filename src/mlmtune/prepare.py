@@ -133,8 +133,18 @@ def _stats_from_meta(meta: dict) -> BlockStats:
                       meta.get("empty_texts", 0), meta.get("duplicate_texts", 0), meta.get("texts", {}))
 
 
-def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig) -> dict:
+def prepared_words(path: str | Path) -> list[str] | None:
+    """The words `prepare --add-tokens` added to the tokenizer of a prepared folder (None: it added none)."""
+    try:
+        words = json.loads((Path(path) / PREPARED_META).read_text()).get("added_tokens")
+    except (OSError, ValueError, AttributeError) as e:
+        raise damaged_error(path, e) from None
+    return list(words) if words else None
+
+
+def _meta(stats: BlockStats, tokenizer, block_size: int, data: DataConfig, added: list[str] | None = None) -> dict:
     return {
+        "added_tokens": added or [],
         "block_size": block_size,
         "format": BLOCKS_FORMAT,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -166,6 +176,9 @@ def load_prepared(path: str | Path, tokenizer, block_size: int | None = None) ->
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise damaged_error(path, e) from None
     if made_with != tokenizer_fingerprint(tokenizer):
+        if meta.get("added_tokens"):
+            raise MlmtuneError(f"{path} was prepared with --add-tokens ({len(meta['added_tokens'])} words added to "
+                               f"{meta.get('tokenizer_name') or 'its tokenizer'}): train with --add-tokens too")
         raise MlmtuneError(
             f"{path} was prepared with a different tokenizer ({meta.get('tokenizer_name') or 'unknown'}); "
             f"run `mlmtune prepare` again with this --model"
@@ -190,12 +203,13 @@ def damaged_error(path: str | Path, e: BaseException) -> MlmtuneError:
 
 
 def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path | None = None,
-                   ) -> tuple[DatasetDict, BlockStats]:
+                   added: list[str] | None = None) -> tuple[DatasetDict, BlockStats]:
     """The whole data stage: blocks of `data.block_size` tokens per split (`train`, maybe `test`).
 
     A folder made by `mlmtune prepare` is read as it is. Otherwise the blocks are written to
     `save_to` (what `mlmtune prepare` does) or to the cache under `cache_root(data)`, keyed by
-    texts, tokenizer, block size and format, and returned memory-mapped from there.
+    texts, tokenizer, block size and format, and returned memory-mapped from there. `added`: the words
+    `--add-tokens` added to the tokenizer, recorded in a prepared folder so that `train` adds them too.
     """
     if data.dataset and is_prepared(data.dataset):
         return load_prepared(data.dataset, tokenizer, data.block_size)
@@ -223,7 +237,8 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
         stats = dataclasses.replace(stats, records=len(records), empty_texts=len(records) - len(selected),
                                     duplicate_texts=count_duplicates(texts))  # a cache hit has these in its meta
         try:
-            _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data), folder, cache_entry=save_to is None)
+            _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data, added), folder,
+                         cache_entry=save_to is None)
         except OSError as e:
             if save_to is not None:
                 raise MlmtuneError(f"cannot write {folder}: {e.strerror or e}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mlmtune.card import summary_lines
 from mlmtune.config import TrainConfig
 from mlmtune.fill import FillMask
 from mlmtune.train import TrainResult, train
@@ -21,6 +22,17 @@ PROBES = [
 
 def _top(fill: FillMask, k: int = 3) -> list[str]:
     return [", ".join(p["token_str"].strip() for p in preds) for preds in fill.fill(PROBES, top_k=k)]
+
+
+def _general(m: dict) -> list[str]:
+    """What the model forgot: general English before and after (when builtin:wikipedia is installed); and with
+    --add-tokens, the vocabulary's lines."""
+    lines = [line for line in summary_lines(m) if line.startswith(("added ", "tokenizer-free"))]
+    if m.get("general_perplexity_after") is None:
+        return lines
+    b, a = m["general_perplexity_before"], m["general_perplexity_after"]
+    return [f"Perplexity on general English ({m['general_eval']}): {b:,.1f} before -> {a:,.1f} after "
+            f"({a / b - 1:+.1%})", *lines]
 
 
 def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, str]:
@@ -39,6 +51,7 @@ def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, st
         f"{m['perplexity_after']:,.1f} after",
         f"({allowed}; {m['train_seconds']:.0f}s of training, {m['train_tokens_per_second']:,.0f} tokens/s, "
         f"{m['precision']})",
+        *_general(m),
         "",
     ]
     for probe, b, a in zip(PROBES, before, after):

@@ -23,15 +23,18 @@ from mlmtune.blocks import Blocks, BlockStats, build_blocks
 from mlmtune.budget import Probe
 from mlmtune.card import plot_curves, write_metrics, write_model_card
 from mlmtune.config import CONFIG_FILENAME, TrainConfig
+from mlmtune.data import load_texts
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.findings import Findings, check_data, check_tokenizer
+from mlmtune.general import free_sample, general_blocks, general_source, tokenizer_free
 from mlmtune.hub import push_folder
 from mlmtune.masking import Masker
 from mlmtune.model import check_block_size, load_model
 from mlmtune.options import save_config
-from mlmtune.prepare import prepare_blocks
+from mlmtune.prepare import is_prepared, prepare_blocks, prepared_words
 from mlmtune.stream import held_out_texts
 from mlmtune.torch_engine import TorchEngine
+from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, Grown, add_words, choose_words, init_rows, tokens_per_word
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class Run:
     train_blocks: Blocks | None  # None: a stream, read as it trains
     eval_blocks: Blocks | None
     masker: Masker
+    general: tuple[str, Blocks] | None = None  # --general-eval: the corpus and its fixed sample
+    vocabulary: Grown | None = None  # what --add-tokens added
 
     @property
     def n_train(self) -> int | None:
@@ -157,17 +162,24 @@ def _held_out_blocks(cfg: TrainConfig, tokenizer):
     return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
 
 
-def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any], Any] | None = None) -> Run:
-    """Model and tokenizer (a new seeded head when the folder has none), blocks and the preflight warnings.
+def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any], Any] | None = None,
+             device: torch.device | None = None) -> Run:
+    """Model and tokenizer (a new seeded head when the folder has none; the domain's words added with
+    --add-tokens), blocks, the general check's sample and the preflight warnings.
 
     Args:
         check_model: called on the model before the data is read, to refuse one the engine cannot train.
+        device: where rank 0 scores the tokenizer-free figures before the vocabulary grows.
     """
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
     model, tokenizer = load_model(cfg.model)
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
+    grown = (distributed.main_first(d, lambda: grow_vocabulary(cfg, model, tokenizer, device, d.main))
+             if cfg.add_tokens else None)
+    source = general_source(cfg.general_eval, quiet=not d.main)
+    general = (source, distributed.main_first(d, lambda: general_blocks(source, model, tokenizer))) if source else None
 
     # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
     # is tokenized as it is read; only its held-out eval records are prepared up front.
@@ -187,7 +199,42 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
         f"{cfg.data.block_size} tokens each; {stats.total_dropped} tokens dropped by grouping")
     check_words(cfg, tokenizer, [b for b in (train_blocks, eval_blocks) if b is not None])
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability, cfg.masking)
-    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker)
+    if general is not None:
+        say(f"General check: {len(general[1])} blocks of {source} ({general[1].block_size} tokens each, fixed "
+            f"token masks at 15%), scored before and after training")
+    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown)
+
+
+def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:
+    """--add-tokens: choose the words (mined from the training split, read from a FILE, or those a prepared
+    folder was made with), score the tokenizer-free figures of the model as loaded (rank 0), add the words and
+    start their rows from their pieces'."""
+    data, train_texts, held = cfg.data, None, []
+    if data.dataset and is_prepared(data.dataset):
+        words = prepared_words(data.dataset)
+        if words is None:
+            raise MlmtuneError(f"{data.dataset} was prepared without --add-tokens: prepare it again with "
+                               f"--add-tokens {cfg.add_tokens}, or train without --add-tokens")
+        say(f"--add-tokens: the {len(words)} words {data.dataset} was prepared with")
+    else:
+        if data.streaming:
+            held = held_out_texts(data) if data.eval_records else []
+        else:
+            split = load_texts(data, cfg.seed)
+            train_texts = list(split["train"]["text"])
+            held = list(split["test"]["text"]) if "test" in split else []
+        words = choose_words(cfg.add_tokens, cfg.add_numbers, train_texts, tokenizer)
+    counted = (train_texts or held)[:TOKENS_PER_WORD_TEXTS]
+    free_texts = free_sample(held)
+    free_before = tokenizer_free(model, tokenizer, free_texts, device) if main and free_texts else None
+    before = tokens_per_word(counted, tokenizer)
+    init_rows(model, tokenizer, add_words(tokenizer, words))
+    after = tokens_per_word(counted, tokenizer)
+    shown = ", ".join(words[:8]) + (", ..." if len(words) > 8 else "")
+    per_word = f"; tokens per word {before:.3f} -> {after:.3f}" if before is not None else ""
+    if main:
+        say(f"Added {len(words)} words to the tokenizer ({shown}){per_word}")
+    return Grown(words, before, after, free_texts, free_before)
 
 
 def check_words(cfg, tokenizer, blocks: list[Blocks]) -> None:
@@ -240,11 +287,15 @@ def _token_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
             "token_perplexity_after": after.get("token_perplexity") if after else None}
 
 
-def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any]) -> None:
-    """The output folder: an ordinary Hugging Face model folder plus the run's records; then the push."""
+def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any],
+                 added: list[str] | None = None) -> None:
+    """The output folder: an ordinary Hugging Face model folder plus the run's records (added_tokens.txt: the
+    words --add-tokens added); then the push."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if added:
+            (folder / "added_tokens.txt").write_text("".join(f"{w}\n" for w in added), encoding="utf-8")
         save_config(cfg, folder)
         write_metrics(metrics, folder)
         plot_curves(metrics, folder)

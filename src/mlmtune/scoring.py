@@ -60,9 +60,10 @@ def masked_copies(ids: list[int], word_ids: list[int | None], mask_id: int, metr
 
 @torch.inference_mode()
 def copy_log_probs(model, copies: list[tuple[list[int], int]], targets: list[int], pad_id: int,
-                   batch_size: int, device: torch.device) -> list[float]:
+                   batch_size: int, device: torch.device, vocab: int | None = None) -> list[float]:
     """log p(target | copy) at each copy's scored position, in order: the copies padded and batched by length,
-    the vocabulary head at the scored positions only, one host copy per forward pass."""
+    the vocabulary head at the scored positions only, one host copy per forward pass. `vocab`: the softmax over
+    the first `vocab` rows only (a model whose vocabulary grew, scored as it was before)."""
     order = sorted(range(len(copies)), key=lambda i: len(copies[i][0]))
     out = [0.0] * len(copies)
     for start in range(0, len(order), batch_size):
@@ -75,6 +76,7 @@ def copy_log_probs(model, copies: list[tuple[list[int], int]], targets: list[int
             attention[row, : len(copies[i][0])] = 1
         positions = torch.tensor([row * width + copies[i][1] for row, i in enumerate(idx)])
         logits = logits_at_positions(model, ids.to(device), positions.to(device), attention.to(device))  # (P, V)
+        logits = logits if vocab is None else logits[:, :vocab]
         chosen = torch.tensor([targets[i] for i in idx], device=device)
         logp = logits.float().log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).cpu().tolist()
         for i, value in zip(idx, logp):
@@ -91,8 +93,10 @@ class Scorer:
         -23.4
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, device: str | torch.device | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 64, device: str | torch.device | None = None,
+                 vocab: int | None = None):
         self.device = resolve_device(device)
+        self.vocab = vocab  # score over the first `vocab` rows only: the model as it was before its vocabulary grew
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -133,7 +137,7 @@ class Scorer:
                 targets.append(ids[j])
                 owners.append((t, j))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logp = copy_log_probs(self.model, copies, targets, pad, self.batch_size, self.device)
+        logp = copy_log_probs(self.model, copies, targets, pad, self.batch_size, self.device, self.vocab)
         per_token: list[dict[int, float]] = [{} for _ in encodings]
         for (t, j), value in zip(owners, logp):
             per_token[t][j] = value

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from mlmtune import hub
 from mlmtune.blocks import word_starts
 from mlmtune.config import DataConfig
-from mlmtune.data import DEFUNCT_DATASETS, _as_text, _txt_lines, defunct_error, local_source, python_docs_texts
+from mlmtune.corpora import builtin_texts
+from mlmtune.data import DEFUNCT_DATASETS, _as_text, _txt_lines, defunct_error, local_source
 from mlmtune.errors import MlmtuneError
 from mlmtune.prepare import is_prepared
 
@@ -26,8 +27,8 @@ from mlmtune.prepare import is_prepared
 def stream_records(data: DataConfig):
     """The corpus as a `datasets.IterableDataset` of records (nothing is read until iterated)."""
     name = data.dataset or ""
-    if name == "builtin:python-docs":
-        return Dataset.from_dict({"text": python_docs_texts()}).to_iterable_dataset()
+    if name.startswith("builtin:"):
+        return Dataset.from_dict({"text": builtin_texts(name)}).to_iterable_dataset()
     if is_prepared(name):
         raise MlmtuneError(f"{name} holds prepared blocks; --streaming reads raw text: drop --streaming")
     if "[" in data.split:

@@ -15,13 +15,11 @@ exactly the batches, masks, dropout and learning rates an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -31,9 +29,9 @@ from mlmtune import dashboard, distributed
 from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError, say
-from mlmtune.evaluate import EvalResult, perplexity_of
+from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
-from mlmtune.masking import Masker, iter_eval_masks, rank_shares
+from mlmtune.measure import eval_entry, evaluator, general_check, general_metrics, vocabulary_metrics
 from mlmtune.options import to_dict
 from mlmtune.run import (
     Engine,
@@ -77,63 +75,34 @@ def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step) -> TrainRe
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
     dashboard.require(cfg.report_to)
-    run = load_run(cfg, d, check_model=engine.check_model)
+    run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)
     engine.attach(run.model)
     cfg = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
                         lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
-    evaluate = evaluator(cfg, run, engine, progress)
-    state, resumed = start_or_resume(cfg, out, engine, evaluate)
+    evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
+    state, resumed = start_or_resume(cfg, out, engine, evaluate, general)
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
+    if not resumed and state.general_before:
+        dash.general(0, state.general_before["general_loss"], state.general_before["general_perplexity"])
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
+        general_after = general("General check (after)")
+        if general_after:
+            dash.general(state.step, general_after["general_loss"], general_after["general_perplexity"])
     finally:
         dash.close()
-    return finish(cfg, run, engine, state, evaluate, loop.my_tokens)
+    return finish(cfg, run, engine, state, evaluate, loop.my_tokens, general_after)
 
 
-def eval_entry(result: EvalResult) -> dict[str, Any]:
-    entry = {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
-    if result.token is not None:  # the same model on the token scheme's masks: one yardstick for every scheme
-        entry.update(token_eval_loss=result.token.loss, token_perplexity=result.token.perplexity)
-    return entry
-
-
-def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], EvalResult | None]:
-    """fp32 perplexity of the engine's current weights on the eval split, with the masks `iter_eval_masks`
-    draws from the seed in the run's scheme (and in the token scheme too, when the run's is another), each
-    chunk shared evenly over the ranks and the sums added up token-weighted; None without an eval split."""
-    d, eval_bs = engine.dist, cfg.eval_batch_size or cfg.batch_size
-    token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
-
-    def score(masker: Masker, desc: str) -> EvalResult:
-        chunks = iter_eval_masks(run.eval_blocks, masker, cfg.seed)
-        if not d.enabled:
-            return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc,
-                                 total=len(run.eval_blocks))
-        return perplexity_of(engine.eval_model(), rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress,
-                             desc=desc, total=-(-len(run.eval_blocks) // d.world),
-                             reduce=lambda v: distributed.all_reduce_sum(d, v, engine.device))
-
-    def evaluate(desc: str) -> EvalResult | None:
-        if run.eval_blocks is None:
-            return None
-        result = score(run.masker, desc)
-        if token_masker is None:
-            return result
-        return dataclasses.replace(result, token=score(token_masker, f"{desc}, token masks"))
-
-    return evaluate
-
-
-def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine,
-                    evaluate: Callable[[str], EvalResult | None]) -> tuple[ckpt.TrainState, bool]:
+def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Callable[[str], EvalResult | None],
+                    general: Callable[[str], dict | None]) -> tuple[ckpt.TrainState, bool]:
     """The run's state and whether it was resumed: with --resume the newest checkpoint's (restored into the
-    engine), else a new state holding the evaluation before training."""
+    engine), else a new state holding the evaluations before training (the eval split's, the general check's)."""
     config = to_dict(cfg)
     resumed = ckpt.resume_latest(out, config, engine.restore) if cfg.resume else None
     if resumed is not None:
@@ -145,6 +114,11 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine,
     if before:
         state.eval_before = eval_entry(before)
         say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}{_token(before)}")
+    state.general_before = general("General check (before)")
+    if state.general_before:
+        g = state.general_before
+        say(f"Before training, {g['general_eval']}: loss {g['general_loss']:.4f}, perplexity "
+            f"{g['general_perplexity']:,.2f} ({g['general_masked_tokens']:,} masked tokens)")
     return state, False
 
 
@@ -350,7 +324,7 @@ class Loop:
 
 
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
-           evaluate: Callable[[str], EvalResult | None], my_tokens: int) -> TrainResult:
+           evaluate: Callable[[str], EvalResult | None], my_tokens: int, general_after: dict | None) -> TrainResult:
     """Metrics (with each rank's tokens and weight digest); rank 0 writes the output folder; all leave together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
@@ -359,6 +333,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     full_model = engine.output_model()  # under FSDP every rank takes part in gathering it
     metrics = {
         **run_metrics(cfg, run, state, after),
+        **general_metrics(state.general_before, general_after),
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
@@ -369,10 +344,13 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
+    if d.main:  # the tokenizer-free figures, with the full model (rank 0)
+        metrics.update(vocabulary_metrics(run, full_model, engine.device))
     engine.close()
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
-            write_output(cfg, Path(cfg.output_dir), full_model, run.tokenizer, metrics)
+            write_output(cfg, Path(cfg.output_dir), full_model, run.tokenizer, metrics,
+                         run.vocabulary.words if run.vocabulary else None)
     finally:
         distributed.close(d)
     return TrainResult(output_dir=Path(cfg.output_dir), metrics=metrics, rank=d.rank)
