@@ -364,3 +364,26 @@ def test_fill_route_fills_words(client, filler):
     assert r.status_code == 422 and "words of several pieces are filled into one mask" in r.json()["error"]
     r = client.post("/fill", json={"text": "The <mask>.", "max_pieces": 9})
     assert r.status_code == 422 and '"max_pieces" must be an integer from 1 to 5' in r.json()["error"]
+
+
+def test_a_5mb_body_gets_413_over_a_real_socket_and_the_server_keeps_answering(live_server):
+    """Declared (Content-Length) and streamed (chunked, no length): the client reads the 413 with the JSON error,
+    never a reset connection."""
+    import httpx
+
+    big = b'{"text": "' + b"a" * 5_000_000 + b'"}'
+    with httpx.Client(base_url=live_server, timeout=30) as c:
+        r = c.post("/fill", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json() == {
+            "error": f"request body is {len(big):,} bytes; the limit is 64,000"}
+        r = c.post("/score", content=(big[i : i + 65536] for i in range(0, len(big), 65536)),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "bytes or more; the limit is 64,000" in r.json()["error"]
+        assert c.post("/fill", json={"text": "A <mask>."}).status_code == 200
+
+
+def test_serve_takes_the_body_limit_as_a_flag(capsys):
+    from mlmtune.cli import main
+
+    assert main(["serve", "--model", "x", "--max-body-bytes", "10"]) == 1
+    assert "--max-body-bytes must be at least 1024" in capsys.readouterr().err

@@ -213,3 +213,27 @@ def test_deterministic_holds_for_the_run_only(reference_run, configs, tmp_path):
                    on_step=lambda step, s: seen.append(torch.are_deterministic_algorithms_enabled()))
     assert len(seen) == 8 and all(seen) and not torch.are_deterministic_algorithms_enabled()
     assert strict.metrics["eval_loss_after"] == reference_run.metrics["eval_loss_after"]
+
+
+def test_tf32_is_on_only_inside_a_gpu_training_step(configs, tmp_path, monkeypatch):
+    """Evaluation, fills and whatever the process runs after train() stay true fp32: TF32 is switched on around
+    each training step on a GPU and put back after (read from the flags; the CPU ignores them)."""
+    from mlmtune import torch_engine
+    from mlmtune.device import tf32_matmuls
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    seen = []
+    real = torch_engine.backward_masked
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(*args, **kwargs)
+
+    with tf32_matmuls(torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    monkeypatch.setattr(torch_engine, "backward_masked", spy)
+    monkeypatch.setattr(torch_engine, "tf32_matmuls", lambda device: tf32_matmuls(torch.device("cuda")))
+    train(configs(tmp_path / "run", max_steps=2), progress=False)
+    assert seen == [True, True]  # inside each step (as on a GPU)
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # and off again after

@@ -20,7 +20,7 @@ import torch
 from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.config import TrainConfig, parse_duration
-from mlmtune.device import resolve_device, resolve_precision
+from mlmtune.device import resolve_device, resolve_precision, tf32_matmuls
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
 from mlmtune.masking import IGNORE_INDEX, Masker
@@ -58,8 +58,9 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
                                                      generator=generator)], generator)
                    for _ in range(cfg.gradient_accumulation_steps)]
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        backward_masked(MaskedLMLoss(probe), batches, n_masked, device, dtype, head_only=head_only)
-        optimizer.step()
+        with tf32_matmuls(device):  # as the training steps run
+            backward_masked(MaskedLMLoss(probe), batches, n_masked, device, dtype, head_only=head_only)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()

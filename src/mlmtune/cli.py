@@ -19,15 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlmtune.config import (
-    QUICKSTART_DEFAULTS,
-    EvalConfig,
-    FillConfig,
-    PrepareConfig,
-    ScoreConfig,
-    ServeConfig,
-    TrainConfig,
-)
+from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, TrainConfig
+from mlmtune.config_use import FillConfig, ScoreConfig, ServeConfig
 from mlmtune.errors import MlmtuneError, warn
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 
@@ -297,8 +290,10 @@ def cmd_serve(args) -> int:
     # server that answers 500 for ever
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device,
                                       precision=cfg.precision)
-    serve(make_app(filler, max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue,
-                   api_key=api_key), cfg.host, cfg.port)
+    from mlmtune.api import Limits
+
+    serve(make_app(filler, limits=Limits(max_body_bytes=cfg.max_body_bytes), max_batch=cfg.max_batch,
+                   window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue, api_key=api_key), cfg.host, cfg.port)
     return 0
 
 

@@ -4,6 +4,8 @@ Ampere, else fp32)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from mlmtune.errors import MlmtuneError
@@ -55,3 +57,18 @@ PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # fill and serve --precision: the dtype the weights are cast to
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 for the fp32 matmuls of training steps on a GPU (Ampere and newer), and the setting put back after:
+    evaluation, fills and anything else the process runs stay true fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

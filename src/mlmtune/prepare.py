@@ -23,6 +23,7 @@ from mlmtune.blocks import BlockStats, build_blocks, count_duplicates
 from mlmtune.config import DataConfig
 from mlmtune.data import load_records, select_text, split_texts
 from mlmtune.errors import MlmtuneError, say, warn
+from mlmtune.lock import FolderLock
 
 PREPARED_META = "mlmtune_prepared.json"
 BLOCKS_FORMAT = 2  # 2: blocks keep their word starts; a cache entry of another format is not reused
@@ -231,11 +232,33 @@ def prepare_blocks(data: DataConfig, tokenizer, seed: int, save_to: str | Path |
                 warn(f"rebuilding the cache entry {folder}: {e}")
     else:
         folder = Path(save_to)
+    lock = FolderLock.beside(folder, f"--output-dir {folder}" if save_to else f"the cache entry {folder}")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # one writer per folder: prepare's output, and each cache entry
+    except (MlmtuneError, OSError) as e:
+        if save_to is not None:
+            raise MlmtuneError(str(e) if isinstance(e, MlmtuneError) else f"cannot write {folder}: {e}") from None
+        warn(f"tokenizing without the cache: {e}")  # another run writes this entry now; do not wait for it
+        lock = None
+    try:
+        return _build(texts, len(records), len(selected), tokenizer, data, folder, save_to, added, cached=lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(texts: DatasetDict, records: int, selected: int, tokenizer, data: DataConfig, folder: Path, save_to,
+           added: list[str] | None, cached) -> tuple[DatasetDict, BlockStats]:
+    """Tokenize and group `texts`, write them to `folder` (unless `cached` is None: a cache entry another run
+    holds), and return them memory-mapped."""
     workdir = Path(tempfile.mkdtemp(prefix="mlmtune-blocks-"))
     try:
         blocks, stats = build_blocks(texts, tokenizer, data.block_size, workdir)
-        stats = dataclasses.replace(stats, records=len(records), empty_texts=len(records) - len(selected),
+        stats = dataclasses.replace(stats, records=records, empty_texts=records - selected,
                                     duplicate_texts=count_duplicates(texts))  # a cache hit has these in its meta
+        if cached is None:
+            return blocks, stats  # readable after the workdir goes: Linux keeps a mapped file's pages
         try:
             _save_atomic(blocks, _meta(stats, tokenizer, data.block_size, data, added), folder,
                          cache_entry=save_to is None)

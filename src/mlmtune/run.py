@@ -28,6 +28,7 @@ from mlmtune.errors import MlmtuneError, say
 from mlmtune.findings import Findings, check_data, check_tokenizer
 from mlmtune.general import free_sample, general_blocks, general_source, tokenizer_free
 from mlmtune.hub import push_folder
+from mlmtune.lock import LOCK_NAME, FolderLock
 from mlmtune.masking import Masker
 from mlmtune.model import check_block_size, load_model
 from mlmtune.options import save_config
@@ -116,24 +117,35 @@ def engine_class(backend: str) -> type[Engine]:
     return TorchEngine
 
 
-def check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse to write over the work of another run, and fail now rather than after training."""
+def check_output_dir(out: Path, resume: bool, lock: FolderLock | None = None) -> None:
+    """Refuse to write over the work of another run, and fail now rather than after training. `lock`: taken
+    here, before the folder is read, so that a second run on it is refused while this one runs."""
     if out.exists() and not out.is_dir():
         raise MlmtuneError(f"--output-dir {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not resume:
-            raise MlmtuneError(f"--output-dir {out} is not empty; pass --resume to continue the run in it, "
-                               f"or choose another --output-dir")
-        if not ckpt.is_run_dir(out):
-            raise MlmtuneError(f"--output-dir {out} holds files but no mlmtune run (no checkpoints/ or "
-                               f"{CONFIG_FILENAME}); --resume continues a run: choose another --output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=out)  # a name nobody else uses
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
         raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
+            if not resume:
+                raise MlmtuneError(f"--output-dir {out} is not empty; pass --resume to continue the run in it, "
+                                   f"or choose another --output-dir")
+            if not ckpt.is_run_dir(out):
+                raise MlmtuneError(f"--output-dir {out} holds files but no mlmtune run (no checkpoints/ or "
+                                   f"{CONFIG_FILENAME}); --resume continues a run: choose another --output-dir")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=out)  # a name nobody else uses
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 @dataclass

@@ -21,7 +21,7 @@ from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at_positions
 from mlmtune.model import load_model, max_positions
 
-METRICS = ("within-word-l2r", "original")  # config.SCORE_METRICS
+METRICS = ("within-word-l2r", "original")  # config_use.SCORE_METRICS
 
 
 @dataclass(frozen=True)

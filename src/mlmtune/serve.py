@@ -78,12 +78,30 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
                            f"MLMTUNE_API_KEY (or --api-key), or pass --insecure to serve it to anyone who can connect")
 
 
-def _declared_too_large(request: Request, limits: Limits) -> JSONResponse | None:
-    """413 at once for a body whose declared length is over the limit (before it is read)."""
+DRAIN_LIMIT = 64 * 2**20  # a body over the limit is read and dropped up to this, so the client reads the 413
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, read as it streams in; BadRequest(413) once it passes the limit (declared or not).
+
+    The rest of a body over the limit is read and dropped (up to `DRAIN_LIMIT`) before the answer: a server
+    that answers and closes while the client is still sending makes the client see a reset connection, not
+    the 413. Memory holds at most the limit."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        return _error(413, f"request body is {int(declared):,} bytes; the limit is {limits.max_body_bytes:,}")
-    return None
+    size = int(declared) if declared and declared.isdigit() else None
+    chunks, seen, over = [], 0, size is not None and size > limits.max_body_bytes
+    if not (over and size >= DRAIN_LIMIT):
+        async for chunk in request.stream():
+            seen += len(chunk)
+            over = over or seen > limits.max_body_bytes
+            if over and seen >= DRAIN_LIMIT:
+                break
+            if not over:
+                chunks.append(chunk)
+    if over:
+        raise BadRequest(413, f"request body is {size or seen:,} bytes{'' if size else ' or more'}; the limit is "
+                              f"{limits.max_body_bytes:,}")
+    return b"".join(chunks)
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
@@ -221,10 +239,8 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits)
         batcher = slot.batcher
         if batcher is None:
             return _error(503, "the model is still loading; retry when GET /health says ok")
-        if too_large := _declared_too_large(request, limits):
-            return too_large
         try:
-            req = parse_fill(await request.body(), limits, slot.filler)
+            req = parse_fill(await read_body(request, limits), limits, slot.filler)
         except BadRequest as e:
             return _error(e.status, str(e))
         if req.words:  # several forward passes (a beam search, whole words): between the batches
@@ -250,10 +266,8 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits)
         scores = slot.scores
         if scores is None:
             return _error(503, "the model is still loading; retry when GET /health says ok")
-        if too_large := _declared_too_large(request, limits):
-            return too_large
         try:
-            req = parse_score(await request.body(), limits, slot.scorer)
+            req = parse_score(await read_body(request, limits), limits, slot.scorer)
         except BadRequest as e:
             return _error(e.status, str(e))
         try:

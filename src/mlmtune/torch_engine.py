@@ -18,7 +18,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.budget import torch_probe
 from mlmtune.config import TrainConfig
-from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision
+from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision, tf32_matmuls
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
 from mlmtune.masking import SEED_MIX
@@ -63,8 +63,6 @@ class Precision:
 
     @classmethod
     def choose(cls, choice: str, device: torch.device, sharded: bool = False) -> Precision:
-        if device.type == "cuda":  # TF32 for the matmuls that stay fp32 (evaluation, --precision fp32)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         autocast = resolve_precision(choice, device)
         if sharded and autocast == torch.float16:
             raise MlmtuneError("--fsdp on this GPU would train in fp16, whose gradient scaler is not shared over "
@@ -169,11 +167,12 @@ class TorchEngine:
     def step(self, step: int, batches: list, n_masked: int, learning_rate: float, head_only: bool) -> torch.Tensor:
         torch.manual_seed(self.cfg.seed * SEED_MIX + step + self.dist.rank * _RANK_MIX)  # dropout of this step
         # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor
-        nll = backward_masked(self.step_loss, batches, n_masked, self.device, self.precision_.autocast, head_only,
-                              self.precision_.scaler, self.dist.world)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        self.precision_.step(self.optimizer, self.model.parameters(), self.cfg.max_grad_norm)
+        with tf32_matmuls(self.device):  # the step's fp32 matmuls only: evaluation stays true fp32
+            nll = backward_masked(self.step_loss, batches, n_masked, self.device, self.precision_.autocast,
+                                  head_only, self.precision_.scaler, self.dist.world)
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
+            self.precision_.step(self.optimizer, self.model.parameters(), self.cfg.max_grad_norm)
         return nll / max(n_masked, 1)
 
     def sync(self) -> None:

@@ -31,6 +31,7 @@ from mlmtune.config import TrainConfig
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
+from mlmtune.lock import FolderLock
 from mlmtune.measure import eval_entry, evaluator, general_check, general_metrics, vocabulary_metrics
 from mlmtune.options import to_dict
 from mlmtune.run import (
@@ -71,8 +72,17 @@ def train(cfg: TrainConfig, progress: bool = True,
 
 
 def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step) -> TrainResult:
+    out = Path(cfg.output_dir)
+    lock = FolderLock.inside(out, f"--output-dir {out}")  # rank 0 holds it: one run per folder
+    try:
+        return _train_locked(cfg, engine, progress, on_step, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, lock: FolderLock) -> TrainResult:
     d, out = engine.dist, Path(cfg.output_dir)
-    distributed.main_first(d, lambda: check_output_dir(out, cfg.resume) if d.main else None)
+    distributed.main_first(d, lambda: check_output_dir(out, cfg.resume, lock) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
     dashboard.require(cfg.report_to)
     run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)

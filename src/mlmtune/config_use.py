@@ -1,0 +1,125 @@
+"""The configs of the commands that use a model: `fill`, `score` and `serve` (`config.py` has those that make
+one). Like those, frozen dataclasses validated in `__post_init__`, each field's docstring its `--help`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlmtune.config import DEFAULT_MODEL, DataConfig
+from mlmtune.errors import MlmtuneError
+
+FILL_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MlmtuneError(message)
+
+
+def _check_fill_precision(precision: str) -> None:
+    _require(precision in FILL_PRECISIONS,
+             f"--precision must be one of {', '.join(FILL_PRECISIONS)}, got {precision!r}")
+
+
+@dataclass(frozen=True)
+class FillConfig:
+    """`mlmtune fill`: top-k predictions for each mask, as `pipeline("fill-mask")` gives them."""
+
+    model: str = DEFAULT_MODEL
+    """The model that fills: a Hub id or a model folder."""
+    top_k: int = 5
+    """Predictions per mask."""
+    targets: list[str] | None = None
+    """Restrict candidates to these words (comma-separated on the command line)."""
+    max_pieces: int = 1
+    """Also propose words of up to this many pieces for a mask (beam search over pieces, ranked by the whole
+    word's probability); 1 proposes single pieces, as the pipeline does."""
+    joint: bool = False
+    """Fill all the masks of a text together: the best joint fillings (a beam search, re-ranked by the filled
+    text's pseudo-log-likelihood) instead of each mask on its own."""
+    beam_size: int = 8
+    """Beams of --joint and --max-pieces."""
+    batch_size: int = 32
+    """Texts per forward pass."""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+    precision: str = "fp32"
+    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
+    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
+
+    def __post_init__(self):
+        _check_fill_precision(self.precision)
+        _require(self.max_pieces >= 1, f"--max-pieces must be at least 1, got {self.max_pieces}")
+        _require(self.beam_size >= 1, f"--beam-size must be at least 1, got {self.beam_size}")
+        _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
+
+
+SCORE_METRICS = ("within-word-l2r", "original")  # scoring.METRICS
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`mlmtune score`: the pseudo-log-likelihood of texts (each token masked in turn), by word and in all."""
+
+    model: str = DEFAULT_MODEL
+    """The model that scores: a Hub id or a model folder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    metric: str = "within-word-l2r"
+    """within-word-l2r: with each token, the pieces of its word to its right are masked too, so a word of many
+    pieces is not given away by its own pieces (Kauf & Ivanova, 2023); original: one token at a time (Salazar
+    et al., 2020). A word of one piece scores the same under both."""
+    per_word: bool = False
+    """Print each word's share of the score too."""
+    max_texts: int | None = None
+    """With --dataset: score at most this many records (default: all)."""
+    batch_size: int = 64
+    """Masked copies per forward pass."""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+
+    def __post_init__(self):
+        _require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
+                 f"got {self.metric!r}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(self.max_texts is None or self.max_texts >= 1, "--max-texts must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`mlmtune serve`: fill-mask over HTTP, requests batched into shared forward passes."""
+
+    model: str = DEFAULT_MODEL
+    """The model to serve: a Hub id or a model folder (safetensors weights only)."""
+    host: str = "127.0.0.1"
+    """Address to bind; the default answers this machine only."""
+    port: int = 8000
+    """Port to bind; 0 picks a free one (the server prints it)."""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+    precision: str = "fp32"
+    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
+    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
+    max_batch: int = 32
+    """Most texts in one forward pass (1 turns batching off)."""
+    batch_window_ms: float = 5.0
+    """How long the first request of a batch waits for others."""
+    max_queue: int = 256
+    """Requests waiting beyond this get 503 at once."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer KEY' on every route but /health (default: $MLMTUNE_API_KEY; the
+    environment keeps the key out of the process list)."""
+    insecure: bool = False
+    """Serve a non-loopback --host with no API key."""
+    max_body_bytes: int = 64_000
+    """Largest request body; a larger one gets 413 with a JSON error."""
+
+    def __post_init__(self):
+        _check_fill_precision(self.precision)
+        _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        _require(self.max_batch >= 1, "--max-batch must be >= 1")
+        _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
+        _require(self.max_queue >= 1, "--max-queue must be >= 1")
+        _require(self.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")

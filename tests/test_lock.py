@@ -1,0 +1,100 @@
+"""One run per folder: a second run on a folder in use is refused in one line naming the holder and does not
+harm it; a lock left by a killed run is taken over; prepare folders and cache entries follow the same rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlmtune.cli import main
+from mlmtune.lock import LOCK_NAME, FolderLock
+from mlmtune.train import train
+
+
+def _flags(configs, out, steps: int = 4) -> list[str]:
+    f = configs.flags(out)
+    return ["--model", f["model"], "--dataset", f["dataset"], "--text-field", f["text_field"], "--block-size", "32",
+            "--max-steps", str(steps), "--learning-rate", "1e-2", "--save-steps", "1000", "--precision", "fp32",
+            "--cache-dir", f["cache_dir"], "--general-eval", "none", "--output-dir", str(out)]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_finishes(configs, tmp_path, capsys):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "mlmtune", "train", *_flags(configs, out, steps=400)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not (out / LOCK_NAME).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / LOCK_NAME).exists()
+    for extra in ([], ["--resume"]):
+        assert main(["train", *_flags(configs, out), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"mlmtune: error: --output-dir {out} is in use by another mlmtune run (process {first.pid} on "
+                       f"{socket.gethostname()}, since {json.loads((out / LOCK_NAME).read_text())['since']}): wait "
+                       f"for it, or choose another folder")
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 400  # the first run, whole
+    assert not (out / LOCK_NAME).exists()  # released on the way out
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(configs, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "since": "then"}))
+    result = train(configs(out, max_steps=1), progress=False)
+    assert result.metrics["train_steps"] == 1
+    assert "which is gone (killed?); taking it over" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_is_released_when_the_run_fails(configs, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="is not in the dataset"):
+        train(configs(out, text_field="nope"), progress=False)
+    assert not (out / LOCK_NAME).exists()
+    assert train(configs(out, max_steps=1), progress=False).metrics["train_steps"] == 1  # the folder is free
+
+
+def test_prepare_folders_and_cache_entries_have_one_writer(configs, tmp_path, capsys, monkeypatch):
+    f = configs.flags(tmp_path)
+    target = tmp_path / "prepared"
+    held = FolderLock.beside(target, "x")
+    held.path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}))
+    args = ["prepare", "--model", f["model"], "--dataset", f["dataset"], "--text-field", "answers.text",
+            "--block-size", "32", "--output-dir", str(target)]
+    assert main(args) == 1
+    assert f"--output-dir {target} is in use by another mlmtune run (process {os.getppid()}" in capsys.readouterr().err
+    assert not target.exists()
+    held.path.unlink()
+    assert main(args) == 0 and not held.path.exists()
+
+    # a cache entry another run writes now: this run tokenizes on its own and trains
+    from mlmtune import prepare
+
+    cache = tmp_path / "cache"
+    real = prepare.FolderLock.acquire
+
+    def busy(self):
+        if "cache entry" in self.what:
+            raise prepare.MlmtuneError(f"{self.what} is in use by another mlmtune run")
+        return real(self)
+
+    monkeypatch.setattr(prepare.FolderLock, "acquire", busy)
+    m = train(configs(tmp_path / "run", max_steps=1, cache_dir=str(cache)), progress=False).metrics
+    assert m["train_steps"] == 1
+    assert "tokenizing without the cache" in capsys.readouterr().err
+    assert not any((cache / "blocks").glob("*/dataset_dict.json"))  # nothing written beside the other run
