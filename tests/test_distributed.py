@@ -189,3 +189,49 @@ def test_added_words_and_the_general_check_on_two_processes_match_one(no_dropout
     w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.slow  # two torchrun jobs and a third that resumes
+def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout_model, eli5_like, tmp_path):
+    """SIGTERM to the launcher (what scancel and a pod eviction send): the ranks agree to stop within one step of
+    it, write one checkpoint, leave together without a traceback, and --resume ends on the uninterrupted run."""
+    import re
+    import signal
+    import time
+
+    args = ["--model", str(no_dropout_model), "--dataset", str(eli5_like), "--text-field", "answers.text",
+            "--block-size", "32", "--max-steps", "1000", "--learning-rate", "1e-2", "--precision", "fp32",
+            "--batch-size", "2", "--save-steps", "5000", "--head-warmup-steps", "5", "--cache-dir", str(tmp_path / "cache"),
+            "--general-eval", "none"]
+    _torchrun([*args, "--output-dir", str(tmp_path / "whole")], tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    logs = tmp_path / "logs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
+         "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3", "-m",
+         "mlmtune", "train", *args, "--output-dir", str(tmp_path / "cut")], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank0 = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = list(logs.rglob("0/stderr.log"))
+        if found and "head warm-up done" in found[0].read_text():  # step 5 of 1000: mid-run
+            rank0 = found[0]
+            break
+        time.sleep(0.02)
+    assert rank0 is not None
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=120)
+    err0 = rank0.read_text()
+    err1 = next(logs.rglob("1/stderr.log")).read_text()
+    at = int(re.search(r"SIGTERM at step (\d+): finishing this step", err0).group(1))
+    stopped = int(re.search(r"interrupted at step (\d+); checkpoint saved", err0).group(1))
+    assert at < stopped <= at + 2 < 1000  # the step in progress, and at most one more to agree
+    assert "Traceback" not in err0 and "Traceback" not in err1
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == [f"step-{stopped:07d}"]  # one checkpoint: the one the signal asked for
+    _torchrun([*args, "--output-dir", str(tmp_path / "cut"), "--resume"], tmp_path)
+    w1 = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6

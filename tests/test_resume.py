@@ -139,16 +139,20 @@ def test_output_dir_that_cannot_be_created(configs, tmp_path):
         train(configs(blocker / "out"), progress=False)
 
 
-def test_a_real_ctrl_c_stops_after_the_step_and_saves_it(configs, tmp_path, reference_run):
-    out = tmp_path / "sigint"
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"),
+                                          (signal.SIGUSR1, "SIGUSR1")])  # the terminal, scancel / eviction, SLURM
+def test_a_real_signal_stops_after_the_step_and_saves_it(configs, tmp_path, reference_run, capsys, signum, name):
+    out = tmp_path / "signal"
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
-    def press_ctrl_c(step, _seconds):
+    def send(step, _seconds):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
+            os.kill(os.getpid(), signum)
 
     with pytest.raises(MlmtuneError, match="interrupted at step 3; checkpoint saved in .*step-0000003"):
-        train(configs(out), progress=False, on_step=press_ctrl_c)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+        train(configs(out), progress=False, on_step=send)
+    assert f"{name} at step 3: finishing this step and saving a checkpoint" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     train(configs(out, resume=True), progress=False)
     _assert_same_run(out, reference_run)
 

@@ -15,8 +15,6 @@ exactly the batches, masks, dropout and learning rates an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +43,7 @@ from mlmtune.run import (
     write_output,
 )
 from mlmtune.schedule import learning_rate_at, step_plan
+from mlmtune.stopping import Stop, StopNow, Vote
 
 __all__ = ["TrainResult", "train"]
 
@@ -136,46 +135,6 @@ def _token(result: EvalResult) -> str:
     return "" if result.token is None else f" (on token masks: eval loss {result.token.loss:.4f})"
 
 
-class Stop:
-    """Ctrl-C as the loop hears it. The first asks the run to stop after the step in progress, which is then
-    saved; a second stops at once, except while a step is being taken (`taking_step`): that one ends first,
-    so that a checkpoint always holds whole steps."""
-
-    def __init__(self):
-        self.requested = threading.Event()
-        self._in_step = self._pending = False
-
-    @contextlib.contextmanager
-    def listening(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def _handler(self, signum, frame) -> None:
-        if not self.requested.is_set():
-            self.requested.set()
-            say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop sooner)")
-        elif self._in_step:
-            self._pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def taking_step(self):
-        self._in_step = True
-        try:
-            yield
-        finally:
-            self._in_step = False
-        if self._pending:  # a second Ctrl-C came during the step: stop now that it is counted
-            raise KeyboardInterrupt
-
-
 class LogWindow:
     """The steps since the last log line: their losses (device tensors), tokens and training time.
 
@@ -242,7 +201,7 @@ class Loop:
         batches = StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer, self.run.masker, state.step,
                                       engine.dist, self.progress)
         feed = Prefetcher(batches, state.step, self.total, pin_memory=engine.pin_memory)  # made in a thread, ahead
-        stop = Stop()
+        stop, vote = Stop(ranks=engine.dist.enabled, step_now=lambda: state.step), Vote(engine.dist)
         head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
         engine.set_phase(head_only)
         try:
@@ -252,24 +211,27 @@ class Loop:
                         head_only = False
                         engine.set_phase(False)
                         say(f"step {state.step}: head warm-up done, training the whole model")
-                    log_step = self.step(feed, stop, head_only)
-                    # all ranks stop after the same step when any of them got Ctrl-C; on several ranks they
-                    # agree on it when they log, not at every step
-                    if (log_step or not engine.dist.enabled) and distributed.all_reduce_sum(
-                            engine.dist, [float(stop.requested.is_set())], engine.device)[0]:
+                    self.step(feed, stop, head_only)
+                    if vote.stop_now(stop.requested.is_set()):  # every rank, after the same step
                         raise KeyboardInterrupt
+                vote.close()
         except KeyboardInterrupt:
             self.bar.close()
             self.window.count_time()
             saved_to = self.save()  # a consistent state: the loop stops between steps
+            engine.close()
+            distributed.close(engine.dist)  # no rank leaves while rank 0 still writes
             raise MlmtuneError(f"interrupted at step {state.step}; checkpoint saved in {saved_to}, "
                                f"continue with the same command and --resume") from None
+        except StopNow as e:
+            raise MlmtuneError(f"stopped at once by a second {e}, at step {state.step} and without a checkpoint; "
+                               f"continue from the last one with the same command and --resume") from None
         finally:
             feed.close()
             self.bar.close()
 
-    def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> bool:
-        """One optimizer step and what follows it (log line, evaluation, checkpoint); whether it logged."""
+    def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> None:
+        """One optimizer step and what follows it (log line, evaluation, checkpoint)."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
         # this rank's share of the step's micro-batches, masked from (seed, step)
@@ -302,7 +264,6 @@ class Loop:
                 self.save()
         if self.on_step is not None:
             self.on_step(state.step, seconds)
-        return log_step
 
     def next_batches(self, feed: Prefetcher):
         """The step's batches; a stream that stops parsing mid-run saves what was trained before it raises."""
