@@ -235,3 +235,30 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
     w1 = load_file(str(tmp_path / "whole" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
+
+
+@pytest.mark.slow  # a torchrun job, then one process resuming it
+def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(no_dropout_model, eli5_like, tmp_path,
+                                                                             capsys):
+    """2 processes x 3 blocks x 10 accumulation, stopped at step 6, resumed by 1 process x 3 x 20: every step
+    trains on the same blocks with the same masks, so it ends on the uninterrupted 2-process run. 1 x 3 x 10 is
+    another global batch: refused."""
+    from mlmtune.cli import main
+
+    common = _common(no_dropout_model, eli5_like, tmp_path / "cache")
+    _torchrun([*common, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step-0000006", part / "checkpoints" / "step-0000006")
+    assert main(["train", *common, "--batch-size", "3", "--gradient-accumulation-steps", "10", "--resume",
+                 "--output-dir", str(part)]) == 1
+    assert ("was trained with a global batch of 60 blocks (3 per process x 2 processes x 10 accumulation); this run's "
+            "is 30 (3 per process x 1 process x 10 accumulation): keep it, e.g. with --gradient-accumulation-steps "
+            "20") in capsys.readouterr().err
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "3", "--gradient-accumulation-steps",
+          "20", "--resume", "--output-dir", str(part)], tmp_path)
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    w1 = load_file(str(part / "model.safetensors"))
+    # the same blocks and masks: only the order of fp32 sums differs (over 2 ranks, or 20 micro-batches in one)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    m1, m2 = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("two", "part"))
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-6)

@@ -209,3 +209,21 @@ def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, confi
     assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".tmp-*"))
     train(configs(out, resume=True), progress=False)  # the limit is gone
     _assert_same_run(out, reference_run)
+
+
+def test_the_global_batch_may_be_split_otherwise_on_resume_but_not_changed(configs, tmp_path, reference_run):
+    """The reference trains 4 blocks a step (4 per process x 1 x 1). Resumed at step 4 as 2 blocks x 2
+    accumulation, each step trains on the same blocks with the same masks: it ends on the reference (to float
+    summation order). Resumed with 2 blocks a step, it is refused in one line that names both."""
+    from safetensors.torch import load_file
+
+    out = reference_run.copy_up_to(4, tmp_path / "split")
+    train(configs(out, batch_size=2, gradient_accumulation_steps=2, resume=True), progress=False)
+    got = load_file(str(out / "model.safetensors"))
+    assert max(float((got[k] - reference_run.weights[k]).abs().max()) for k in got) < 1e-6
+    other = reference_run.copy_up_to(4, tmp_path / "other")
+    with pytest.raises(MlmtuneError, match=r"^--resume: .*step-0000004 was trained with a global batch of 4 blocks "
+                                           r"\(4 per process x 1 process x 1 accumulation\); this run's is 2 \(2 per "
+                                           r"process x 1 process x 1 accumulation\): keep it, e.g. with "
+                                           r"--gradient-accumulation-steps 2$"):
+        train(configs(other, batch_size=2, resume=True), progress=False)

@@ -90,7 +90,7 @@ def masked_examples(cfg: TrainConfig, n: int) -> tuple[list[dict], object]:
     out: list[dict] = []
     for step in range(steps_for(cfg, len(train_blocks))[1]):
         micro = steps.blocks_of(step, words=True)
-        for (ids, starts), (inputs, labels) in zip(micro, steps.mask(step, micro)):
+        for (ids, starts, _), (inputs, labels) in zip(micro, steps.mask(micro)):
             words = word_numbers(starts) if starts is not None else torch.arange(ids.shape[1]).expand_as(ids)
             for row in range(len(ids)):
                 out.append({"step": step, "input_ids": inputs[row].tolist(), "labels": labels[row].tolist(),

@@ -26,15 +26,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
+from mlmtune import distributed
 from mlmtune.config import CONFIG_FILENAME
+from mlmtune.distributed import Dist
 from mlmtune.errors import MlmtuneError, say, warn
 
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 # Settings a resumed run must share with the run it continues; anything else may change.
+# The global batch (blocks per device x processes x accumulation) must be the same too (`check_global_batch`);
+# how it is split over the processes may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
-               "batch_size", "gradient_accumulation_steps", "warmup_steps", "max_grad_norm", "seed",
+               "warmup_steps", "max_grad_norm", "seed",
                "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
@@ -83,6 +87,7 @@ class TrainState:
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     grad_scaler: dict[str, Any] | None = None  # fp16's loss scale and growth tracker
+    world_size: int | None = None  # processes that trained it (None: a checkpoint from before this was kept)
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -169,6 +174,35 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
         )
 
 
+def global_batch(config: dict[str, Any], world: int) -> tuple[int, str]:
+    """Blocks per optimizer step over all processes, and how they are made up."""
+    bs, acc = int(config.get("batch_size", 0)), int(config.get("gradient_accumulation_steps", 1))
+    return bs * world * acc, f"{bs} per process x {world} process{'es' if world > 1 else ''} x {acc} accumulation"
+
+
+def check_global_batch(state: TrainState, current: dict[str, Any], world: int, where: Path) -> None:
+    """A run may resume on another number of processes when its global batch stays the same: every step then
+    trains on the same blocks with the same masks (`feed.StepBatches`). Another global batch is refused."""
+    saved = state.config
+    if state.world_size is None:  # an older checkpoint: its split over processes is not known
+        keys = [k for k in ("batch_size", "gradient_accumulation_steps") if saved.get(k) != current.get(k)]
+        if keys:
+            detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+            raise MlmtuneError(f"--resume: {where} was made with other settings ({detail}); use the same settings "
+                               f"or another --output-dir")
+        return
+    (old, old_parts), (new, new_parts) = global_batch(saved, state.world_size), global_batch(current, world)
+    if old != new:
+        per = int(current.get("batch_size", 1)) * world
+        hint = (f": keep it, e.g. with --gradient-accumulation-steps {old // per}" if old % per == 0 else
+                ": keep it, or start another --output-dir")
+        raise MlmtuneError(f"--resume: {where} was trained with a global batch of {old} blocks ({old_parts}); this "
+                           f"run's is {new} ({new_parts}){hint}")
+    if state.world_size != world:
+        say(f"--resume: {state.world_size} process(es) trained {where.name}, {world} continue it, with the same global "
+            f"batch of {old} blocks")
+
+
 def read_state(path: Path) -> TrainState:
     try:
         return TrainState(**json.loads((path / STATE_FILE).read_text()))
@@ -202,12 +236,17 @@ def load_optimizer_state(path: Path) -> dict:
     return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
-def resume_latest(output_dir: Path, config: dict[str, Any],
-                  restore: Callable[[Path, TrainState], None]) -> TrainState | None:
+def resume_latest(output_dir: Path, config: dict[str, Any], restore: Callable[[Path, TrainState], None],
+                  d: Dist | None = None) -> TrainState | None:
     """Restore the newest checkpoint that reads back whole; older ones stand in for a damaged one.
 
+    On several ranks rank 0 chooses (it alone removes half-written saves and reads the states) and tells the
+    others; every rank restores the one it names, and if any rank cannot, rank 0 names the one before. So all
+    ranks always resume the same step.
+
     Args:
-        config: the run's resolved config, which the checkpoint's must match in every `RESUME_KEYS`.
+        config: the run's resolved config, which the checkpoint's must match in every `RESUME_KEYS` and in its
+            global batch.
         restore: loads a checkpoint's weights and optimizer state into the engine (raising on a bad file).
 
     Returns:
@@ -216,8 +255,36 @@ def resume_latest(output_dir: Path, config: dict[str, Any],
     Raises:
         MlmtuneError: the checkpoints were made with other settings, or none can be read.
     """
-    remove_partial_saves(output_dir)
-    candidates = list_checkpoints(output_dir)
+    d = d or Dist()
+    candidates = list_checkpoints(output_dir) if d.main else []
+    if d.main:
+        remove_partial_saves(output_dir)
+    offers = _offers(candidates, config, d.world) if d.main else None
+    while True:
+        offer = distributed.from_main(d, lambda: next(offers))  # (path, state), or None: nothing (left) to read
+        if offer is None:
+            if d.main and candidates:
+                raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in "
+                                   f"{checkpoints_dir(output_dir)} can be read; start again in another --output-dir")
+            return None
+        path, state = offer
+        try:
+            restore(path, state)
+            ok = ""
+        except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
+            ok = type(e).__name__
+        failed = distributed.gather_strings(d, ok)
+        if not any(failed):
+            say(f"Resuming from {path} (step {state.step})")
+            state.world_size = d.world
+            return state
+        warn(f"--resume: checkpoint {path} cannot be read ({next(f for f in failed if f)}"
+             f"{'' if d.world == 1 else ' on rank(s) ' + ', '.join(str(r) for r, f in enumerate(failed) if f)}); "
+             f"delete it to resume from an older one")
+
+
+def _offers(candidates: list[Path], config: dict[str, Any], world: int):
+    """Rank 0's checkpoints to try, newest first: those whose state reads back and whose settings match."""
     for path in reversed(candidates):
         try:
             state = read_state(path)
@@ -225,18 +292,10 @@ def resume_latest(output_dir: Path, config: dict[str, Any],
             warn(str(e))
             continue
         check_compatible(state.config, config, path)
-        try:
-            restore(path, state)
-        except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
-            warn(f"--resume: checkpoint {path} cannot be read ({type(e).__name__}); "
-                 f"delete it to resume from an older one")
-            continue
-        say(f"Resuming from {path} (step {state.step})")
-        return state
-    if candidates:
-        raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in {checkpoints_dir(output_dir)} "
-                           f"can be read; start again in another --output-dir")
-    return None
+        check_global_batch(state, config, world, path)
+        yield path, state
+    while True:
+        yield None
 
 
 def write_final(output_dir: Path, write: Callable[[Path], None]) -> None:

@@ -153,6 +153,43 @@ def main_first(d: Dist, fn: Callable[[], T]) -> T:
     return result if d.main else fn()
 
 
+def from_main(d: Dist, fn: Callable[[], T]) -> T:
+    """`fn()` computed on rank 0 and sent to every rank (on the gloo group); an MlmtuneError there is raised on
+    every rank."""
+    if not d.enabled:
+        return fn()
+    box: list[Any] = [None]
+    if d.main:
+        try:
+            box[0] = ("ok", fn())
+        except MlmtuneError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0, group=d.wait_group)
+    kind, value = box[0]
+    if kind == "error":
+        raise MlmtuneError(value)
+    return value
+
+
+def gather_strings(d: Dist, mine: str) -> list[str]:
+    """Each rank's string, in rank order, on every rank."""
+    if not d.enabled:
+        return [mine]
+    every: list[str | None] = [None] * d.world
+    dist.all_gather_object(every, mine, group=d.wait_group)
+    return [str(x) for x in every]
+
+
+def sum_on_device(d: Dist, value: int, device: torch.device) -> int | torch.Tensor:
+    """One number summed over the ranks into a 0-d device tensor, queued on the device's stream: the host does
+    not wait for it (one process: the number itself)."""
+    if not d.enabled:
+        return value
+    t = torch.full((), float(value), device=device)  # a fill on the device: no copy for the host to wait on
+    dist.all_reduce(t)
+    return t
+
+
 def all_reduce_sum(d: Dist, values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks."""
     if not d.enabled:

@@ -1,11 +1,14 @@
 """Blocks -> each optimizer step's masked batches, made ahead of the loop.
 
 `StepBatches` says what step s trains on: the order of blocks in epoch e comes from a generator
-seeded with (seed, e), and the masks of step s from one seeded with (seed, s), so a resumed run
-sees exactly the batches of an uninterrupted one. Because a batch is a function of (seed, step)
-alone, `Prefetcher` can make it in another thread, earlier: it reads, masks and pins step s+1's
-batches while step s runs, and nothing in what a step sees changes. On a GPU the copies then
-come from pinned memory and can overlap the compute.
+seeded with (seed, e), and each block's masks from one seeded with (seed, e, the block's row) (in a
+stream, (seed, the block's place in it)). So a resumed run sees exactly the batches of an uninterrupted
+one, and the masks do not depend on how the step's blocks are split into micro-batches or over
+processes: 1, 2 or 16 ranks with the same global batch train on the same masked blocks, and a run may
+resume on another number of processes. Each rank reads and masks only its own share. Because a batch
+is a function of (seed, step) alone, `Prefetcher` can make it in another thread, earlier: it reads,
+masks, finds the positions to predict and pins step s+1's batches while step s runs, and nothing in what
+a step sees changes. On a GPU the copies then come from pinned memory and overlap the compute.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from mlmtune.config import TrainConfig
 from mlmtune.distributed import Dist
+from mlmtune.forward import positions_and_targets
 from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker, block_rows
 from mlmtune.schedule import epoch_length
 from mlmtune.stream import BlockStream
@@ -32,14 +36,22 @@ def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * SEED_MIX + epoch))
 
 
+def mask_key(seed: int, epoch: int, row: int) -> int:
+    """The seed of one block's masks: (seed, epoch, row), spread apart and kept below 2**63."""
+    return ((seed * SEED_MIX + epoch) * _ROW_MIX + row) % (1 << 63)
+
+
+_ROW_MIX = 2_654_435_761
+
+
 class StepBatches:
     """Optimizer step -> this rank's masked micro-batches.
 
-    Masks are drawn over the whole global micro-batch from (seed, step) and then cut into shares, so
-    N ranks train on exactly the masks one process would draw, and every rank knows the global count
-    of masked tokens (the loss's denominator) without asking. A rank whose share of an epoch's last
-    micro-batch is empty gets one block with no labels instead: DDP needs every rank to run the same
-    forward and backward passes.
+    Each global micro-batch of `batch_size * world` blocks is cut into the ranks' shares; a rank reads and
+    masks its own blocks, each with its own generator (`mask_key`), so the masks are those one process with
+    the same global batch would draw. A rank whose share of an epoch's last micro-batch is empty gets one
+    block with no labels instead: DDP needs every rank to run the same forward and backward passes. The
+    masked tokens are counted per rank; the engine sums them over the ranks on the device.
     """
 
     def __init__(self, blocks, stream, masker: Masker, seed: int, batch_size: int, accumulation: int,
@@ -48,6 +60,7 @@ class StepBatches:
         self.batch_size, self.accumulation, self.rank = batch_size, accumulation, rank
         self.global_batch = batch_size * world  # blocks per micro-batch over all ranks
         self.micro_per_epoch = self.steps_per_epoch = None  # a stream has no epochs
+        self.stream_micro = 0  # global micro-batches read from the stream so far (its blocks' places)
         if blocks is not None:  # the trainer's own epoch arithmetic, so both count the same steps
             self.micro_per_epoch, self.steps_per_epoch = epoch_length(len(blocks), self.global_batch, accumulation)
 
@@ -60,36 +73,63 @@ class StepBatches:
         if blocks is None:
             stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size * d.world).batches(
                 start=first_step * cfg.gradient_accumulation_steps, progress=progress)
-        return cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
+        made = cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
+        made.stream_micro = first_step * cfg.gradient_accumulation_steps
+        return made
 
-    def blocks_of(self, step: int, words: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The step's global micro-batches before masking: (ids, word starts) each, (B, T). A stream is read on."""
+    def blocks_of(self, step: int, words: bool = False, share: bool = True) -> list[tuple[torch.Tensor, Any, list]]:
+        """The step's micro-batches before masking, this rank's share of each (all of it with share=False): (ids,
+        word starts or None, each block's mask key). A stream is read on."""
+        words = words or self.masker.needs_words
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if share else slice(None)
+        out = []
         if self.stream is not None:
-            return [next(self.stream) for _ in range(self.accumulation)]
+            for _ in range(self.accumulation):
+                ids, starts = next(self.stream)
+                first = self.stream_micro * self.global_batch
+                keys = [mask_key(self.seed, 0, first + j) for j in range(len(ids))][mine]
+                out.append((ids[mine], None if starts is None else starts[mine], keys))
+                self.stream_micro += 1
+            return out
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.blocks), self.seed, epoch)
         first = in_epoch * self.accumulation
-        return [block_rows(self.blocks, order[i * self.global_batch : (i + 1) * self.global_batch],
-                           words or self.masker.needs_words)
-                for i in range(first, min(first + self.accumulation, self.micro_per_epoch))]
+        for i in range(first, min(first + self.accumulation, self.micro_per_epoch)):
+            rows = order[i * self.global_batch : (i + 1) * self.global_batch][mine]
+            if len(rows) == 0:  # an empty share: one block of the micro-batch, to be given no labels
+                rows = order[i * self.global_batch : i * self.global_batch + 1]
+                ids, starts = block_rows(self.blocks, rows, words)
+                out.append((ids, starts, None))
+                continue
+            ids, starts = block_rows(self.blocks, rows, words)
+            out.append((ids, starts, [mask_key(self.seed, epoch, int(r)) for r in rows]))
+        return out
 
-    def mask(self, step: int, micro: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[Batch]:
-        """The step's masks over its global micro-batches, drawn from (seed, step)."""
-        mask_gen = torch.Generator().manual_seed(self.seed * SEED_MIX + step + 1)
-        return [self.masker(ids, mask_gen, starts) for ids, starts in micro]
+    def mask(self, micro: list[tuple[torch.Tensor, Any, list]]) -> list[Batch]:
+        """Each block masked with its own generator; an empty share's stand-in gets no labels."""
+        out = []
+        for ids, starts, keys in micro:
+            if keys is None:
+                out.append((ids.long(), torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)))
+            else:
+                out.append(self.masker.mask_rows(ids, keys, starts))
+        return out
 
-    def __call__(self, step: int) -> tuple[list[Batch], int, int, int]:
-        """(this rank's (inputs, labels) per micro-batch, the step's global blocks, its global masked
-        tokens, this rank's blocks)."""
+    def __call__(self, step: int) -> tuple[list[tuple[torch.Tensor, ...]], int, int, int]:
+        """(this rank's (inputs, labels, positions, targets) per micro-batch, the step's global blocks, this
+        rank's masked tokens, this rank's blocks)."""
         micro = self.blocks_of(step)
-        masked = self.mask(step, micro)
+        masked = self.mask(micro)
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in masked)  # on the CPU: no sync
-        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        mine = [(inputs[share], labels[share]) for inputs, labels in masked]
-        my_blocks = sum(len(inputs) for inputs, _ in mine)
-        mine = [(inputs, labels) if len(inputs) else (b[0][:1], torch.full_like(b[1][:1], IGNORE_INDEX))
-                for (inputs, labels), b in zip(mine, masked)]
-        return mine, sum(len(ids) for ids, _ in micro), n_masked, my_blocks
+        my_blocks = sum(len(ids) for ids, _, keys in micro if keys is not None)
+        if self.stream is not None:
+            global_blocks = self.global_batch * self.accumulation
+        else:
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            first = in_epoch * self.accumulation * self.global_batch
+            global_blocks = min(self.accumulation * self.global_batch, len(self.blocks) - first)
+        return [(inputs, labels, *positions_and_targets(labels)) for inputs, labels in masked], global_blocks, \
+            n_masked, my_blocks
 
 
 def pin(batch: Any) -> Any:

@@ -164,7 +164,7 @@ def masked_nll_sum(model, inputs: torch.Tensor, labels: torch.Tensor,
     return nll, positions.numel()
 
 
-def backward_masked(step: torch.nn.Module, batches, denominator: int, device: torch.device,
+def backward_masked(step: torch.nn.Module, batches, denominator: int | torch.Tensor, device: torch.device,
                     autocast_dtype: torch.dtype | None, head_only: bool = False, scaler=None,
                     world: int = 1) -> torch.Tensor:
     """Forward and backward over micro-batches, the loss weighted by tokens over `denominator`.
@@ -175,9 +175,11 @@ def backward_masked(step: torch.nn.Module, batches, denominator: int, device: to
 
     Args:
         step: a `MaskedLMLoss`, the DDP module wrapping it, or its FSDP root.
-        batches: (inputs, labels) pairs of one optimizer step, on the CPU; every rank has as many.
-        denominator: masked tokens of the whole step (over all ranks in a distributed run), so
-            the accumulated gradient is that of the step's token-weighted mean loss.
+        batches: (inputs, labels) pairs of one optimizer step, on the CPU (or (inputs, labels, positions,
+            targets), the positions found ahead, pinned, by the feed); every rank has as many.
+        denominator: masked tokens of the whole step (over all ranks in a distributed run: a device tensor
+            summed there, so nothing waits), so the accumulated gradient is that of the step's token-weighted
+            mean loss.
         autocast_dtype: bf16 or fp16 for mixed precision, None for fp32.
         head_only: a head warm-up step: no backward pass through the encoder.
         scaler: fp16's `torch.amp.GradScaler` (the loss is scaled before backward), or None.
@@ -188,8 +190,10 @@ def backward_masked(step: torch.nn.Module, batches, denominator: int, device: to
         This rank's summed negative log-likelihood, a 0-d tensor on `device`.
     """
     total = torch.zeros((), device=device)
-    for i, (inputs, labels) in enumerate(batches):
-        positions, targets = positions_and_targets(labels)
+    scale = world / (denominator.clamp(min=1) if isinstance(denominator, torch.Tensor) else max(denominator, 1))
+    for i, batch in enumerate(batches):
+        inputs, labels = batch[0], batch[1]
+        positions, targets = batch[2:] if len(batch) == 4 else positions_and_targets(labels)
         last = i == len(batches) - 1
         if hasattr(step, "set_requires_gradient_sync"):  # FSDP: reduce-scatter after the last micro-batch only
             step.set_requires_gradient_sync(last)
@@ -198,7 +202,7 @@ def backward_masked(step: torch.nn.Module, batches, denominator: int, device: to
                                 enabled=autocast_dtype is not None):
                 nll = step(inputs.to(device, non_blocking=True), positions.to(device, non_blocking=True),
                            targets.to(device, non_blocking=True), head_only)
-            loss = nll * (world / max(denominator, 1))
+            loss = nll * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += nll.detach()
     return total

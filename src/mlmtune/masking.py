@@ -130,6 +130,14 @@ class Masker:
                                f"fast tokenizer, or use --masking token")
         return self._words(input_ids.long(), word_numbers(word_starts), generator)
 
+    def mask_rows(self, input_ids: torch.Tensor, keys: list[int],
+                  word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask each row of a (B, T) batch with a generator of its own, seeded with `keys[row]`: a row's masks
+        then depend on its key alone, not on which rows share its batch."""
+        outs = [self(input_ids[i : i + 1], torch.Generator().manual_seed(key),
+                     None if word_starts is None else word_starts[i : i + 1]) for i, key in enumerate(keys)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
     def _tokens(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = input_ids.long()
         labels = input_ids.clone()

@@ -166,14 +166,16 @@ class TorchEngine:
 
     def step(self, step: int, batches: list, n_masked: int, learning_rate: float, head_only: bool) -> torch.Tensor:
         torch.manual_seed(self.cfg.seed * SEED_MIX + step + self.dist.rank * _RANK_MIX)  # dropout of this step
-        # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor
+        # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor, and the
+        # ranks' masked tokens are summed on the device (queued, not waited for)
+        n_masked = distributed.sum_on_device(self.dist, n_masked, self.device)
         with tf32_matmuls(self.device):  # the step's fp32 matmuls only: evaluation stays true fp32
             nll = backward_masked(self.step_loss, batches, n_masked, self.device, self.precision_.autocast,
                                   head_only, self.precision_.scaler, self.dist.world)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate
             self.precision_.step(self.optimizer, self.model.parameters(), self.cfg.max_grad_norm)
-        return nll / max(n_masked, 1)
+        return nll / (n_masked.clamp(min=1) if isinstance(n_masked, torch.Tensor) else max(n_masked, 1))
 
     def sync(self) -> None:
         if self.device.type == "cuda":

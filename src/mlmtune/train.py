@@ -113,12 +113,12 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Calla
     """The run's state and whether it was resumed: with --resume the newest checkpoint's (restored into the
     engine), else a new state holding the evaluations before training (the eval split's, the general check's)."""
     config = to_dict(cfg)
-    resumed = ckpt.resume_latest(out, config, engine.restore) if cfg.resume else None
+    resumed = ckpt.resume_latest(out, config, engine.restore, engine.dist) if cfg.resume else None
     if resumed is not None:
         return resumed, True
     if cfg.resume:
         say(f"--resume: no checkpoint in {out}, starting from the beginning")
-    state = ckpt.TrainState(config=config)
+    state = ckpt.TrainState(config=config, world_size=engine.dist.world)
     before = evaluate("Eval (before)")
     if before:
         state.eval_before = eval_entry(before)
