@@ -201,8 +201,8 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
 
     args = ["--model", str(no_dropout_model), "--dataset", str(eli5_like), "--text-field", "answers.text",
             "--block-size", "32", "--max-steps", "1000", "--learning-rate", "1e-2", "--precision", "fp32",
-            "--batch-size", "2", "--save-steps", "5000", "--head-warmup-steps", "5", "--cache-dir", str(tmp_path / "cache"),
-            "--general-eval", "none"]
+            "--batch-size", "2", "--save-steps", "5000", "--head-warmup-steps", "5",
+            "--cache-dir", str(tmp_path / "cache"), "--general-eval", "none"]
     _torchrun([*args, "--output-dir", str(tmp_path / "whole")], tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
