@@ -262,3 +262,45 @@ def test_a_two_process_run_resumes_on_one_process_with_the_same_global_batch(no_
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
     m1, m2 = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("two", "part"))
     assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-6)
+
+
+def test_a_time_budget_with_fsdp_is_refused_before_any_work(configs, tmp_path, monkeypatch):
+    """The budget's probe times an unsharded copy of the model on one device: out of memory for exactly the
+    models that need --fsdp. Refused at once (as two ranks would see it)."""
+    from mlmtune import distributed
+    from mlmtune.errors import MlmtuneError
+    from mlmtune.torch_engine import TorchEngine
+
+    monkeypatch.setattr(distributed, "init", lambda: distributed.Dist(rank=0, world=2))
+    with pytest.raises(MlmtuneError, match=r"^--time-budget with --fsdp: its probe would time an unsharded copy"):
+        TorchEngine.open(configs(tmp_path / "run", fsdp=True, time_budget="5m"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two torchrun launchers
+def test_two_nodes_with_their_own_caches_match_one_process(no_dropout_model, one_process, eli5_like, tmp_path):
+    """Two "nodes" on one machine: two torchrun launchers (--nnodes 2, --node-rank 0 and 1, one process each),
+    each with its own block cache (MLMTUNE_CACHE) and one shared --output-dir. Each node's first rank tokenizes
+    into its own cache, once; the run makes the updates of one process with the whole global batch."""
+    port = _free_port()
+    common = [a for a in _common(no_dropout_model, eli5_like, tmp_path / "unused")]
+    at = common.index("--cache-dir")
+    del common[at : at + 2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "2", "--node-rank",
+         str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mlmtune", "train", *common,
+         "--batch-size", "3", "--output-dir", str(tmp_path / "run")],
+        cwd=tmp_path, env={**env, "MLMTUNE_CACHE": str(tmp_path / f"cache-{node}")}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "is not shared by every rank: the first rank of each node tokenizes" in outs[0][1]
+    for node in (0, 1):  # built once per node, in the node's own cache
+        assert len(list((tmp_path / f"cache-{node}" / "blocks").glob("*/mlmtune_prepared.json"))) == 1
+    m1 = json.loads((one_process / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
+    w1, w2 = load_file(str(one_process / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4

@@ -106,29 +106,39 @@ def device_for(d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def check_shared_dir(d: Dist, folder: Path) -> None:
-    """Every rank must see the files rank 0 writes in `folder` (checkpoints, for --resume): on several
-    machines that means a shared filesystem. Rank 0 writes a token; each rank reads it back."""
+def blind_ranks(d: Dist, folder: Path) -> list[int]:
+    """The ranks that cannot read what rank 0 writes in `folder` (every rank takes part): rank 0 writes a token,
+    each rank reads it back. All of them when rank 0 cannot write there."""
     if not d.enabled:
-        return
-    name = [None]
+        return []
+    name: list[Any] = [None]
     if d.main:
-        fd, path = tempfile.mkstemp(prefix=".tmp-write-test-", dir=folder)
-        token = os.urandom(8).hex()
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token)
-        name = [(Path(path).name, token)]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix=".tmp-write-test-", dir=folder)
+            token = os.urandom(8).hex()
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token)
+            name = [(Path(path).name, token)]
+        except OSError:
+            name = [("", "")]
     dist.broadcast_object_list(name, src=0, group=d.wait_group)
     filename, token = name[0]
     try:
-        seen = (folder / filename).read_text() == token
+        seen = bool(filename) and (folder / filename).read_text() == token
     except OSError:
         seen = False
     every: list[tuple[int, bool] | None] = [None] * d.world
     dist.all_gather_object(every, (d.rank, seen), group=d.wait_group)
-    if d.main:
+    if d.main and filename:
         os.unlink(folder / filename)
-    blind = [rank for rank, ok in every if not ok]
+    return [rank for rank, ok in every if not ok]
+
+
+def check_shared_dir(d: Dist, folder: Path) -> None:
+    """Every rank must see the files rank 0 writes in `folder` (checkpoints, for --resume): on several
+    machines that means a shared filesystem."""
+    blind = blind_ranks(d, folder)
     if blind:
         raise MlmtuneError(f"--output-dir {folder} is not shared: rank(s) {', '.join(map(str, blind))} cannot read "
                            f"what rank 0 writes there; on several machines put --output-dir on a filesystem every "
@@ -151,6 +161,26 @@ def main_first(d: Dist, fn: Callable[[], T]) -> T:
     if status[0] is not None:
         raise MlmtuneError(status[0])
     return result if d.main else fn()
+
+
+def node_first(d: Dist, fn: Callable[[], T]) -> T:
+    """Run `fn` on the first rank of each node (LOCAL_RANK 0), all nodes at once, then on the node's other ranks
+    (which then find its cache): for a cache that each node keeps on its own disk. The others wait on the gloo
+    group; an MlmtuneError on any first rank is raised on every rank."""
+    if not d.enabled:
+        return fn()
+    status, result = None, None
+    if d.local_rank == 0:
+        try:
+            result = fn()
+        except MlmtuneError as e:
+            status = str(e)
+    every: list[str | None] = [None] * d.world
+    dist.all_gather_object(every, status, group=d.wait_group)
+    errors = [e for e in every if e]
+    if errors:
+        raise MlmtuneError(errors[0])
+    return result if d.local_rank == 0 else fn()
 
 
 def from_main(d: Dist, fn: Callable[[], T]) -> T:

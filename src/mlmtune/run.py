@@ -32,7 +32,7 @@ from mlmtune.lock import LOCK_NAME, FolderLock
 from mlmtune.masking import Masker
 from mlmtune.model import check_block_size, load_model
 from mlmtune.options import save_config
-from mlmtune.prepare import is_prepared, prepare_blocks, prepared_words
+from mlmtune.prepare import cache_root, is_prepared, prepare_blocks, prepared_words
 from mlmtune.stream import held_out_texts
 from mlmtune.torch_engine import TorchEngine
 from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, Grown, add_words, choose_words, init_rows, tokens_per_word
@@ -174,6 +174,18 @@ def _held_out_blocks(cfg: TrainConfig, tokenizer):
     return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
 
 
+def _cached_first(d: distributed.Dist, data):
+    """Who tokenizes first: rank 0, when every rank reads the block cache it writes; else the first rank of each
+    node (nodes with their own disks), so that no rank tokenizes while another waits for it in a collective."""
+    if not d.enabled or (data.dataset and is_prepared(data.dataset)):
+        return distributed.main_first
+    root = cache_root(data)
+    if not distributed.blind_ranks(d, root):
+        return distributed.main_first
+    say(f"note: the block cache {root} is not shared by every rank: the first rank of each node tokenizes")
+    return distributed.node_first
+
+
 def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any], Any] | None = None,
              device: torch.device | None = None) -> Run:
     """Model and tokenizer (a new seeded head when the folder has none; the domain's words added with
@@ -198,7 +210,7 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if cfg.data.streaming:
         blocks, stats = _held_out_blocks(cfg, tokenizer)
     else:
-        blocks, stats = distributed.main_first(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
+        blocks, stats = _cached_first(d, cfg.data)(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
     preflight = Findings()  # the cheap checks of `mlmtune check`; the errors among them have raised already
     check_tokenizer(tokenizer, preflight)
     check_data(stats, cfg.data.block_size, preflight)

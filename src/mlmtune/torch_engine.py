@@ -111,6 +111,9 @@ class TorchEngine:
             cfg = dataclasses.replace(cfg, fsdp=True)
         if cfg.fsdp:
             distributed.require_ranks(d, "--fsdp")
+            if cfg.time_budget is not None and not cfg.resume:
+                raise MlmtuneError("--time-budget with --fsdp: its probe would time an unsharded copy of the whole "
+                                   "model on one device, which is what --fsdp avoids; give --max-steps or --epochs")
         if d.enabled and cfg.device:
             raise MlmtuneError("--device is for one process; under torchrun each rank takes its LOCAL_RANK GPU")
         device = distributed.device_for(d) if d.enabled else resolve_device(cfg.device)  # checked before the data
