@@ -41,6 +41,17 @@ def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler):
         assert_same_as_pipeline(result, pipe(text, top_k=3))
 
 
+def test_one_batch_of_mixed_requests_answers_each_as_the_pipeline(pipe, filler):
+    """What serve batches together: texts with different top_k, some with targets, answered from one softmax and
+    top-k on the device and one copy to the host."""
+    targets = ["Ġin", "Ġdef", "Ġthe"]
+    asks = [(TEXTS[0], 5, None), (TEXTS[3], 2, targets), (TEXTS[1], 7, None), (TEXTS[2], 10, targets)]
+    answers = filler.fill_batch([(filler.encode([t])[0], k, filler.target_ids(ts) if ts else None)
+                                 for t, k, ts in asks])
+    for (text, k, ts), answer in zip(asks, answers):
+        assert_same_as_pipeline(answer, pipe(text, top_k=k, **({"targets": ts} if ts else {})))
+
+
 def test_single_piece_targets_match_the_pipeline(pipe, filler):
     targets = ["Ġin", "Ġdef", "Ġthe", "Ġfunction"]  # vocabulary entries: one piece each
     assert all(filler.single_piece(t) is not None for t in targets)

@@ -113,7 +113,7 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
     device = next(model.parameters()).device
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     limit = max_positions(model, tokenizer)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one wait at the end
     for text in tqdm(texts, desc="Pseudo-perplexity", disable=not progress, leave=False):
         ids = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")["input_ids"][0]
         positions = torch.nonzero(~torch.isin(ids, special)).flatten()
@@ -121,11 +121,12 @@ def pseudo_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
             pos = positions[start : start + batch_size]  # (P,)
             batch = ids.repeat(len(pos), 1)  # (P, T): one copy per masked position
             batch[torch.arange(len(pos)), pos] = tokenizer.mask_token_id
-            where = batch == tokenizer.mask_token_id  # exactly one position per row
-            picked = logits_where(model, batch.to(device), where.to(device)).float()  # (P, V)
+            where = batch == tokenizer.mask_token_id  # exactly one position per row, found on the CPU
+            picked = logits_where(model, batch.to(device), where).float()  # (P, V)
             logp = picked.log_softmax(-1).gather(1, ids[pos].to(device)[:, None])
-            total -= float(logp.sum())
+            total -= logp.sum().double()
             count += len(pos)
+    total = float(total)
     loss = total / count if count else float("nan")
     return EvalResult(loss=loss, perplexity=_perplexity(loss), masked_tokens=count)
 

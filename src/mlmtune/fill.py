@@ -142,23 +142,43 @@ class FillMask:
                 attention[row, : len(encoded[i])] = 1
             where = (ids == self.tokenizer.mask_token_id) & attention.bool()
             # (masks in batch, V), left on the device: softmax and top-k run there too
-            logits = logits_where(self.model, ids.to(self.device, non_blocking=True), where.to(self.device),
-                               attention.to(self.device, non_blocking=True)).float()
+            logits = logits_where(self.model, ids.to(self.device, non_blocking=True), where,
+                                  attention.to(self.device, non_blocking=True)).float()
             counts = where.sum(1).tolist()
             for row, chunk in zip(idx, logits.split(counts)):
                 out[row] = chunk
         return out
 
-    def predictions(self, ids: torch.Tensor, logits: torch.Tensor, top_k: int,
-                    target_ids: np.ndarray | None) -> list[Prediction] | list[list[Prediction]]:
-        """The pipeline's postprocess for one text."""
-        if target_ids is not None and target_ids.shape[0] < top_k:
-            top_k = target_ids.shape[0]
-        probs = logits.softmax(dim=-1)
-        if target_ids is not None:
-            probs = probs[..., torch.as_tensor(target_ids, device=probs.device)]
-        values, indices = (t.cpu() for t in probs.topk(top_k))  # one copy of (masks, k) to the host
-        return format_predictions(self.tokenizer, ids.numpy(), values.tolist(), indices.tolist(), target_ids)
+    @torch.inference_mode()
+    def fill_batch(self, items: list[tuple[torch.Tensor, int, np.ndarray | None]]) -> list:
+        """The pipeline's answer for each (token ids, top_k, target ids or None): one forward pass per batch of
+        texts (`mask_logits`), then softmax and top-k over all their masks on the device and one copy of the
+        (masks, k) results to the host, instead of one wait per text."""
+        logits = self.mask_logits([ids for ids, _, _ in items])
+        ks = [min(k, len(t)) if t is not None else k for _, k, t in items]
+        width = max(ks)
+        values, indices = [], []
+        plain = [i for i, (_, _, t) in enumerate(items) if t is None]
+        if plain:  # the texts without targets: one softmax and one top-k over all their masks
+            probs = torch.cat([logits[i] for i in plain]).softmax(dim=-1)
+            v, ix = probs.topk(width)
+            values += list(v.split([len(logits[i]) for i in plain]))
+            indices += list(ix.split([len(logits[i]) for i in plain]))
+        for i in (i for i, (_, _, t) in enumerate(items) if t is not None):  # targets: their columns only
+            probs = logits[i].softmax(dim=-1)[..., torch.as_tensor(items[i][2], device=logits[i].device)]
+            v, ix = probs.topk(ks[i])
+            values.append(torch.nn.functional.pad(v, (0, width - ks[i])))
+            indices.append(torch.nn.functional.pad(ix, (0, width - ks[i])))
+        order = plain + [i for i, (_, _, t) in enumerate(items) if t is not None]
+        counts = [len(logits[i]) for i in order]
+        host_values = torch.cat(values).cpu().split(counts)  # the one wait for the device
+        host_indices = torch.cat(indices).cpu().split(counts)
+        out: list = [None] * len(items)
+        for i, v, ix in zip(order, host_values, host_indices):
+            ids, _, target_ids = items[i]
+            out[i] = format_predictions(self.tokenizer, ids.numpy(), v[:, : ks[i]].tolist(),
+                                        ix[:, : ks[i]].tolist(), target_ids)
+        return out
 
     def words_needed(self, targets: list[str] | None, max_pieces: int, joint: bool) -> bool:
         """Whether a fill goes beyond the pipeline's single pieces: joint, words of several pieces proposed, or a
@@ -183,8 +203,9 @@ class FillMask:
             return [self.fill_words(text, ids, top_k, targets, max_pieces, joint, beam_size)
                     for text, ids in zip(texts, encoded)]
         target_ids = self.target_ids(targets) if targets else None
-        logits = self.mask_logits(encoded)
-        return [self.predictions(ids, lg, top_k, target_ids) for ids, lg in zip(encoded, logits)]
+        chunk = self.batch_size * 8  # the logits of this many texts at most on the device at once
+        return [p for start in range(0, len(encoded), chunk)
+                for p in self.fill_batch([(ids, top_k, target_ids) for ids in encoded[start : start + chunk]])]
 
     def fill_words(self, text: str, ids: torch.Tensor, top_k: int, targets: list[str] | None, max_pieces: int,
                    joint: bool, beam_size: int) -> list[dict]:

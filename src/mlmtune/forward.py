@@ -95,8 +95,11 @@ def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,
 
 def logits_where(model, input_ids: torch.Tensor, where: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Vocabulary logits at the positions where `where` ((B, T) bool) is True, in row-major order: (P, V)."""
-    return logits_at_positions(model, input_ids, torch.nonzero(where.reshape(-1)).squeeze(1), attention_mask)
+    """Vocabulary logits at the positions where `where` ((B, T) bool) is True, in row-major order: (P, V). Give
+    `where` on the CPU (where the texts were tokenized): the positions are found there, and the device never
+    waits for the host to learn how many there are."""
+    positions = torch.nonzero(where.reshape(-1)).squeeze(1)
+    return logits_at_positions(model, input_ids, positions.to(input_ids.device, non_blocking=True), attention_mask)
 
 
 def freeze_encoder(model, frozen: bool) -> None:

@@ -131,7 +131,7 @@ class ModelSlot:
                     None, lambda: FillMask.from_pretrained(self.model, batch_size=self.max_batch,
                                                            safetensors_only=True))
             self.metrics.load_seconds.set(filler.load_seconds or 0.0)
-            batcher = Batcher(filler.mask_logits, max_batch=self.max_batch, window_s=self.window_s,
+            batcher = Batcher(filler.fill_batch, max_batch=self.max_batch, window_s=self.window_s,
                               max_queue=self.max_queue, on_batch=self.metrics.batch_texts.observe)
             self.scorer = Scorer(filler.model, filler.tokenizer, batch_size=64, device=filler.device)
             scores = Batcher(self._score, max_batch=self.max_batch, window_s=self.window_s, max_queue=self.max_queue,
@@ -249,12 +249,9 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits)
                 f.fill_words(t, ids, req.top_k, req.targets, req.max_pieces, req.joint, req.beam_size)
                 for t, ids in zip(req.texts, req.encoded)])
         else:
-            def finish(logits: list) -> list:
-                return [slot.filler.predictions(ids, lg, req.top_k, req.target_ids)
-                        for ids, lg in zip(req.encoded, logits)]
-
-            try:
-                results = await batcher.submit(req.encoded, finish)
+            try:  # the batch's top-k come back to the host at once, already the pipeline's answers
+                results = await batcher.submit([(ids, req.top_k, req.target_ids) for ids in req.encoded],
+                                               lambda answers: answers)
             except asyncio.QueueFull:
                 return _error(503, f"the server is busy ({batcher.queue.maxsize} requests waiting); retry shortly")
         # exactly what pipeline("fill-mask") returns: a list of one text gives that text's result
