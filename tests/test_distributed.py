@@ -278,7 +278,9 @@ def test_a_time_budget_with_fsdp_is_refused_before_any_work(configs, tmp_path, m
 
 
 @pytest.mark.slow  # two torchrun launchers
-def test_two_nodes_with_their_own_caches_match_one_process(no_dropout_model, one_process, eli5_like, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]])  # DDP, and FSDP on a (nodes, ranks per node) mesh: HSDP
+def test_two_nodes_with_their_own_caches_match_one_process(no_dropout_model, one_process, eli5_like, tmp_path,
+                                                           sharding):
     """Two "nodes" on one machine: two torchrun launchers (--nnodes 2, --node-rank 0 and 1, one process each),
     each with its own block cache (MLMTUNE_CACHE) and one shared --output-dir. Each node's first rank tokenizes
     into its own cache, once; the run makes the updates of one process with the whole global batch."""
@@ -291,12 +293,14 @@ def test_two_nodes_with_their_own_caches_match_one_process(no_dropout_model, one
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "2", "--node-rank",
          str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mlmtune", "train", *common,
-         "--batch-size", "3", "--output-dir", str(tmp_path / "run")],
+         *sharding, "--batch-size", "3", "--output-dir", str(tmp_path / "run")],
         cwd=tmp_path, env={**env, "MLMTUNE_CACHE": str(tmp_path / f"cache-{node}")}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     outs = [n.communicate(timeout=600) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
     assert "is not shared by every rank: the first rank of each node tokenizes" in outs[0][1]
+    if sharding:
+        assert "2 processes (HSDP: sharded within each of 2 nodes)" in outs[0][1]
     for node in (0, 1):  # built once per node, in the node's own cache
         assert len(list((tmp_path / f"cache-{node}" / "blocks").glob("*/mlmtune_prepared.json"))) == 1
     m1 = json.loads((one_process / "metrics.json").read_text())

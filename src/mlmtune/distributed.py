@@ -266,14 +266,19 @@ class FSDP:
 
     def __init__(self, d: Dist, model: torch.nn.Module):
         """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
-        self.model = model
+        self.d, self.model, self.nodes = d, model, 1
         self.copy = copy.deepcopy(model) if d.main else None
 
-    def shard(self) -> torch.nn.Module:
-        """Shard the model in place (on its device already); returns the root, the training forward."""
+    def shard(self, device: torch.device | None = None) -> torch.nn.Module:
+        """Shard the model in place (on its device already); returns the root, the training forward. On several
+        nodes the mesh is 2-D: the shards stay within a node and are replicated across nodes (HSDP), so no
+        gather crosses the slow links; the gradients are averaged across nodes once per step."""
+        mesh = hybrid_mesh(self.d, device or torch.device("cpu"))
+        self.nodes = 1 if mesh is None else mesh.size(0)
+        kwargs: dict[str, Any] = {} if mesh is None else {"mesh": mesh}
         for layer in encoder_layers(self.model):
-            fully_shard(layer)
-        return fully_shard(MaskedLMLoss(self.model))
+            fully_shard(layer, **kwargs)
+        return fully_shard(MaskedLMLoss(self.model), **kwargs)
 
     def full_model(self) -> torch.nn.Module | None:
         """Every rank takes part; rank 0 gets its CPU copy holding the full weights, the others None."""
@@ -288,6 +293,16 @@ class FSDP:
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
         return FullOptimizerState(self.model, optimizer)
+
+
+def hybrid_mesh(d: Dist, device: torch.device):
+    """On several nodes (WORLD_SIZE over LOCAL_WORLD_SIZE), a (nodes, ranks per node) mesh for HSDP; else None."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+    if not d.enabled or local >= d.world or d.world % local:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (d.world // local, local), mesh_dim_names=("replicate", "shard"))
 
 
 class FullOptimizerState:

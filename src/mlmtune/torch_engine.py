@@ -143,7 +143,7 @@ class TorchEngine:
         if cfg.compile:  # after the budget's probe, which times eager steps on a copy
             compile_encoder(self.model)
         self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
-        self.root = self.fsdp.shard() if self.fsdp else None  # before the optimizer, which then holds the shards
+        self.root = self.fsdp.shard(self.device) if self.fsdp else None  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            fused=True)
@@ -152,8 +152,10 @@ class TorchEngine:
 
     def describe(self) -> str:
         d = self.dist
-        ranks = (f"; {d.world} processes{' (FSDP)' if self.fsdp else ''}, {self.cfg.batch_size} blocks each per "
-                 f"micro-batch" if d.enabled else "")
+        sharding = "" if not self.fsdp else (" (FSDP)" if self.fsdp.nodes == 1 else
+                                             f" (HSDP: sharded within each of {self.fsdp.nodes} nodes)")
+        ranks = (f"; {d.world} processes{sharding}, {self.cfg.batch_size} blocks each per micro-batch" if d.enabled
+                 else "")
         return f"Training precision: {self.precision_.describe()}; evaluation in fp32{ranks}"
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
