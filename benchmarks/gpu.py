@@ -5,10 +5,15 @@
     python benchmarks/gpu.py --smoke         # a few steps of a tiny model on the CPU (the test suite runs this)
 
 Training: a DistilRoBERTa-shaped masked-LM (6 layers, hidden 768, vocab 50265, random init), the
-Python docs as an ELI5-shaped JSONL, blocks of 128 tokens, batch 8 and 64, the same steps for
-every variant, each variant in its own process (so peak GPU memory is its own). Reports tokens/s,
-peak GPU memory and MFU against the bf16 matmul peak measured in the same run (FLOPs counted as
-6 x matmul parameters per token plus attention; the sparse head counted at the masked 15% only for
+Python docs as an ELI5-shaped JSONL, blocks of `--block-size` tokens (128) given to both sides, batch
+8 and 64, the same steps for every variant, each variant in its own process (so peak GPU memory is its
+own). Both sides are timed the same way: the interval between the ends of consecutive optimizer steps,
+after waiting for the GPU, so each step's data loading, masking and copies count on both sides; tokens/s
+is batch x block / the median interval (after `--skip` warm-up steps, where compilation happens). The
+corpus is large enough that no variant reaches the end of an epoch (checked), so every timed step is a
+full batch and a compiled Trainer never recompiles for a short one. MFU is reported against the bf16
+matmul peak measured in the same run and against the GPU's datasheet bf16 dense peak (FLOPs counted as 6
+x matmul parameters per token plus attention; the sparse head counted at the masked 15% only for
 mlmtune, whose head runs only there). Fill: 1,000 sentences with one mask, top-5, mlmtune's
 `FillMask` (batch 64) against the pipeline (batch 1 and 64); the top-5 tokens must be identical.
 Writes benchmarks/results/MACHINE/gpu.json (or gpu_smoke.json; `--results DIR` puts it elsewhere).
@@ -36,7 +41,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, matmul_peak, run_child, table, write_json  # noqa: E402
 from _guide import make_group_texts, make_preprocess_function  # noqa: E402
 
-BLOCK = 128
+BLOCK = 128  # the default --block-size
+
+# bf16 dense tensor-core peaks from NVIDIA's datasheets, TFLOP/s (no sparsity), by a part of the device name
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                         "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0}
+
+
+def datasheet_peak(gpu: str | None) -> float | None:
+    """The datasheet's bf16 dense peak of a GPU, FLOP/s, or None for one not in the table."""
+    for part, tflops in DATASHEET_BF16_TFLOPS.items():
+        if gpu and part in gpu:
+            return tflops * 1e12
+    return None
 
 
 def make_model_dir(folder: Path, tokenizer: str, smoke: bool) -> Path:
@@ -65,12 +82,12 @@ def write_corpus(path: Path, repeat: int) -> Path:
     return path
 
 
-def flops_per_token(cfg, sparse: bool, mlm_probability: float = 0.15) -> float:
+def flops_per_token(cfg, sparse: bool, block: int = BLOCK, mlm_probability: float = 0.15) -> float:
     """Training FLOPs per token: 6 x matmul parameters, plus attention scores; the head at masked positions
     only when it runs only there."""
     h, layers, v, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.intermediate_size
     encoder = layers * (4 * h * h + 2 * h * ff)
-    attention = layers * 2 * BLOCK * h
+    attention = layers * 2 * block * h
     head = h * h + h * v
     return 6 * encoder + 6 * attention + 6 * head * (mlm_probability if sparse else 1.0)
 
@@ -85,7 +102,22 @@ def _gpu_memory() -> float | None:
 # children: each prints one JSON line
 
 
-def child_trainer(model_dir: str, corpus: str, steps: int, batch: int, bf16: bool, compile_: bool, out: str) -> dict:
+def _step_end_times():
+    """Timestamps of step ends, each after waiting for the GPU: their differences are whole steps, data included."""
+    import torch
+
+    ends: list[float] = []
+
+    def mark() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+
+    return ends, mark
+
+
+def child_trainer(model_dir: str, corpus: str, steps: int, batch: int, bf16: bool, compile_: bool, out: str,
+                  block: int) -> dict:
     """The guide's pipeline as written (preprocess, group_texts, collator, Trainer), with max_steps."""
     import torch
     from datasets import load_dataset
@@ -102,44 +134,42 @@ def child_trainer(model_dir: str, corpus: str, steps: int, batch: int, bf16: boo
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenized = eli5.map(make_preprocess_function(tokenizer), batched=True, num_proc=4,
                          remove_columns=eli5["train"].column_names)
-    lm_dataset = tokenized.map(make_group_texts(BLOCK), batched=True, num_proc=4)
+    lm_dataset = tokenized.map(make_group_texts(block), batched=True, num_proc=4)
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)
     model = AutoModelForMaskedLM.from_pretrained(model_dir)
-    times: list[float] = []
+    ends, mark = _step_end_times()
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
+    class Timer(TrainerCallback):  # the same window as mlmtune's: from one step's end to the next's
+        def on_train_begin(self, args, state, control, **kw):
+            mark()
 
         def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
+            mark()
 
     args = TrainingArguments(output_dir=out, learning_rate=2e-5, weight_decay=0.01, per_device_train_batch_size=batch,
                              max_steps=steps, bf16=bf16, torch_compile=compile_, report_to=[], save_strategy="no",
                              eval_strategy="no", disable_tqdm=True, seed=42, use_cpu=not torch.cuda.is_available())
     Trainer(model=model, args=args, train_dataset=lm_dataset["train"], data_collator=collator,
             processing_class=tokenizer, callbacks=[Timer()]).train()
-    return {"step_seconds": times, "gpu_memory_gb": _gpu_memory()}
+    return {"step_seconds": [b - a for a, b in zip(ends, ends[1:])], "gpu_memory_gb": _gpu_memory(),
+            "epoch_fraction": steps * batch / len(lm_dataset["train"])}
 
 
-def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_: bool, out: str) -> dict:
+def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_: bool, out: str, block: int) -> dict:
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
     from mlmtune.train import train
 
     cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
-                                    "batch_size": batch, "max_steps": steps, "output_dir": out,
+                                    "batch_size": batch, "max_steps": steps, "output_dir": out, "block_size": block,
                                     "cache_dir": out + "-cache", "save_steps": 10**9, "test_size": 0.01,
-                                    "compile": compile_})
-    times: list[float] = []
-
-    # train() waits for the GPU before timing a step when on_step is given, so these are the device's seconds
-    result = train(cfg, progress=False, on_step=lambda step, seconds: times.append(seconds))
-    return {"step_seconds": times, "gpu_memory_gb": _gpu_memory(), "precision": result.metrics["precision"]}
+                                    "compile": compile_, "general_eval": "none"})
+    ends, mark = _step_end_times()
+    mark()  # on_step is called after each step, once the GPU has finished it
+    result = train(cfg, progress=False, on_step=lambda step, seconds: mark())
+    # the first interval holds the evaluation before training: --skip leaves it out with the warm-up
+    return {"step_seconds": [b - a for a, b in zip(ends, ends[1:])], "gpu_memory_gb": _gpu_memory(),
+            "precision": result.metrics["precision"], "epoch_fraction": steps * batch / result.metrics["train_blocks"]}
 
 
 def child_fill(model_dir: str, n: int) -> dict:
@@ -190,6 +220,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out (compilation happens there)")
     parser.add_argument("--tokenizer", default="builtin:all-minilm-l6-v2")
+    parser.add_argument("--block-size", type=int, default=BLOCK, help="tokens per block, on both sides")
     parser.add_argument("--child", choices=["trainer", "mlmtune", "fill"])
     parser.add_argument("--model-dir")
     parser.add_argument("--corpus")
@@ -203,9 +234,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         if args.child == "trainer":
-            r = child_trainer(args.model_dir, args.corpus, args.steps, args.batch, args.bf16, args.compile, args.out)
+            r = child_trainer(args.model_dir, args.corpus, args.steps, args.batch, args.bf16, args.compile, args.out,
+                              args.block_size)
         elif args.child == "mlmtune":
-            r = child_mlmtune(args.model_dir, args.corpus, args.steps, args.batch, args.compile, args.out)
+            r = child_mlmtune(args.model_dir, args.corpus, args.steps, args.batch, args.compile, args.out,
+                              args.block_size)
         else:
             r = child_fill(args.model_dir, args.texts)
         print(json.dumps(r))
@@ -222,10 +255,13 @@ def main() -> None:
     texts = 20 if args.smoke else args.texts
     work = Path(tempfile.mkdtemp(prefix="mlmtune-gpu-bench-"))
     model_dir = make_model_dir(work / "model", args.tokenizer, args.smoke)
-    corpus = write_corpus(work / "corpus.jsonl", 1 if args.smoke else 4)
+    # enough text that no variant reaches an epoch's end: the docs are about 52,000 words, 70,000 tokens
+    repeat = max(1, -(-steps * max(batches) * args.block_size * 2 // 70_000))
+    corpus = write_corpus(work / "corpus.jsonl", repeat)
     cfg = AutoConfig.from_pretrained(model_dir)
     device = "cuda" if cuda else "cpu"
     peak = matmul_peak(torch.bfloat16, n=8192 if cuda else 512, device=device)
+    sheet = datasheet_peak(machine()["gpu"])
     me = os.path.abspath(__file__)
 
     variants = [("Trainer fp32 (the guide as written)", ["--child", "trainer"], False),
@@ -239,11 +275,17 @@ def main() -> None:
     for batch in batches:
         for name, extra, sparse in variants:
             r = run_child(me, *extra, "--model-dir", str(model_dir), "--corpus", str(corpus), "--steps", str(steps),
-                          "--batch", str(batch), "--out", str(work / f"out-{batch}-{len(rows)}"))
-            timed = r["step_seconds"][skip:] or r["step_seconds"]
-            tps = batch * BLOCK * len(timed) / sum(timed)
+                          "--batch", str(batch), "--block-size", str(args.block_size),
+                          "--out", str(work / f"out-{batch}-{len(rows)}"))
+            if r["epoch_fraction"] >= 1:
+                sys.exit(f"benchmarks/gpu.py: {name} reached the end of an epoch ({r['epoch_fraction']:.2f}); "
+                         f"a short last batch would be timed as a full one")
+            timed = sorted(r["step_seconds"][skip:] or r["step_seconds"])
+            tps = batch * args.block_size / timed[len(timed) // 2]  # the median step, whole (data included)
+            flops = flops_per_token(cfg, sparse, args.block_size) * tps
             rows.append({"batch": batch, "variant": name, "tokens_per_s": tps, "gpu_memory_gb": r["gpu_memory_gb"],
-                         "mfu": flops_per_token(cfg, sparse) * tps / peak})
+                         "mfu": flops / peak, "mfu_datasheet": flops / sheet if sheet else None,
+                         "epoch_fraction": r["epoch_fraction"]})
             print(f"batch {batch}, {name}: {tps:,.0f} tokens/s", file=sys.stderr)
         compiled = [r for r in rows if r["batch"] == batch and r["variant"] == "Trainer bf16 + torch_compile"]
         best = compiled[0] if compiled else [r for r in rows if r["batch"] == batch and r["variant"] ==
@@ -255,14 +297,17 @@ def main() -> None:
 
     print(table(rows, [("batch", "batch", ""), ("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("vs_best_trainer", "x best Trainer", ".2f"), ("gpu_memory_gb", "peak GPU GB", ".2f"),
-                       ("mfu", "MFU (bf16 peak)", ".1%")]))
-    print(f"\nbf16 matmul peak measured in this run: {peak / 1e12:.1f} TFLOP/s on {machine()['gpu'] or 'CPU'}")
+                       ("mfu", "MFU (measured peak)", ".1%"), ("mfu_datasheet", "MFU (datasheet)", ".1%")]))
+    print(f"\nbf16 matmul peak measured in this run: {peak / 1e12:.1f} TFLOP/s on {machine()['gpu'] or 'CPU'}; "
+          f"datasheet: {f'{sheet / 1e12:.0f} TFLOP/s' if sheet else 'not in the table'}")
     print(f"fill, {fill['texts']} texts, top-5: pipeline {fill['pipeline_s']:.2f} s (batch 1), "
           f"{fill['pipeline_batch64_s']:.2f} s (batch 64); mlmtune {fill['mlmtune_s']:.2f} s "
           f"({fill['pipeline_s'] / fill['mlmtune_s']:.1f}x, {fill['mlmtune_precision']}); identical top-5 "
           f"{fill['identical_top5']}/{fill['texts']}, largest score difference {fill['max_score_diff']:.1e}")
     path = write_json("gpu_smoke" if args.smoke else "gpu", {
-        "steps": steps, "skip": skip, "block": BLOCK, "model": f"RoBERTa {cfg.num_hidden_layers}x{cfg.hidden_size}, "
+        "steps": steps, "skip": skip, "block": args.block_size, "timing": "median interval between step ends, "
+        "after a GPU sync, data included, on both sides", "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
+        "model": f"RoBERTa {cfg.num_hidden_layers}x{cfg.hidden_size}, "
         f"vocab {cfg.vocab_size} (random init)", "bf16_matmul_peak_tflops": peak / 1e12, "rows": rows, "fill": fill},
         args.results)
     print(f"wrote {path}")

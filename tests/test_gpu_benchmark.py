@@ -26,5 +26,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert [r["variant"] for r in result["rows"]] == ["Trainer fp32 (the guide as written)", "Trainer bf16=True",
                                                       "mlmtune"]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    # both sides timed alike, on full batches only, with the block size given to both
+    assert result["block"] == 128 and result["timing"].startswith("median interval between step ends")
+    assert all(0 < r["epoch_fraction"] < 1 for r in result["rows"])
     fill = result["fill"]
     assert fill["identical_top5"] == fill["texts"] == 20  # mlmtune's fill gives the pipeline's top-5
