@@ -98,3 +98,37 @@ def test_prepare_folders_and_cache_entries_have_one_writer(configs, tmp_path, ca
     assert m["train_steps"] == 1
     assert "tokenizing without the cache" in capsys.readouterr().err
     assert not any((cache / "blocks").glob("*/dataset_dict.json"))  # nothing written beside the other run
+
+
+def test_a_lock_from_another_host_is_taken_over_only_when_its_holder_stopped_beating(configs, tmp_path, capsys):
+    """A requeued job on another node: the killed run's lock is on the shared folder, from a host whose processes
+    cannot be checked from here. Touched recently (its holder beats every 30 s): refused; untouched for longer
+    than 5 minutes: dead, taken over."""
+    from mlmtune.lock import STALE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "earlier"}))
+    assert main(["train", *_flags(configs, out)]) == 1
+    assert ("is in use by another mlmtune run (process 4242 on node-17, since earlier); it is taken over 5 minutes "
+            "after that run stops") in capsys.readouterr().err
+    old = time.time() - STALE - 10
+    os.utime(lock, (old, old))
+    assert train(configs(out, max_steps=1), progress=False).metrics["train_steps"] == 1
+    assert "locked by process 4242 on node-17, which is gone (killed?); taking it over" in capsys.readouterr().err
+
+
+def test_a_held_lock_beats(tmp_path, monkeypatch):
+    from mlmtune import lock as lock_mod
+
+    monkeypatch.setattr(lock_mod, "BEAT", 0.05)
+    held = FolderLock.inside(tmp_path, "here").acquire()
+    try:
+        old = time.time() - 1000
+        os.utime(held.path, (old, old))
+        time.sleep(0.3)
+        assert time.time() - held.path.stat().st_mtime < 5  # touched again by the holder
+    finally:
+        held.release()
+    assert not held.path.exists()

@@ -7,8 +7,9 @@ owns only how the model is held, how one optimizer step runs, and how its weight
 state go in and out of a checkpoint. The rest lives here once.
 
 Reproducibility is by construction (`feed.StepBatches`), not by saved RNG state: the order of blocks in
-epoch e comes from a generator seeded with (seed, e), and the masks and dropout of optimizer step s
-from generators seeded with (seed, s); the learning rate is a function of s. So a resumed run sees
+epoch e comes from a generator seeded with (seed, e), each block's masks from one seeded with (seed, e,
+its row), and the dropout of optimizer step s from one seeded with (seed, s); the learning rate is a
+function of s. So a resumed run sees
 exactly the batches, masks, dropout and learning rates an uninterrupted run would have seen.
 """
 
@@ -234,7 +235,7 @@ class Loop:
         """One optimizer step and what follows it (log line, evaluation, checkpoint)."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
-        # this rank's share of the step's micro-batches, masked from (seed, step)
+        # this rank's share of the step's micro-batches, each block masked from (seed, epoch, its row)
         batches, global_blocks, n_masked, my_blocks = self.next_batches(feed)
         self.my_tokens += my_blocks * cfg.data.block_size
         with stop.taking_step():
