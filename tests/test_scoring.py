@@ -137,7 +137,7 @@ def cities(tmp_path_factory, configs):
     corpus.write_text("\n".join(_corpus()))
     out = root / "trained"
     train(configs(out, model=str(model_dir), dataset=str(corpus), text_field="text", block_size=16,
-                  batch_size=16, max_steps=800, learning_rate=3e-3, warmup_steps=20, masking="whole-word",
+                  batch_size=16, max_steps=1200, learning_rate=3e-3, warmup_steps=20, masking="whole-word",
                   mlm_probability=0.25, save_steps=1000, logging_steps=50, test_size=0.1), progress=False)
     return FillMask.from_pretrained(str(out))
 

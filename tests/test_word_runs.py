@@ -91,7 +91,7 @@ def test_show_masks_is_what_training_masks(configs, tmp_path, capsys, monkeypatc
     real = engine_mod.TorchEngine.step
 
     def record(self, step, batches, *args, **kwargs):
-        seen.append([(inputs.tolist(), labels.tolist()) for inputs, labels in batches])
+        seen.append([(inputs.tolist(), labels.tolist()) for inputs, labels, *_ in batches])
         return real(self, step, batches, *args, **kwargs)
 
     monkeypatch.setattr(engine_mod.TorchEngine, "step", record)
