@@ -364,8 +364,8 @@ def test_check_estimates_a_keras_run_with_the_keras_probe(tiny_model_dir, eli5_l
 def test_keras_trains_on_whole_word_masks(configs, tmp_path):
     """The Keras engine takes the same masks as PyTorch's: a whole-word run starts from the same eval, on its own
     masks and on the token scheme's, and learns."""
-    k = train(configs(tmp_path / "keras", backend="keras", masking="whole-word", max_steps=4), progress=False).metrics
-    t = train(configs(tmp_path / "torch", masking="whole-word", max_steps=4), progress=False).metrics
+    k = train(configs(tmp_path / "keras", backend="keras", masking="whole-word", max_steps=6), progress=False).metrics
+    t = train(configs(tmp_path / "torch", masking="whole-word", max_steps=6), progress=False).metrics
     assert k["masking"] == "whole-word"
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
     assert k["token_eval_loss_before"] == pytest.approx(t["token_eval_loss_before"], abs=1e-6)
