@@ -68,14 +68,15 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
     peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     del probe, optimizer
-    warm = sorted(times[1:] or times)
+    warm = sorted(times[2:] if len(times) > 3 else times[1:] or times)  # the first steps pay one-time costs
     return {"step_seconds": warm[len(warm) // 2], "peak_memory_gb": round(peak_gb, 2)}
 
 
 def torch_probe(cfg: TrainConfig, model, tokenizer, train_blocks, device: torch.device | None = None) -> Probe:
-    """PyTorch's probe: the median seconds of three timed steps."""
+    """PyTorch's probe: the median seconds of three timed steps, after two that pay one-time costs (kernel choice,
+    allocator growth) and would plan too few steps."""
     def probe(head_only: bool) -> float:
-        return timed_probe(cfg, model, tokenizer, train_blocks, steps=3, head_only=head_only,
+        return timed_probe(cfg, model, tokenizer, train_blocks, steps=5, head_only=head_only,
                            device=device)["step_seconds"]
 
     return probe
