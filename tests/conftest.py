@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -129,13 +130,14 @@ def session_cache(tmp_path_factory) -> str:
 
 class Configs:
     """Training configs on the tiny model and the ELI5-shaped corpus: 8 steps of 4 blocks of 32 tokens at
-    lr 1e-2 in fp32, a checkpoint every 2 steps, a log line every step, no general check. Any field can be
+    lr 1e-2 in fp32, a checkpoint every 2 steps, a log line every step, no general check, no cloze. Any field can be
     overridden."""
 
     def __init__(self, model: Path, dataset: Path, cache: str):
         self.base = {"model": str(model), "dataset": str(dataset), "text_field": "answers.text", "block_size": 32,
                      "batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "save_steps": 2, "save_total_limit": 10,
-                     "logging_steps": 1, "precision": "fp32", "cache_dir": cache, "general_eval": "none"}
+                     "logging_steps": 1, "precision": "fp32", "cache_dir": cache, "general_eval": "none",
+                     "cloze_words": "none"}
 
     def flags(self, out: Path | str, **over: Any) -> dict[str, Any]:
         """The options as a flat dict (what a child process resolves again)."""
@@ -230,3 +232,57 @@ def eurobert_dir(tmp_path_factory, docs_texts) -> Path:
     EuroBertForMaskedLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny model trained in the test on sentences whose masked words it can learn
+
+
+@dataclass(frozen=True)
+class Cities:
+    folder: Path  # the trained model
+    corpus: Path  # the text file it was trained on (10% held out, seed 42)
+
+
+def _vocab() -> list[str]:
+    words = ("the city of new york los angeles is big and old i live in we went to plants use make food from light "
+             "need water a an people there many streets . , photo ##syn ##thesis").split()
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+
+
+def _corpus(n: int = 1200) -> list[str]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        city = rng.choice(["new york", "los angeles"])
+        out.append(rng.choice([f"i live in the city of {city} .", f"we went to the city of {city} .",
+                               f"the city of {city} is big and old .", f"many people live in {city} .",
+                               "plants use photosynthesis to make food from light .",
+                               "photosynthesis needs light and water ."]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cities_run(tmp_path_factory, configs) -> Cities:
+    """A tiny BERT trained (whole-word masks) on sentences where only "new york" and "los angeles" follow "city of",
+    and "photosynthesis" (photo ##syn ##thesis) is what plants use."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    from mlmtune.train import train
+
+    root = tmp_path_factory.mktemp("cities")
+    (root / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    tok = BertTokenizerFast.from_pretrained(root, model_max_length=32)  # reads vocab.txt (v5 ignores vocab_file=)
+    model_dir = root / "start"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=128, max_position_embeddings=32,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()))
+    out = root / "trained"
+    train(configs(out, model=str(model_dir), dataset=str(corpus), text_field="text", block_size=16,
+                  batch_size=16, max_steps=1200, learning_rate=3e-3, warmup_steps=20, masking="whole-word",
+                  mlm_probability=0.25, save_steps=1000, logging_steps=50, test_size=0.1), progress=False)
+    return Cities(out, corpus)

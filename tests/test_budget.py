@@ -180,3 +180,18 @@ def test_report_to_tensorboard_needs_the_package(configs, tmp_path, monkeypatch)
     with pytest.raises(MlmtuneError, match=r"pip install 'mlmtune\[tensorboard\]'"):
         train(configs(tmp_path / "run", report_to="tensorboard"), progress=False)
     assert not (tmp_path / "run" / "runs").exists()
+
+
+def test_frozen_lower_layers_stay_as_loaded_after_the_head_phase(headless_dir, configs, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(configs(out, model=str(headless_dir), max_steps=4, head_warmup_steps=2, freeze_layers=1), progress=False)
+    start, end = load_file(str(headless_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    frozen = [k for k in start if k.startswith(("embeddings.", "encoder.layer.0.")) and "word_embeddings" not in k]
+    upper = [k for k in start if k.startswith("encoder.layer.1.")]
+    assert frozen and upper
+    assert all(torch.equal(start[k], end[f"roberta.{k}"]) for k in frozen)
+    assert sum(not torch.equal(start[k], end[f"roberta.{k}"]) for k in upper) > 0.9 * len(upper)
+    tied = end.get("lm_head.decoder.weight", end.get("roberta.embeddings.word_embeddings.weight"))  # saved once
+    assert not torch.equal(start["embeddings.word_embeddings.weight"], tied)  # the decoder trains, from the head
+    with pytest.raises(MlmtuneError, match="--freeze-layers 2: .* has 2 encoder layers, so at most 1 can be frozen"):
+        train(configs(tmp_path / "too-many", model=str(headless_dir), freeze_layers=2), progress=False)

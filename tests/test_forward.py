@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from mlmtune.forward import has_sparse_head, logits_where, masked_nll_sum
+from mlmtune.forward import freeze_encoder, has_sparse_head, logits_where, masked_nll_sum
 from mlmtune.masking import IGNORE_INDEX, Masker
 
 TINY = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -81,3 +81,42 @@ def test_logits_where_respects_the_attention_mask():
 def test_models_use_sdpa_attention(tiny):
     model, _ = tiny
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_frozen_lower_layers_cost_no_backward_and_leave_the_upper_gradients_unchanged(family):
+    """--freeze-layers 1 on 3 layers: the upper layers' and the head's gradients equal a full backward's, the tied
+    decoder's equals its gradient from the head's side alone (the input embedding fed in detached), and the
+    embeddings and layer 0 get none."""
+    config = dict(TINY, num_hidden_layers=3)
+    model = (transformers.BertForMaskedLM(transformers.BertConfig(**config)) if family == "bert" else
+             transformers.RobertaForMaskedLM(transformers.RobertaConfig(**config, pad_token_id=1)))
+    model.eval()
+    inputs, labels = _batch()
+    tied = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tied
+
+    nll, count = masked_nll_sum(model, inputs, labels)  # the full backward, nothing frozen
+    (nll / count).backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits = model(inputs_embeds=tied.detach()[inputs]).logits  # the tied matrix reached from the head only
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").div(
+        count).backward()
+    head_side = tied.grad.clone()
+    model.zero_grad(set_to_none=True)
+
+    freeze_encoder(model, False, lower_layers=1)
+    nll, count = masked_nll_sum(model, inputs, labels)
+    (nll / count).backward()
+    base = model.base_model_prefix
+    for name, p in model.named_parameters():
+        lower = name.startswith((f"{base}.embeddings.", f"{base}.encoder.layer.0."))
+        if p is tied:
+            torch.testing.assert_close(p.grad, head_side, rtol=1e-4, atol=1e-6)
+        elif lower:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, full[name], rtol=1e-4, atol=1e-6, msg=name)
+    freeze_encoder(model, False)  # unfrozen again: the hook is gone and every parameter trains
+    assert model._mlmtune_detach is None and all(p.requires_grad for p in model.parameters())

@@ -8,6 +8,8 @@ import pytest
 
 from mlmtune import model as model_mod
 from mlmtune.cli import main
+from mlmtune.config import DataConfig
+from mlmtune.data import load_texts
 from mlmtune.errors import MlmtuneError
 
 
@@ -44,7 +46,18 @@ def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["perplexity_after"] < metrics["perplexity_before"] / 10  # a new head learns fast
     assert f"{metrics['perplexity_before']:,.1f} before -> {metrics['perplexity_after']:,.1f} after" in printed
-    assert printed.count("before:") == 3 and printed.count("after:") == 3
+    # the cloze before and after, as metrics.json has it; three held-out cases with their answers
+    assert metrics["cloze"] == "Python keywords and built-ins" and metrics["cloze_cases"] == 256
+    assert (f"({metrics['cloze_cases']} cases): top-3 {metrics['cloze_top3_before']:.0%} before -> "
+            f"{metrics['cloze_top3_after']:.0%} after") in printed
+    shown = [line.strip() for line in printed.splitlines() if "[MASK]" in line and "mlmtune fill" not in line]
+    answers = [line.split("answer: ")[1].split()[0] for line in printed.splitlines() if "answer: " in line]
+    assert len(shown) == 3 and len(answers) == 3
+    split = load_texts(DataConfig(dataset="builtin:python-docs"), 42)
+    held, trained = split["test"]["text"], set(split["train"]["text"])
+    for text, answer in zip(shown, answers):
+        whole = text.replace("[MASK]", answer, 1)
+        assert any(whole in t for t in held) and not any(whole in t for t in trained)
     # general English beside the docs (builtin:wikipedia is installed with the tests), as metrics.json has it
     assert metrics["general_eval"] == "builtin:wikipedia" and metrics["general_blocks"] == 64
     assert (f"Perplexity on general English (builtin:wikipedia): {metrics['general_perplexity_before']:,.1f} before "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -98,48 +97,9 @@ def test_score_cli_prints_words_and_json(tiny_bert_dir, capsys):
 # words in fill, on a model trained in the test
 
 
-def _vocab() -> list[str]:
-    words = ("the city of new york los angeles is big and old i live in we went to plants use make food from light "
-             "need water a an people there many streets . , photo ##syn ##thesis").split()
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-
-
-def _corpus(n: int = 1200) -> list[str]:
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        city = rng.choice(["new york", "los angeles"])
-        out.append(rng.choice([f"i live in the city of {city} .", f"we went to the city of {city} .",
-                               f"the city of {city} is big and old .", f"many people live in {city} .",
-                               "plants use photosynthesis to make food from light .",
-                               "photosynthesis needs light and water ."]))
-    return out
-
-
 @pytest.fixture(scope="module")
-def cities(tmp_path_factory, configs):
-    """A tiny BERT trained (whole-word masks) on sentences where only "new york" and "los angeles" follow "city of",
-    and "photosynthesis" (photo ##syn ##thesis) is what plants use."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-    from mlmtune.train import train
-
-    root = tmp_path_factory.mktemp("cities")
-    (root / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    tok = BertTokenizerFast.from_pretrained(root, model_max_length=32)  # reads vocab.txt (v5 ignores vocab_file=)
-    model_dir = root / "start"
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=128, max_position_embeddings=32,
-                               pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(_corpus()))
-    out = root / "trained"
-    train(configs(out, model=str(model_dir), dataset=str(corpus), text_field="text", block_size=16,
-                  batch_size=16, max_steps=1200, learning_rate=3e-3, warmup_steps=20, masking="whole-word",
-                  mlm_probability=0.25, save_steps=1000, logging_steps=50, test_size=0.1), progress=False)
-    return FillMask.from_pretrained(str(out))
+def cities(cities_run):
+    return FillMask.from_pretrained(str(cities_run.folder))
 
 
 def _hand_word_log_prob(filler, text: str, pieces: list[int]) -> float:

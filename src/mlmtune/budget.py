@@ -45,7 +45,7 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
     """
     device = device or resolve_device(cfg.device)
     probe = copy.deepcopy(model).to(device).train()
-    freeze_encoder(probe, head_only)
+    freeze_encoder(probe, head_only, cfg.freeze_layers)
     dtype = resolve_precision(cfg.precision, device)
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   fused=True)

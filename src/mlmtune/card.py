@@ -76,6 +76,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
         b, a = m["general_perplexity_before"], m["general_perplexity_after"]
         lines.append(f"general perplexity ({m['general_eval']}, what the model forgot): {b:,.2f} before -> "
                      f"{a:,.2f} after ({a / b - 1:+.1%})")
+    if m.get("cloze_top3_before") is not None and m.get("cloze_top3_after") is not None:
+        lines.append(f"cloze ({m['cloze']}, {m['cloze_cases']} held-out cases): top-1 {m['cloze_top1_before']:.1%} -> "
+                     f"{m['cloze_top1_after']:.1%}, top-3 {m['cloze_top3_before']:.1%} -> {m['cloze_top3_after']:.1%}")
     if m.get("added_tokens"):
         tpw = (f"; tokens per word {m['tokens_per_word_before']:.3f} -> {m['tokens_per_word_after']:.3f}"
                if m.get("tokens_per_word_before") is not None else "")
@@ -104,6 +107,26 @@ adaptation cost general knowledge.
 | before | {_fmt(m.get("general_loss_before"))} | {_fmt(m.get("general_perplexity_before"))} |
 | after | {_fmt(m.get("general_loss_after"))} | {_fmt(m.get("general_perplexity_after"))} |
 {licence}"""
+
+
+def _cloze_section(m: dict[str, Any]) -> str:
+    if "cloze" not in m:
+        return ""
+    return f"""
+## What it learned of the domain's words
+
+A cloze on held-out text: {m['cloze_cases']} occurrences of {m['cloze_words']} words ({m['cloze']}) in the
+eval split, each masked whole; a word counts when each of its pieces is among the model's top k.
+
+| | top-1 | top-3 |
+| --- | --- | --- |
+| before | {_pct(m.get("cloze_top1_before"))} | {_pct(m.get("cloze_top3_before"))} |
+| after | {_pct(m.get("cloze_top1_after"))} | {_pct(m.get("cloze_top3_after"))} |
+"""
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def _vocabulary_section(m: dict[str, Any]) -> str:
@@ -174,7 +197,7 @@ from the seed, so both numbers score the same predictions.
 | after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
 {_token_rows(metrics)}
 Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
-{_general_section(metrics)}{_vocabulary_section(metrics)}
+{_cloze_section(metrics)}{_general_section(metrics)}{_vocabulary_section(metrics)}
 ## Training
 
 | setting | value |

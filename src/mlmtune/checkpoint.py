@@ -39,10 +39,11 @@ _NAME = re.compile(r"^step-(\d+)$")
 # how it is split over the processes may change.
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers")
+               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers",
+               "freeze_layers")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
-                   "add_numbers": False}
+                   "add_numbers": False, "freeze_layers": 0}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -83,6 +84,7 @@ class TrainState:
     train_tokens: int = 0
     eval_before: dict[str, Any] | None = None
     general_before: dict[str, Any] | None = None  # the general corpus' sample, before training (--general-eval)
+    cloze_before: dict[str, Any] | None = None  # the domain cloze before training (--cloze-words)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

@@ -199,6 +199,9 @@ def cmd_eval(args) -> int:
         print(f"general perplexity ({result['general_eval']}) {result['general_perplexity']:,.3f} (loss "
               f"{result['general_loss']:.4f} over {result['general_masked_tokens']:,} masked tokens in "
               f"{result['general_blocks']} blocks)")
+    if "cloze_top1" in result:
+        print(f"cloze ({result['cloze']}): top-1 {result['cloze_top1']:.1%}, top-3 {result['cloze_top3']:.1%} of "
+              f"{result['cloze_cases']} held-out cases ({result['cloze_words']} words)")
     return 0
 
 

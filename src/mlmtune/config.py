@@ -109,6 +109,9 @@ def _check_common(cfg: Any) -> None:
     _require(0 < cfg.mlm_probability < 1, f"--mlm-probability must be in (0, 1), got {cfg.mlm_probability}")
     _require(cfg.masking in MASKING, f"--masking must be one of {', '.join(MASKING)}, got {cfg.masking!r}")
     _require(cfg.batch_size >= 1, f"--batch-size must be a positive integer, got {cfg.batch_size}")
+    _require(cfg.cloze_words in ("auto", "python", "none") or Path(cfg.cloze_words).is_file(),
+             f"--cloze-words {cfg.cloze_words}: no such file; give a file of words, one a line, or auto, python "
+             f"or none")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,10 @@ class TrainConfig:
     general_eval: str = "auto"
     """A general corpus scored before and after training (what the run forgot): auto (builtin:wikipedia when
     installed), none, or a --dataset value (its `text` field), on a fixed sample of 64 blocks."""
+    cloze_words: str = "auto"
+    """The domain cloze, top-1 and top-3 before and after training, on held-out occurrences of these words masked
+    whole: auto (python on builtin:python-docs, else the training split's 100 most frequent content words),
+    python (its keywords and built-ins), none, or FILE (one word a line)."""
     epochs: float = 3
     """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
@@ -147,6 +154,9 @@ class TrainConfig:
     comes with its head; with a new head, a share of the run)."""
     head_learning_rate: float | None = None
     """Learning rate of the head warm-up steps, constant (default: 1e-3)."""
+    freeze_layers: int = 0
+    """After any head warm-up, the embeddings and the N lowest encoder layers stay as loaded: each frozen layer
+    saves its backward pass, so more steps fit a time budget (a tied decoder still trains, from the head)."""
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW, reached after --warmup-steps and decayed linearly to 0."""
     weight_decay: float = 0.01
@@ -210,6 +220,11 @@ class TrainConfig:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be a positive integer")
         _require(self.head_warmup_steps is None or self.head_warmup_steps >= 0, "--head-warmup-steps must be >= 0")
+        _require(self.freeze_layers >= 0, f"--freeze-layers must be >= 0, got {self.freeze_layers}")
+        _require(not (self.freeze_layers and self.backend == "keras"),
+                 "--freeze-layers is for --backend torch (the Keras engine trains every layer)")
+        _require(not (self.freeze_layers and self.fsdp), "--freeze-layers is not available with --fsdp yet: "
+                 "use DDP (torchrun without --fsdp) or train every layer")
         _require(self.time_budget is None or parse_duration(self.time_budget) > 0,
                  "--time-budget must be longer than 0s")
         check_add_tokens(self.add_tokens)
@@ -287,6 +302,8 @@ class EvalConfig:
     """Also nats per word and bits per character (whole-word PLL): figures that compare models of any tokenizer."""
     general_eval: str = "none"
     """A general corpus scored too, as `train --general-eval` does (auto: builtin:wikipedia when installed)."""
+    cloze_words: str = "none"
+    """The domain cloze too, as `train --cloze-words` does: auto, python, or FILE (one word a line)."""
 
     def __post_init__(self):
         _check_common(self)

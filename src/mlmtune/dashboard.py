@@ -60,6 +60,14 @@ class Dashboard:
         self.writer.add_scalar("eval_general/perplexity", perplexity, step)
         self.writer.flush()
 
+    def cloze(self, step: int, entry: dict) -> None:
+        """The domain cloze (`--cloze-words`), before and after training."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar("eval_cloze/top1", entry["cloze_top1"], step)
+        self.writer.add_scalar("eval_cloze/top3", entry["cloze_top3"], step)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

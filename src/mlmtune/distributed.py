@@ -35,7 +35,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mlmtune.errors import MlmtuneError, speak_as
-from mlmtune.forward import MaskedLMLoss
+from mlmtune.forward import MaskedLMLoss, encoder_layers
 
 T = TypeVar("T")
 
@@ -245,13 +245,6 @@ def require_ranks(d: Dist, flag: str) -> None:
     if not d.enabled:
         raise MlmtuneError(f"{flag} shards over several processes: launch with torchrun --nproc_per_node N "
                            f"(or accelerate launch), or drop {flag} for one process")
-
-
-def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The encoder's repeated blocks: the longest ModuleList in the model (BERT's and RoBERTa's
-    `encoder.layer`, DistilBERT's `transformer.layer`)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 class FSDP:

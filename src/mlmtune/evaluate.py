@@ -18,6 +18,7 @@ from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
 from mlmtune.blocks import Blocks, TooFewTokens, build_blocks
+from mlmtune.cloze import cloze_accuracy, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
 from mlmtune.device import resolve_device
@@ -257,6 +258,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         out.update(nll_per_word=free["nll_per_word"], bits_per_char=free["bits_per_char"],
                    tokenizer_free_texts=free["texts"], tokenizer_free_words=free["words"],
                    tokenizer_free_left_out=free["left_out"])
+    if cfg.cloze_words != "none":
+        if prepared:
+            raise MlmtuneError("--cloze-words needs the texts, not prepared blocks: pass the original --dataset")
+        held = held_out_cases(cfg.cloze_words, data, seed, tokenizer, max_positions(model, tokenizer))
+        if held is None:
+            raise MlmtuneError(f"--cloze-words {cfg.cloze_words}: no case to score in the eval split")
+        out.update(cloze=held[0], **cloze_accuracy(model, tokenizer, held[1], model.device, cfg.batch_size))
     source = general_source(cfg.general_eval)
     if source:
         blocks = general_blocks(source, model, tokenizer)

@@ -102,17 +102,57 @@ def logits_where(model, input_ids: torch.Tensor, where: torch.Tensor,
     return logits_at_positions(model, input_ids, positions.to(input_ids.device, non_blocking=True), attention_mask)
 
 
-def freeze_encoder(model, frozen: bool) -> None:
-    """Freeze (or unfreeze) everything but the masked-LM head, for head-only steps.
+def encoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The encoder's repeated blocks: the longest ModuleList in the model (BERT's and RoBERTa's
+    `encoder.layer`, DistilBERT's `transformer.layer`)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def freeze_encoder(model, frozen: bool, lower_layers: int = 0) -> None:
+    """Freeze (or unfreeze) everything but the masked-LM head, for head-only steps; or, with `lower_layers` N,
+    the embeddings and the N lowest encoder layers only (`--freeze-layers`).
 
     With a sparse head the encoder runs without autograd, so a decoder tied to the input embedding
     stays trainable as part of the head; on the dense path it is frozen with the encoder (training it
-    there would run the backward pass through the whole encoder to reach the input embedding).
+    there would run the backward pass through the whole encoder to reach the input embedding). With lower
+    layers frozen, the backward pass stops below layer N (its input is detached), so each frozen layer saves
+    its backward; a tied decoder still trains, from the head's side.
     """
     for p in model.base_model.parameters():
         p.requires_grad_(not frozen)
-    if frozen and has_sparse_head(model):
+    layers = encoder_layers(model)
+    lower = lower_layers if not frozen else 0
+    _detach_below(model, layers[lower] if lower else None)
+    if lower:
+        for p in _below(model, layers[:lower]):
+            p.requires_grad_(False)
+    if (frozen and has_sparse_head(model)) or lower:
         model.get_output_embeddings().weight.requires_grad_(True)
+
+
+def _below(model, layers: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The embeddings' parameters (word, position, type, norm) and those of `layers`."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    params = list(embeddings.parameters()) if embeddings is not None else []
+    return params + [p for layer in layers for p in layer.parameters()]
+
+
+def _detach_below(model, layer: torch.nn.Module | None) -> None:
+    """Detach the input of `layer` (None: remove the hook), so that the backward pass stops there."""
+    handle = getattr(model, "_mlmtune_detach", None)
+    if handle is not None:
+        handle.remove()
+        model._mlmtune_detach = None
+    if layer is None:
+        return
+
+    def detach(module, args, kwargs):
+        if args:
+            return (args[0].detach(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    model._mlmtune_detach = layer.register_forward_pre_hook(detach, with_kwargs=True)
 
 
 COMPILE_BACKEND = "inductor"
@@ -139,9 +179,12 @@ class MaskedLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                head_only: bool = False) -> torch.Tensor:
-        logits = logits_at_positions(self.model, input_ids, positions, encoder_grad=not head_only)  # (P, V)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor | None,
+                head_only: bool = False, attention_mask: torch.Tensor | None = None, top_k: int = 0) -> torch.Tensor:
+        logits = logits_at_positions(self.model, input_ids, positions, attention_mask,
+                                     encoder_grad=not head_only)  # (P, V)
+        if top_k:  # the cloze's ranks (`cloze.py`): through the same root, so a sharded model gathers its weights
+            return logits.float().topk(top_k, dim=-1).indices  # (P, k)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 

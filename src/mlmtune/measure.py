@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlmtune import distributed
+from mlmtune.cloze import cloze_accuracy
 from mlmtune.config import TrainConfig
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.general import GENERAL_SEED, general_entry, general_masker, tokenizer_free
@@ -96,3 +97,26 @@ def vocabulary_metrics(run: Run, model, device) -> dict[str, Any]:
                    nll_per_word_before=grown.free_before["nll_per_word"], nll_per_word_after=after["nll_per_word"],
                    bits_per_char_before=grown.free_before["bits_per_char"], bits_per_char_after=after["bits_per_char"])
     return out
+
+
+def cloze_check(run: Run, engine: Engine) -> Callable[[str], dict | None]:
+    """The domain cloze (`cloze.py`) with the engine's current weights; every rank scores every case (a few
+    hundred short texts), so that sharded weights see the same forward passes on each. None when off."""
+    if run.cloze is None:
+        return lambda desc: None
+    name, cases = run.cloze
+
+    def check(desc: str) -> dict:
+        return {"cloze": name, **cloze_accuracy(engine.eval_model(), run.tokenizer, cases, engine.device)}
+
+    return check
+
+
+def cloze_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
+    """The cloze before and after training, and what it scored."""
+    some = after or before
+    if some is None:
+        return {}
+    return {"cloze": some["cloze"], "cloze_cases": some["cloze_cases"], "cloze_words": some["cloze_words"],
+            **{f"cloze_top{k}_{when}": e[f"cloze_top{k}"] if e else None
+               for k in (1, 3) for when, e in (("before", before), ("after", after))}}

@@ -22,15 +22,17 @@ from mlmtune import distributed
 from mlmtune.blocks import Blocks, BlockStats, build_blocks
 from mlmtune.budget import Probe
 from mlmtune.card import plot_curves, write_metrics, write_model_card
+from mlmtune.cloze import ClozeCase, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, TrainConfig
 from mlmtune.data import load_texts
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.findings import Findings, check_data, check_tokenizer
+from mlmtune.forward import encoder_layers
 from mlmtune.general import free_sample, general_blocks, general_source, tokenizer_free
 from mlmtune.hub import push_folder
 from mlmtune.lock import LOCK_NAME, FolderLock
 from mlmtune.masking import Masker
-from mlmtune.model import check_block_size, load_model
+from mlmtune.model import check_block_size, load_model, max_positions
 from mlmtune.options import save_config
 from mlmtune.prepare import cache_root, is_prepared, prepare_blocks, prepared_words
 from mlmtune.stream import held_out_texts
@@ -160,17 +162,17 @@ class Run:
     masker: Masker
     general: tuple[str, Blocks] | None = None  # --general-eval: the corpus and its fixed sample
     vocabulary: Grown | None = None  # what --add-tokens added
+    cloze: tuple[str, list[ClozeCase]] | None = None  # --cloze-words: which words, and the held-out cases
 
     @property
     def n_train(self) -> int | None:
         return None if self.train_blocks is None else len(self.train_blocks)
 
 
-def _held_out_blocks(cfg: TrainConfig, tokenizer):
-    """With --streaming: blocks of the first --eval-records records, the eval split."""
+def _held_out_blocks(cfg: TrainConfig, tokenizer, texts: list[str]):
+    """With --streaming: blocks of the first --eval-records records (`texts`), the eval split."""
     if not cfg.data.eval_records:
         return DatasetDict(), BlockStats({}, {}, {})
-    texts = held_out_texts(cfg.data)
     return build_blocks(DatasetDict(test=Dataset.from_dict({"text": texts})), tokenizer, cfg.data.block_size)
 
 
@@ -200,6 +202,10 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
+    layers = len(encoder_layers(model))
+    if cfg.freeze_layers >= max(layers, 1):
+        raise MlmtuneError(f"--freeze-layers {cfg.freeze_layers}: {cfg.model} has {layers} encoder layers, so at "
+                           f"most {layers - 1} can be frozen (--head-warmup-steps trains the head alone)")
     grown = (distributed.main_first(d, lambda: grow_vocabulary(cfg, model, tokenizer, device, d.main))
              if cfg.add_tokens else None)
     source = general_source(cfg.general_eval, quiet=not d.main)
@@ -207,8 +213,9 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
 
     # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
     # is tokenized as it is read; only its held-out eval records are prepared up front.
+    held = held_out_texts(cfg.data) if cfg.data.streaming and cfg.data.eval_records else None  # read once
     if cfg.data.streaming:
-        blocks, stats = _held_out_blocks(cfg, tokenizer)
+        blocks, stats = _held_out_blocks(cfg, tokenizer, held)
     else:
         blocks, stats = _cached_first(d, cfg.data)(d, lambda: prepare_blocks(cfg.data, tokenizer, cfg.seed))
     preflight = Findings()  # the cheap checks of `mlmtune check`; the errors among them have raised already
@@ -226,7 +233,12 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if general is not None:
         say(f"General check: {len(general[1])} blocks of {source} ({general[1].block_size} tokens each, fixed "
             f"token masks at 15%), scored before and after training")
-    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown)
+    cloze = held_out_cases(cfg.cloze_words, cfg.data, cfg.seed, tokenizer, max_positions(model, tokenizer),
+                           quiet=not d.main, held=held)
+    if cloze is not None:
+        say(f"Cloze: {len(cloze[1])} held-out occurrences of {len({c.word for c in cloze[1]})} words "
+            f"({cloze[0]}), each masked whole, scored top-1 and top-3 before and after training")
+    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown, cloze)
 
 
 def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:

@@ -164,7 +164,7 @@ class TorchEngine:
         self.precision_.resume(state)
 
     def set_phase(self, head_only: bool) -> None:
-        freeze_encoder(self.model, head_only)
+        freeze_encoder(self.model, head_only, self.cfg.freeze_layers)
         # the training forward, under DDP on several ranks; DDP registers its hooks on the parameters that
         # train, so it is built again when the encoder joins. Under FSDP the sharded root is the forward.
         self.step_loss = self.root if self.fsdp else distributed.wrap(self.dist, MaskedLMLoss(self.model))

@@ -31,7 +31,15 @@ from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.lock import FolderLock
-from mlmtune.measure import eval_entry, evaluator, general_check, general_metrics, vocabulary_metrics
+from mlmtune.measure import (
+    cloze_check,
+    cloze_metrics,
+    eval_entry,
+    evaluator,
+    general_check,
+    general_metrics,
+    vocabulary_metrics,
+)
 from mlmtune.options import to_dict
 from mlmtune.run import (
     Engine,
@@ -92,25 +100,34 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
     evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
-    state, resumed = start_or_resume(cfg, out, engine, evaluate, general)
+    cloze = cloze_check(run, engine)
+    state, resumed = start_or_resume(cfg, out, engine, evaluate, general, cloze)
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
     if not resumed and state.general_before:
         dash.general(0, state.general_before["general_loss"], state.general_before["general_perplexity"])
+    if not resumed and state.cloze_before:
+        dash.cloze(0, state.cloze_before)
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
         general_after = general("General check (after)")
         if general_after:
             dash.general(state.step, general_after["general_loss"], general_after["general_perplexity"])
+        cloze_after = cloze("Cloze (after)")
+        if cloze_after:
+            dash.cloze(state.step, cloze_after)
+            say(_cloze_line("After training", cloze_after))
     finally:
         dash.close()
-    return finish(cfg, run, engine, state, evaluate, loop.my_tokens, general_after)
+    checks = {**general_metrics(state.general_before, general_after), **cloze_metrics(state.cloze_before, cloze_after)}
+    return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks)
 
 
 def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Callable[[str], EvalResult | None],
-                    general: Callable[[str], dict | None]) -> tuple[ckpt.TrainState, bool]:
+                    general: Callable[[str], dict | None],
+                    cloze: Callable[[str], dict | None]) -> tuple[ckpt.TrainState, bool]:
     """The run's state and whether it was resumed: with --resume the newest checkpoint's (restored into the
     engine), else a new state holding the evaluations before training (the eval split's, the general check's)."""
     config = to_dict(cfg)
@@ -129,7 +146,15 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Calla
         g = state.general_before
         say(f"Before training, {g['general_eval']}: loss {g['general_loss']:.4f}, perplexity "
             f"{g['general_perplexity']:,.2f} ({g['general_masked_tokens']:,} masked tokens)")
+    state.cloze_before = cloze("Cloze (before)")
+    if state.cloze_before:
+        say(_cloze_line("Before training", state.cloze_before))
     return state, False
+
+
+def _cloze_line(when: str, c: dict) -> str:
+    return (f"{when}, cloze ({c['cloze']}): top-1 {c['cloze_top1']:.1%}, top-3 {c['cloze_top3']:.1%} of "
+            f"{c['cloze_cases']} cases")
 
 
 def _token(result: EvalResult) -> str:
@@ -296,7 +321,7 @@ class Loop:
 
 
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
-           evaluate: Callable[[str], EvalResult | None], my_tokens: int, general_after: dict | None) -> TrainResult:
+           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: dict) -> TrainResult:
     """Metrics (with each rank's tokens and weight digest); rank 0 writes the output folder; all leave together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
@@ -305,7 +330,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     full_model = engine.output_model()  # under FSDP every rank takes part in gathering it
     metrics = {
         **run_metrics(cfg, run, state, after),
-        **general_metrics(state.general_before, general_after),
+        **checks,  # the general check's and the cloze's metrics
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
