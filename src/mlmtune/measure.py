@@ -1,7 +1,7 @@
 """What a training run measures with the engine's current weights, the same for every engine and every
 number of ranks: the eval split's perplexity on fixed masks (in the run's masking scheme, and on token masks
-too when that is another), the general corpus' perplexity (`general.py`), and the tokenizer-free figures
-of a run whose vocabulary grew; and the metrics that report them.
+too when that is another), the general corpus' perplexity (`general.py`), the domain cloze (`cloze.py`), and
+the tokenizer-free figures of a run whose vocabulary grew; and the metrics that report them.
 """
 
 from __future__ import annotations
