@@ -30,7 +30,7 @@ import torch
 from mlmtune.config import DataConfig
 from mlmtune.data import load_texts
 from mlmtune.errors import MlmtuneError, say
-from mlmtune.forward import MaskedLMLoss
+from mlmtune.forward import MaskedLMLoss, pad_rows
 from mlmtune.prepare import is_prepared
 from mlmtune.stream import held_out_texts
 
@@ -229,13 +229,9 @@ def cloze_ranks(model, tokenizer, cases: list[ClozeCase], device=None, k: int = 
     out = []
     for lo in range(0, len(cases), batch_size):
         batch = cases[lo : lo + batch_size]
-        width = max(len(c.input_ids) for c in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        flat = []
+        ids, attention = pad_rows([c.input_ids for c in batch], pad)
+        width, flat = ids.shape[1], []
         for i, c in enumerate(batch):
-            ids[i, : len(c.input_ids)] = torch.tensor(c.input_ids)
-            attention[i, : len(c.input_ids)] = 1
             ids[i, c.positions] = tokenizer.mask_token_id
             flat += [i * width + p for p in c.positions]
         top = step(ids.to(device), torch.tensor(flat, device=device), None, attention_mask=attention.to(device),

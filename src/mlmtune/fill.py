@@ -17,7 +17,7 @@ import torch
 from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
-from mlmtune.forward import logits_where
+from mlmtune.forward import logits_where, pad_rows
 from mlmtune.model import load_model, max_positions
 
 MASK_SPELLINGS = ("<mask>", "[MASK]", "<|mask|>")  # RoBERTa and mmBERT; BERT and ModernBERT; EuroBERT
@@ -134,12 +134,7 @@ class FillMask:
         out: list[torch.Tensor] = [None] * len(encoded)  # type: ignore[list-item]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad if pad is not None else 0, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(encoded[i])] = encoded[i]
-                attention[row, : len(encoded[i])] = 1
+            ids, attention = pad_rows([encoded[i] for i in idx], pad if pad is not None else 0)
             where = (ids == self.tokenizer.mask_token_id) & attention.bool()
             # (masks in batch, V), left on the device: softmax and top-k run there too
             logits = logits_where(self.model, ids.to(self.device, non_blocking=True), where,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mlmtune.errors import MlmtuneError
-from mlmtune.forward import logits_at_positions
+from mlmtune.forward import logits_at_positions, pad_rows
 from mlmtune.scoring import copy_log_probs
 
 JOINT_MAX_MASKS = 8  # a joint fill runs masks x beam forward passes: more masks is another task
@@ -36,12 +36,8 @@ def _pad_id(tokenizer) -> int:
 @torch.inference_mode()
 def position_log_probs(filler, rows: list[list[int]], positions: list[int]) -> torch.Tensor:
     """(R, V) log-probabilities at one position of each row (rows padded into one forward pass), on the CPU."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), _pad_id(filler.tokenizer), dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        attention[i, : len(r)] = 1
+    ids, attention = pad_rows(rows, _pad_id(filler.tokenizer))
+    width = ids.shape[1]
     flat = torch.tensor([i * width + p for i, p in enumerate(positions)])
     logits = logits_at_positions(filler.model, ids.to(filler.device), flat.to(filler.device),
                                  attention.to(filler.device))

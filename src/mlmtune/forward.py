@@ -66,6 +66,17 @@ def describe_head(model) -> str:
             f"head layout is not one mlmtune knows; correct, but slower and heavier)")
 
 
+def pad_rows(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of different lengths as one right-padded batch: ids and attention mask, both (B, T)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        attention[i, : len(r)] = 1
+    return ids, attention
+
+
 def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, encoder_grad: bool = True) -> torch.Tensor:
     """Vocabulary logits at flat positions (row-major indices into the (B, T) batch).

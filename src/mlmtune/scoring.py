@@ -18,7 +18,7 @@ import torch
 
 from mlmtune.device import resolve_device
 from mlmtune.errors import MlmtuneError
-from mlmtune.forward import logits_at_positions
+from mlmtune.forward import logits_at_positions, pad_rows
 from mlmtune.model import load_model, max_positions
 
 METRICS = ("within-word-l2r", "original")  # config_use.SCORE_METRICS
@@ -68,12 +68,8 @@ def copy_log_probs(model, copies: list[tuple[list[int], int]], targets: list[int
     out = [0.0] * len(copies)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(copies[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(copies[i][0])] = torch.tensor(copies[i][0])
-            attention[row, : len(copies[i][0])] = 1
+        ids, attention = pad_rows([copies[i][0] for i in idx], pad_id)
+        width = ids.shape[1]
         positions = torch.tensor([row * width + copies[i][1] for row, i in enumerate(idx)])
         logits = logits_at_positions(model, ids.to(device), positions.to(device), attention.to(device))  # (P, V)
         logits = logits if vocab is None else logits[:, :vocab]
