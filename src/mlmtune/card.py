@@ -11,6 +11,8 @@ from matplotlib.figure import Figure  # the object API: no pyplot, so a notebook
 
 from mlmtune.config import TrainConfig
 from mlmtune.corpora import WIKIPEDIA, WIKIPEDIA_LICENCE
+from mlmtune.downstream import METHOD_NAMES
+from mlmtune.downstream import summary_line as downstream_summary
 
 
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
@@ -79,6 +81,8 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     if m.get("cloze_top3_before") is not None and m.get("cloze_top3_after") is not None:
         lines.append(f"cloze ({m['cloze']}, {m['cloze_cases']} held-out cases): top-1 {m['cloze_top1_before']:.1%} -> "
                      f"{m['cloze_top1_after']:.1%}, top-3 {m['cloze_top3_before']:.1%} -> {m['cloze_top3_after']:.1%}")
+    if (line := downstream_summary(m)) is not None:
+        lines.append(line)
     if m.get("added_tokens"):
         tpw = (f"; tokens per word {m['tokens_per_word_before']:.3f} -> {m['tokens_per_word_after']:.3f}"
                if m.get("tokens_per_word_before") is not None else "")
@@ -122,6 +126,31 @@ eval split, each masked whole; a word counts when each of its pieces is among th
 | --- | --- | --- |
 | before | {_pct(m.get("cloze_top1_before"))} | {_pct(m.get("cloze_top3_before"))} |
 | after | {_pct(m.get("cloze_top1_after"))} | {_pct(m.get("cloze_top3_after"))} |
+"""
+
+
+def _downstream_section(m: dict[str, Any]) -> str:
+    if "downstream" not in m:
+        return ""
+    runs = len(m["downstream_seeds"])
+
+    def cell(key: str, when: str) -> str:
+        mean, std = m.get(f"downstream_{key}_{when}"), m.get(f"downstream_{key}_std_{when}")
+        return "n/a" if mean is None else f"{mean:.1%}" + (f" ± {std:.1%}" if runs > 1 else "")
+
+    spread = (f"the mean ± standard deviation of {runs} runs (seeds {', '.join(map(str, m['downstream_seeds']))})"
+              if runs > 1 else "one run (deterministic)")
+    return f"""
+## Does it help the task
+
+A {METHOD_NAMES[m['downstream_method']]} on `{m['downstream']}` ({m['downstream_classes']} classes,
+{m['downstream_train_examples']:,} train and {m['downstream_test_examples']:,} test texts), from the encoder
+before and after this training; {spread}.
+
+| | accuracy | macro-F1 |
+| --- | --- | --- |
+| before | {cell("accuracy", "before")} | {cell("f1", "before")} |
+| after | {cell("accuracy", "after")} | {cell("f1", "after")} |
 """
 
 
@@ -197,7 +226,7 @@ from the seed, so both numbers score the same predictions.
 | after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
 {_token_rows(metrics)}
 Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
-{_cloze_section(metrics)}{_general_section(metrics)}{_vocabulary_section(metrics)}
+{_cloze_section(metrics)}{_downstream_section(metrics)}{_general_section(metrics)}{_vocabulary_section(metrics)}
 ## Training
 
 | setting | value |

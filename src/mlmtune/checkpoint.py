@@ -18,7 +18,7 @@ import resource
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from mlmtune import distributed
-from mlmtune.config import CONFIG_FILENAME
+from mlmtune.config import CONFIG_FILENAME, DownstreamConfig
 from mlmtune.distributed import Dist
 from mlmtune.errors import MlmtuneError, say, warn
 
@@ -40,10 +40,10 @@ _NAME = re.compile(r"^step-(\d+)$")
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "warmup_steps", "max_grad_norm", "seed",
                "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers",
-               "freeze_layers")
+               "freeze_layers", "downstream")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
-                   "add_numbers": False, "freeze_layers": 0}
+                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig())}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -85,6 +85,7 @@ class TrainState:
     eval_before: dict[str, Any] | None = None
     general_before: dict[str, Any] | None = None  # the general corpus' sample, before training (--general-eval)
     cloze_before: dict[str, Any] | None = None  # the domain cloze before training (--cloze-words)
+    downstream_before: dict[str, Any] | None = None  # the downstream probe before training (--downstream)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, TrainConfig
+from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, ProbeConfig, TrainConfig
 from mlmtune.config_use import FillConfig, ScoreConfig, ServeConfig
 from mlmtune.errors import MlmtuneError, warn
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
@@ -34,6 +34,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict
         doc = field_doc(cls, name).replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=doc)
+        elif "list[" in str(tp):  # repeatable: --model A --model B (or --model A,B)
+            shown = "" if default is None else f" (default: {','.join(default)})"
+            parser.add_argument(flag, metavar=name.upper(), action="append", default=argparse.SUPPRESS,
+                                help=f"{doc}{shown}".strip())
         else:
             shown = "" if default is None else f" (default: {default})".replace("%", "%%")
             parser.add_argument(flag, metavar=name.upper(), default=argparse.SUPPRESS, help=f"{doc}{shown}".strip())
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, PrepareConfig)
     p = sub.add_parser("eval", help="perplexity on fixed masks (and pseudo-perplexity)")
     _add_config_flags(p, EvalConfig)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("probe", help="does a model help a downstream task? a classifier on its encoder, scored "
+                                     "before and after (several models side by side)")
+    _add_config_flags(p, ProbeConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("fill", help="fill <mask> / [MASK] in texts (arguments, or one per line on stdin)")
     _add_config_flags(p, FillConfig)
@@ -91,7 +99,7 @@ def reference_markdown() -> str:
 
 
 def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None):
-    given = {k: v for k, v in vars(args).items() if k in flat_fields(cls)}
+    given = {k: ",".join(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in flat_fields(cls)}
     file_values = dict(base or {})
     if getattr(args, "config", None):
         file_values.update(load_config_file(args.config))
@@ -202,6 +210,22 @@ def cmd_eval(args) -> int:
     if "cloze_top1" in result:
         print(f"cloze ({result['cloze']}): top-1 {result['cloze_top1']:.1%}, top-3 {result['cloze_top3']:.1%} of "
               f"{result['cloze_cases']} held-out cases ({result['cloze_words']} words)")
+    if "downstream_accuracy" in result:
+        from mlmtune.downstream import METHOD_NAMES
+
+        runs = len(result["downstream_seeds"])
+        spread = lambda k: f" ± {result[f'downstream_{k}_std']:.1%}" if runs > 1 else ""  # noqa: E731
+        print(f"downstream ({result['downstream']}, {METHOD_NAMES[result['downstream_method']]}, {runs} run"
+              f"{'s' if runs > 1 else ''}): accuracy {result['downstream_accuracy']:.1%}{spread('accuracy')}, "
+              f"macro-F1 {result['downstream_f1']:.1%}{spread('f1')}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from mlmtune.downstream import format_table, run_probe  # heavy: imported when the command runs
+
+    result = run_probe(_config(ProbeConfig, args))
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
@@ -301,7 +325,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
-            "score": cmd_score, "quickstart": cmd_quickstart, "serve": cmd_serve}
+            "score": cmd_score, "probe": cmd_probe, "quickstart": cmd_quickstart, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

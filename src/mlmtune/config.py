@@ -24,6 +24,8 @@ REPORT_TO = ("none", "tensorboard")
 BACKENDS = ("torch", "keras")
 MASKING = ("token", "whole-word", "span")  # the schemes of masking.py
 DEFAULT_TEST_SIZE = 0.2
+PROBE_METHODS = ("linear", "finetune")
+QUICKSTART_TASK = "builtin:python-docs-chapters"
 
 # `mlmtune quickstart`: applied over TrainConfig's defaults, under any --config file and flags. The head is
 # new: the first 15% of the budget trains it alone (budget.HEAD_SHARE), at 3e-3; then the whole model trains
@@ -38,6 +40,8 @@ QUICKSTART_DEFAULTS: dict[str, Any] = {
     "time_budget": "3m",
     "warmup_steps": 10,
     "output_dir": "mlmtune-quickstart",
+    "downstream": QUICKSTART_TASK,
+    "downstream_max_examples": 600,
 }
 
 
@@ -83,6 +87,101 @@ class DataConfig:
     def held_out(self) -> float:
         """The fraction of records held out when training or preparing (`test_size`, default 0.2)."""
         return DEFAULT_TEST_SIZE if self.test_size is None else self.test_size
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A downstream task and how the probe learns it (`mlmtune probe`; `train --downstream` makes one from
+    `DownstreamConfig`)."""
+
+    task: str | None = None
+    """Labelled texts: a .jsonl/.json/.csv/.parquet file, a folder holding train.* and test.* files, a Hub
+    dataset id (its train and test or validation splits), or builtin:python-docs-chapters."""
+    text_field: str = "text"
+    """Column holding the text; a dotted path reaches into nested records."""
+    label_field: str = "label"
+    """Column holding the label (any type: each distinct value is a class)."""
+    test_size: float = 0.2
+    """When the task has no test split: the share of each class held out, drawn by the seed."""
+    max_examples: int | None = None
+    """Use at most this many texts of the task (and as many of its own test split): one stratified sample drawn
+    by the first seed, which every run and every model shares."""
+    method: str = "linear"
+    """linear: the encoder frozen, logistic regression on its features (mean of the last layer over the real
+    tokens, and the first token); finetune: AutoModelForSequenceClassification trained whole, a short fixed recipe."""
+    seeds: int = 3
+    """Runs per model, seeds seed, seed+1, ...: each draws its own split (when the task has none) and, with
+    finetune, its own classifier, order and dropout. Scores are their mean and standard deviation."""
+    epochs: float = 3
+    """finetune: passes over the task's training split."""
+    learning_rate: float = 5e-5
+    """finetune: AdamW's peak learning rate, decayed linearly to 0 after 10% warm-up."""
+    batch_size: int = 16
+    """Texts per forward pass (finetune: per optimizer step)."""
+    max_length: int = 128
+    """Tokens per text (longer texts are cut; at most the model's positions)."""
+
+    def __post_init__(self):
+        _require(self.method in PROBE_METHODS, f"--method must be one of {', '.join(PROBE_METHODS)}, "
+                 f"got {self.method!r}")
+        _require(self.seeds >= 1, f"--seeds must be a positive integer, got {self.seeds}")
+        _require(0 < self.test_size < 1, f"--test-size must be in (0, 1), got {self.test_size}")
+        _require(self.max_examples is None or self.max_examples >= 2, "--max-examples must be at least 2")
+        _require(math.isfinite(self.epochs) and self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                 f"--learning-rate must be positive, got {self.learning_rate}")
+        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _require(self.max_length >= 4, f"--max-length must be at least 4, got {self.max_length}")
+        _require(bool(self.text_field) and bool(self.label_field), "--text-field and --label-field must not be empty")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """`mlmtune probe`: does a model help a downstream task? Several models score side by side."""
+
+    model: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    """The models to compare: Hub ids, model folders or builtin:all-minilm-l6-v2 (repeat the flag, or separate
+    them with commas)."""
+    probe: TaskConfig = field(default_factory=TaskConfig)
+    seed: int = 42
+    """The first seed (see --seeds)."""
+    device: str | None = None
+    """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+
+    def __post_init__(self):
+        _require(bool(self.probe.task), "--task is required (a file or folder of labelled texts, a Hub dataset id, "
+                 f"or {QUICKSTART_TASK})")
+        _require(len(self.model) >= 1, "--model must name at least one model")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """`train --downstream` and `eval --downstream`: the probe of `mlmtune probe` before and after training."""
+
+    downstream: str | None = None
+    """A downstream task scored before and after training (as `mlmtune probe --task`): labelled texts in a file, a
+    folder with train.* and test.* files, a Hub dataset, or builtin:python-docs-chapters; none to turn it off."""
+    downstream_text_field: str = "text"
+    """The task's text column."""
+    downstream_label_field: str = "label"
+    """The task's label column."""
+    downstream_method: str = "linear"
+    """linear (logistic regression on the frozen encoder's features) or finetune (a short fine-tune)."""
+    downstream_seeds: int = 3
+    """Runs of the probe, each with its own seed (and split, when the task has none)."""
+    downstream_max_examples: int | None = None
+    """Use at most this many texts of the task (and as many of its own test split): a stratified sample."""
+
+    def task(self) -> TaskConfig | None:
+        """The probe's settings (the finetune recipe at `mlmtune probe`'s defaults), or None when off."""
+        if self.downstream is None or self.downstream.strip().lower() == "none":
+            return None
+        return TaskConfig(task=self.downstream, text_field=self.downstream_text_field,
+                          label_field=self.downstream_label_field, method=self.downstream_method,
+                          seeds=self.downstream_seeds, max_examples=self.downstream_max_examples)
+
+    def __post_init__(self):
+        self.task()  # validates the method, seeds and fields
 
 
 def parse_duration(text: str) -> float:
@@ -142,6 +241,7 @@ class TrainConfig:
     """The domain cloze, top-1 and top-3 before and after training, on held-out occurrences of these words masked
     whole: auto (python on builtin:python-docs, else the training split's 100 most frequent content words),
     python (its keywords and built-ins), none, or FILE (one word a line)."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     epochs: float = 3
     """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
@@ -304,6 +404,7 @@ class EvalConfig:
     """A general corpus scored too, as `train --general-eval` does (auto: builtin:wikipedia when installed)."""
     cloze_words: str = "none"
     """The domain cloze too, as `train --cloze-words` does: auto, python, or FILE (one word a line)."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def __post_init__(self):
         _check_common(self)

@@ -68,6 +68,14 @@ class Dashboard:
         self.writer.add_scalar("eval_cloze/top3", entry["cloze_top3"], step)
         self.writer.flush()
 
+    def downstream(self, step: int, entry: dict) -> None:
+        """The downstream probe (`--downstream`), before and after training: the mean over its runs."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar("eval_downstream/accuracy", entry["accuracy"], step)
+        self.writer.add_scalar("eval_downstream/f1", entry["f1"], step)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

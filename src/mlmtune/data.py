@@ -81,6 +81,15 @@ def _read_txt(files: list[Path]) -> Dataset:
     return ds.remove_columns([INVALID_UTF8])
 
 
+def _blank(path: Path) -> bool:
+    """Whether a text file holds nothing but white space (read until its first other byte)."""
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         files = [path]
@@ -115,6 +124,8 @@ def load_records(data: DataConfig) -> Dataset:
     path = Path(name).expanduser()
     if path.exists():
         files, builder = local_source(path)
+        if builder in ("json", "csv") and all(_blank(f) for f in files):  # datasets fails on these with a traceback
+            raise MlmtuneError(f"{path} holds no records: {'it is' if len(files) == 1 else 'its files are'} empty")
         if builder == "text":
             return _slice(_read_txt(files), data.split)
         try:
@@ -219,6 +230,12 @@ def _as_binary(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type):
         return column.cast(pa.list_(pa.binary()))
     return column
+
+
+def text_values(column: pa.ChunkedArray, text_field: str) -> list[str]:
+    """A column's values as text, one per record (lists joined, bad UTF-8 replaced, None as ""), none dropped."""
+    values, _ = _decoded(_as_binary(column).to_pylist())
+    return [_as_text(v, text_field) for v in values]
 
 
 def select_text(records: Dataset, text_field: str) -> Dataset:

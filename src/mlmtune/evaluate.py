@@ -22,6 +22,7 @@ from mlmtune.cloze import cloze_accuracy, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
 from mlmtune.device import resolve_device
+from mlmtune.downstream import RunProbe, eval_entry
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_where, masked_nll_sum
 from mlmtune.general import (
@@ -206,7 +207,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         A dict with scored (which records), eval_texts, eval_loss, perplexity, eval_masked_tokens,
         eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts; with
         `cfg.general_eval`, general_loss, general_perplexity, general_masked_tokens, general_blocks; with
-        `cfg.tokenizer_free`, nll_per_word, bits_per_char, tokenizer_free_texts and tokenizer_free_words.
+        `cfg.tokenizer_free`, nll_per_word, bits_per_char, tokenizer_free_texts and tokenizer_free_words; with
+        `cfg.downstream`, the probe's downstream_accuracy, downstream_f1 (and their _std) and downstream_runs.
     """
     model, tokenizer = load_model(cfg.model)
     plan = eval_plan(cfg)
@@ -265,6 +267,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         if held is None:
             raise MlmtuneError(f"--cloze-words {cfg.cloze_words}: no case to score in the eval split")
         out.update(cloze=held[0], **cloze_accuracy(model, tokenizer, held[1], model.device, cfg.batch_size))
+    task = cfg.downstream.task()
+    if task is not None:  # the seed of the run that made the model, when scoring its data: its figure, reproduced
+        out.update(eval_entry(RunProbe(task, seed, model.device)(model, tokenizer)))
     source = general_source(cfg.general_eval)
     if source:
         blocks = general_blocks(source, model, tokenizer)

@@ -13,6 +13,7 @@ import torch
 from mlmtune.card import summary_lines
 from mlmtune.cloze import ClozeCase, examples, held_out_cases
 from mlmtune.config import TrainConfig
+from mlmtune.downstream import summary_line as downstream_summary
 from mlmtune.fill import FillMask
 from mlmtune.model import max_positions
 from mlmtune.train import TrainResult, train
@@ -35,6 +36,8 @@ def _checks(m: dict) -> list[str]:
         b, a = m["general_perplexity_before"], m["general_perplexity_after"]
         lines.append(f"Perplexity on general English ({m['general_eval']}): {b:,.1f} before -> {a:,.1f} after "
                      f"({a / b - 1:+.1%})")
+    if (line := downstream_summary(m)) is not None:
+        lines.append(line[0].upper() + line[1:])
     return lines + [line for line in summary_lines(m) if line.startswith(("added ", "tokenizer-free"))]
 
 

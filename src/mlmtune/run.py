@@ -25,6 +25,7 @@ from mlmtune.card import plot_curves, write_metrics, write_model_card
 from mlmtune.cloze import ClozeCase, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, TrainConfig
 from mlmtune.data import load_texts
+from mlmtune.downstream import RunProbe, downstream_line
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.findings import Findings, check_data, check_tokenizer
 from mlmtune.forward import encoder_layers
@@ -163,6 +164,8 @@ class Run:
     general: tuple[str, Blocks] | None = None  # --general-eval: the corpus and its fixed sample
     vocabulary: Grown | None = None  # what --add-tokens added
     cloze: tuple[str, list[ClozeCase]] | None = None  # --cloze-words: which words, and the held-out cases
+    downstream: RunProbe | None = None  # --downstream: the task (rank 0 only)
+    downstream_before: dict | None = None  # and its probe of the model as loaded (None when resuming)
 
     @property
     def n_train(self) -> int | None:
@@ -202,6 +205,7 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
+    probe, before = distributed.main_first(d, lambda: downstream_before(cfg, model, tokenizer, device, d.main))
     layers = len(encoder_layers(model))
     if cfg.freeze_layers >= max(layers, 1):
         raise MlmtuneError(f"--freeze-layers {cfg.freeze_layers}: {cfg.model} has {layers} encoder layers, so at "
@@ -238,7 +242,22 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if cloze is not None:
         say(f"Cloze: {len(cloze[1])} held-out occurrences of {len({c.word for c in cloze[1]})} words "
             f"({cloze[0]}), each masked whole, scored top-1 and top-3 before and after training")
-    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown, cloze)
+    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown, cloze, probe, before)
+
+
+def downstream_before(cfg: TrainConfig, model, tokenizer, device, main: bool) -> tuple[RunProbe | None, dict | None]:
+    """--downstream (rank 0): the task, read and checked before any training, and the probe of the model as loaded
+    (before its vocabulary grows), unless a checkpoint to resume already holds it."""
+    task = cfg.downstream.task()
+    if task is None or not main:
+        return None, None
+    probe = RunProbe(task, cfg.seed, device or torch.device("cpu"))
+    say(probe.describe())
+    if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
+        return probe, None  # the checkpoint's state has it
+    before = probe(model, tokenizer)
+    say(downstream_line("Before training", before))
+    return probe, before
 
 
 def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:

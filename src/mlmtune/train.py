@@ -27,6 +27,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
 from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
+from mlmtune.downstream import downstream_line, downstream_metrics
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
@@ -102,6 +103,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
     cloze = cloze_check(run, engine)
     state, resumed = start_or_resume(cfg, out, engine, evaluate, general, cloze)
+    if not resumed:
+        state.downstream_before = run.downstream_before  # scored as loaded, before the vocabulary grew
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
@@ -109,6 +112,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
         dash.general(0, state.general_before["general_loss"], state.general_before["general_perplexity"])
     if not resumed and state.cloze_before:
         dash.cloze(0, state.cloze_before)
+    if not resumed and state.downstream_before:
+        dash.downstream(0, state.downstream_before)
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
@@ -119,10 +124,11 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
         if cloze_after:
             dash.cloze(state.step, cloze_after)
             say(_cloze_line("After training", cloze_after))
+        checks = {**general_metrics(state.general_before, general_after),
+                  **cloze_metrics(state.cloze_before, cloze_after)}
+        return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks, dash)
     finally:
         dash.close()
-    checks = {**general_metrics(state.general_before, general_after), **cloze_metrics(state.cloze_before, cloze_after)}
-    return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks)
 
 
 def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Callable[[str], EvalResult | None],
@@ -321,8 +327,10 @@ class Loop:
 
 
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
-           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: dict) -> TrainResult:
-    """Metrics (with each rank's tokens and weight digest); rank 0 writes the output folder; all leave together."""
+           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: dict,
+           dash: dashboard.Dashboard) -> TrainResult:
+    """Metrics (with each rank's tokens and weight digest); rank 0 probes the downstream task with the full model
+    and writes the output folder, while the others wait; all leave together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
@@ -341,8 +349,13 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
-    if d.main:  # the tokenizer-free figures, with the full model (rank 0)
+    if d.main:  # the tokenizer-free figures and the downstream probe, with the full model (rank 0)
         metrics.update(vocabulary_metrics(run, full_model, engine.device))
+        if run.downstream is not None:
+            downstream_after = run.downstream(full_model, run.tokenizer)
+            say(downstream_line("After training", downstream_after))
+            dash.downstream(state.step, downstream_after)
+            metrics.update(downstream_metrics(state.downstream_before, downstream_after))
     engine.close()
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
