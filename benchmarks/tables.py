@@ -139,6 +139,17 @@ def serve_burst() -> str:
     return _table(["machine", "burst", "200", "503", "healthy after"], rows)
 
 
+def serve_abuse() -> str:
+    rows = []
+    for r in _runs("serve_abuse"):
+        for v in r["rows"]:
+            heavy = ", ".join(f"{k}: {n}" for k, n in sorted(v["heavy"].items())) or "none"
+            rows.append([_machine(r["machine"]), v["code"], v["beside"], f"{v['small_fills']:,}",
+                         f"{v['p50_ms']:,.0f}", f"{v['p99_ms']:,.0f}", str(v["small_errors"]), heavy])
+    return _table(["machine", "code", "small fills beside", "small fills", "p50 ms", "p99 ms", "errors",
+                   "heavy fills answered"], rows)
+
+
 def scaling() -> str:
     rows = []
     for r in _runs("scaling"):
@@ -229,7 +240,8 @@ TABLES = {f.__name__: f for f in (machines, train_throughput, parity, modernbert
 
 
 PAGES = {DOCS: TABLES, DOCS.parent / "masking.md": {"masking": masking, "schemes": schemes},
-         DOCS.parent / "fill.md": {"score": score}, README: {"readme": readme}}
+         DOCS.parent / "fill.md": {"score": score}, DOCS.parent / "serving.md": {"serve_abuse": serve_abuse},
+         README: {"readme": readme}}
 
 
 def stale() -> list[str]:

@@ -10,7 +10,8 @@ import pytest
 from mlmtune.api import BadRequest, Limits, parse_fill
 from mlmtune.fill import FillMask
 
-LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, max_top_k=100)
+LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, max_top_k=100, max_targets=10,
+                max_work=400)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,14 @@ def test_targets_follow_the_pipelines_rule(filler, tiny_model_dir):
     ({"inputs": "A <mask>.", "parameters": [3]}, 422, '"parameters" must be an object'),
     ({"text": "A <mask>.", "targets": "loop"}, 422, '"targets" must be a non-empty list of words'),
     ({"text": "A <mask>.", "targets": [""]}, 422, '"targets" must be a non-empty list of words'),
+    ({"text": "th<mask>", "targets": ["e ", "zzqq"]}, 422, "the target 'e ' does not stand as a word"),
+    ({"text": "A <mask>.", "targets": [f"w{i}" for i in range(11)]}, 422,
+     '"targets" holds 11 distinct words; the limit is 10'),
+    ({"text": ["A <mask>."] * 3, "max_pieces": 5, "beam_size": 16}, 422,
+     "this request runs 495 rows through the model (3 texts; a beam search of beam_size 16 for each length up to "
+     "max_pieces 5); the limit is 400"),  # 3 x (1 + (1 + 16) + (1 + 2 x 16) + (1 + 3 x 16) + (1 + 4 x 16))
+    ({"text": "<mask> <mask> <mask>" + " the" * 30, "joint": True, "beam_size": 16}, 422,
+     "this request runs 561 rows through the model (1 texts; joint with beam_size 16"),  # 1 + 16 + 16 + 16 x 33 words
 ])
 def test_bad_requests_are_named(filler, body, status, message):
     with pytest.raises(BadRequest) as bad:
@@ -87,3 +96,49 @@ def test_top_k_over_the_vocabulary_is_refused_unless_targets_bound_it(filler):
     with pytest.raises(BadRequest, match="top_k 700 is larger than the vocabulary of this model"):
         _parse({"text": "A <mask>.", "top_k": 700}, filler, limits)
     assert _parse({"text": "A <mask>.", "top_k": 700, "targets": ["Ġin"]}, filler, limits).top_k == 700
+
+
+def test_targets_are_deduplicated_and_the_vocabulary_read_once(tiny, monkeypatch):
+    """9,000 targets, 300 of them distinct words of several pieces: the vocabulary is built once per model, never
+    per target, and each distinct word is looked for once."""
+    model, tokenizer = tiny
+    calls = []
+    real = tokenizer.get_vocab
+    monkeypatch.setattr(tokenizer, "get_vocab", lambda: calls.append(1) or real())
+    filler = FillMask(model, tokenizer)
+    words = [f"zq{a}{b}vx" for a in "bcdfghjkmnpqvwxz" for b in "bcdfghjkmnpqvwxz0123"][:300]
+    limits = Limits(max_body_bytes=200_000, max_work=100_000)
+    req = _parse({"text": "The <mask> statement.", "targets": words * 30}, filler, limits)
+    assert req.targets == words and len(req.pieces[0]) == 300
+    _parse({"text": "The <mask> statement.", "targets": words}, filler, limits)
+    assert len(calls) == 1
+
+
+def _rows_run(monkeypatch) -> list[int]:
+    """Rows of every forward pass the word fills run, as they run."""
+    import mlmtune.fill_words
+    import mlmtune.scoring
+
+    rows: list[int] = []
+    for module in (mlmtune.fill_words, mlmtune.scoring):
+        real = module.logits_at_positions
+        monkeypatch.setattr(module, "logits_at_positions",
+                            lambda model, ids, *a, real=real, **k: rows.append(ids.shape[0]) or real(model, ids, *a,
+                                                                                                       **k))
+    return rows
+
+
+@pytest.mark.parametrize("body", [
+    {"text": "The <mask> statement.", "targets": ["Ġin", "zzqq", "photosynthesis", "zzqq"]},
+    {"text": "The <mask> statement.", "max_pieces": 3, "beam_size": 4},
+    {"text": "The <mask> is used in a <mask> loop.", "joint": True, "beam_size": 3},
+    {"text": ["A <mask> here.", "The <mask> of <mask> and <mask>."], "joint": True},
+])
+def test_the_work_counted_is_the_rows_the_model_runs(filler, monkeypatch, body):
+    """The bound is checked against a count made before anything runs: it must be what then runs."""
+    req = _parse(body, filler, Limits(max_work=100_000, max_masks=8))
+    rows = _rows_run(monkeypatch)
+    for n, (text, ids) in enumerate(zip(req.texts, req.encoded)):
+        filler.fill_words(text, ids, req.top_k, req.targets, req.max_pieces, req.joint, req.beam_size,
+                          req.pieces[n] if req.pieces else None)
+    assert sum(rows) == req.work

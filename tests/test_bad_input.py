@@ -319,7 +319,7 @@ def test_deeply_nested_json_is_400_not_500(tiny_model_dir):
     from mlmtune.serve import make_app
 
     with TestClient(make_app(FillMask.from_pretrained(str(tiny_model_dir)))) as client:
-        r = client.post("/fill", content=b"[" * 40_000)
+        r = client.post("/fill", content=b"[" * 40_000, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
         r = client.post("/fill", json={"text": "a <mask>", "top_k": 100})  # allowed by the limit, not by vocab 600
         assert r.status_code == 200

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from compare import assert_same_as_pipeline
+from live import running
 
 from mlmtune.fill import FillMask
 from mlmtune.serve import Limits, make_app
@@ -140,19 +141,8 @@ def test_health_says_loading_until_the_model_is_in(tiny_model_dir, monkeypatch):
 @pytest.fixture()
 def live_server(filler):
     """The app on a free loopback port, in a thread."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(make_app(filler), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with running(make_app(filler)) as url:
+        yield url
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -170,7 +160,7 @@ def test_playground_in_a_real_browser(live_server, pipe):
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page()
         page.goto(live_server + "/")
-        page.wait_for_function("document.getElementById('meta').textContent.includes('mask token')")
+        page.wait_for_function("() => document.getElementById('meta').textContent.includes('mask token')")
         page.fill("#text", text)
         page.fill("#topk", "5")
         page.click("#submit")
@@ -219,7 +209,26 @@ def test_openapi_describes_both_shapes(client):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         assert [s["title"] for s in body["schema"]["oneOf"]] == ["mlmtune", "Inference API"]
         assert body["examples"]["inference_api"]["value"]["inputs"].count("<mask>") == 1
-    assert client.get("/docs").status_code == 200
+    r = client.get("/docs")  # off unless asked for
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+
+
+def test_docs_when_asked_for_pin_their_files(filler):
+    """--docs: Swagger UI's files from the CDN, each pinned by the hash of the npm package's file, under a policy
+    that allows those files and nothing else from outside; no inline script."""
+    import re
+
+    from mlmtune.serve import SWAGGER
+
+    with TestClient(make_app(filler, docs=True)) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        assert c.get("/docs.js").text.startswith('SwaggerUIBundle({url: "/openapi.json"')
+    outside = re.findall(r'(?:src|href)="(https://[^"]+)"', page.text)
+    assert outside == [SWAGGER + "swagger-ui.css", SWAGGER + "swagger-ui-bundle.js"]
+    assert page.text.count('integrity="sha384-') == 2 and "<script>" not in page.text
+    policy = page.headers["content-security-policy"]
+    assert policy.startswith("default-src 'self'; ") and policy.count("https://") == 2 and "@5.35.0/" in policy
 
 
 def test_non_loopback_host_needs_a_key_or_insecure(tiny_model_dir, capsys, monkeypatch):
@@ -295,10 +304,13 @@ def test_api_key_and_metrics(keyed_server):
     url, key = keyed_server
     auth = {"Authorization": f"Bearer {key}"}
     before = _scrape(url, auth)
-    assert httpx.get(url + "/health").status_code == 200  # the one open route, for load balancers
+    assert httpx.get(url + "/health").status_code == 200  # open, for load balancers
+    for path in ("/", "/playground.js", "/playground.css"):  # open: a browser cannot send the key to load the page,
+        page = httpx.get(url + path)  # which asks for it; it holds nothing about the model or the key
+        assert page.status_code == 200 and key not in page.text and "tiny-roberta" not in page.text
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
         for method, path in (("POST", "/"), ("POST", "/fill"), ("GET", "/info"), ("GET", "/metrics"),
-                             ("GET", "/"), ("GET", "/openapi.json")):
+                             ("POST", "/score"), ("GET", "/openapi.json")):
             r = httpx.request(method, url + path, headers=headers, json={"inputs": "A <mask>."})
             assert r.status_code == 401 and "API key" in r.json()["error"], (method, path, headers)
     for _ in range(3):
@@ -319,6 +331,36 @@ def test_api_key_and_metrics(keyed_server):
     assert delta("mlmtune_batch_texts_count") == 3 and delta("mlmtune_batch_texts_sum") == 3
     assert after[("mlmtune_queue_depth", ())] == 0
     assert after[("mlmtune_model_load_seconds", ())] > 0
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium (CI installs it)")
+def test_playground_with_an_api_key_in_a_real_browser(keyed_server, pipe):
+    """The real `mlmtune serve` with a key: the page loads without it, says the key is missing, and works once the
+    key is typed in (sent as the Bearer header, kept nowhere but the page)."""
+    from playwright.sync_api import sync_playwright
+
+    url, key = keyed_server
+    text = "The <mask> statement is used in a loop."
+    expected = pipe(text, top_k=3)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('meta').textContent.includes('API key')")
+        page.fill("#key", key)
+        page.press("#key", "Tab")  # the key field's change: the page asks /info again, with the key
+        page.wait_for_function("() => document.getElementById('meta').textContent.includes('mask token')")
+        page.fill("#text", text)
+        page.fill("#topk", "3")
+        page.click("#submit")
+        page.wait_for_selector(".candidate")
+        tokens = page.locator(".candidate .token").all_text_contents()
+        stored = page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage) + document.cookie")
+        browser.close()
+    assert tokens == [p["token_str"] for p in expected]
+    assert key not in stored
 
 
 # --- /score and words in /fill --------------------------------------------------------------------

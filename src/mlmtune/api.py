@@ -4,7 +4,11 @@
 Two shapes are accepted: mlmtune's `{"text": ..., "top_k": 5, "targets": [...]}` and the Inference
 API's `{"inputs": ..., "parameters": {"top_k": 5, "targets": [...]}}`, which is what
 `huggingface_hub.InferenceClient.fill_mask` sends. Every limit answers with a 4xx and a message that
-says what is wrong.
+says what is wrong. Besides the sizes of a body, the work a request asks of the model is bounded: the rows
+(copies of a text) it runs through the model, counted before any runs (`fill_words.work_rows`).
+
+The parse functions tokenize and may take tens of milliseconds for a large body: the server calls them in a
+worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
+from mlmtune.fill_words import JOINT_MAX_MASKS, target_pieces, work_rows
 from mlmtune.scoring import METRICS, Scorer
 
 
@@ -25,6 +30,8 @@ class Limits:
     max_chars: int = 2_000
     max_masks: int = 8
     max_top_k: int = 100
+    max_targets: int = 1_000  # distinct target words
+    max_work: int = 4_096  # rows (copies of a text) a request runs through the model: word fills and scores
 
 
 class BadRequest(Exception):
@@ -110,6 +117,14 @@ class FillRequest:
     joint: bool = False
     beam_size: int = 8
     words: bool = False  # beyond the pipeline's single pieces: filled with `FillMask.fill_words`
+    pieces: list | None = None  # words with targets: each text's targets' pieces (`fill_words.target_pieces`)
+    work: int = 0  # rows the fill runs through the model
+
+
+def _check_work(work: int, what: str, limits: Limits) -> None:
+    if work > limits.max_work:
+        raise BadRequest(422, f"this request runs {work:,} rows through the model ({what}); the limit is "
+                              f"{limits.max_work:,}: send fewer texts, targets or masks, or a smaller beam_size")
 
 
 def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
@@ -123,6 +138,11 @@ def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
     if targets is not None and (not isinstance(targets, list) or not targets
                                 or not all(isinstance(t, str) and t for t in targets)):
         raise BadRequest(422, '"targets" must be a non-empty list of words')
+    if targets is not None:
+        targets = list(dict.fromkeys(targets))  # a word asked twice is scored once, as the pipeline does
+        if len(targets) > limits.max_targets:
+            raise BadRequest(422, f'"targets" holds {len(targets):,} distinct words; the limit is '
+                                  f'{limits.max_targets:,}')
     max_pieces, beam_size = _integer(params, "max_pieces", 1, MAX_PIECES), _integer(params, "beam_size", 8, MAX_BEAM)
     joint = _flag(params, "joint")
     try:
@@ -134,13 +154,31 @@ def parse_fill(body: bytes, limits: Limits, filler: FillMask) -> FillRequest:
                 raise BadRequest(422, f"{where} has {masks} masks; the limit is {limits.max_masks}")
         filler.check_top_k(top_k, targets)
         words = filler.words_needed(targets, max_pieces, joint)
-        if words and not joint and any(int((ids == filler.tokenizer.mask_token_id).sum()) > 1 for ids in encoded):
+        masks = [int((ids == filler.tokenizer.mask_token_id).sum()) for ids in encoded]
+        if words and not joint and max(masks) > 1:
             raise BadRequest(422, "words of several pieces are filled into one mask: send one mask per text, "
                                   'or "joint": true')
+        if joint and max(masks) > JOINT_MAX_MASKS:
+            raise BadRequest(422, f"a joint fill takes at most {JOINT_MAX_MASKS} masks; a text has {max(masks)}")
         target_ids = filler.target_ids(targets) if targets and not words else None
+        pieces = None
+        if words and targets and not joint:
+            several = sum(filler.single_piece(t) is None for t in targets)
+            # at least a row per text and target of several pieces; bounded before each is tokenized in each text
+            _check_work(len(texts) * several, f"{len(texts)} texts x {several} targets of several pieces", limits)
+            pieces = [target_pieces(filler, t, targets) for t in texts]
+        work = len(texts) if not words else sum(
+            work_rows(filler, ids, pieces[n] if pieces else None, max_pieces, joint, beam_size)
+            for n, ids in enumerate(encoded))
+        what = (f"joint with beam_size {beam_size}: each mask's beams, then each finished beam once per piece"
+                if joint else "each target of several pieces once per piece" if pieces else
+                f"a beam search of beam_size {beam_size} for each length up to max_pieces {max_pieces}" if words
+                else "one per text")
+        _check_work(work, f"{len(texts)} texts; {what}", limits)
     except MlmtuneError as e:  # no mask, empty, too long, top_k over the vocabulary, a target of no pieces
         raise BadRequest(422, str(e)) from None
-    return FillRequest(texts, is_list, top_k, encoded, target_ids, targets, max_pieces, joint, beam_size, words)
+    return FillRequest(texts, is_list, top_k, encoded, target_ids, targets, max_pieces, joint, beam_size, words,
+                       pieces, work)
 
 
 @dataclass(frozen=True)
@@ -152,6 +190,7 @@ class ScoreRequest:
     encodings: list
     metric: str
     per_word: bool
+    work: int = 0  # masked copies the model scores
 
 
 def parse_score(body: bytes, limits: Limits, scorer: Scorer) -> ScoreRequest:
@@ -166,7 +205,9 @@ def parse_score(body: bytes, limits: Limits, scorer: Scorer) -> ScoreRequest:
         encodings = scorer.encode(texts)
     except MlmtuneError as e:  # empty, too long
         raise BadRequest(422, str(e)) from None
-    return ScoreRequest(texts, is_list, encodings, metric, per_word)
+    work = sum(sum(w is not None for w in enc.word_ids()) for enc in encodings)  # a copy per token, as scoring makes
+    _check_work(work, f"{len(texts)} texts; one copy per token", limits)
+    return ScoreRequest(texts, is_list, encodings, metric, per_word, work)
 
 
 _PREDICTION = {"type": "object", "properties": {

@@ -306,7 +306,7 @@ def cmd_score(args) -> int:
 
 def cmd_serve(args) -> int:
     from mlmtune.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
-    from mlmtune.serve import check_exposure, is_loopback, make_app, serve
+    from mlmtune.serve import check_exposure, default_hosts, is_loopback, make_app, serve
 
     cfg = _config(ServeConfig, args)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("MLMTUNE_API_KEY")
@@ -319,8 +319,15 @@ def cmd_serve(args) -> int:
                                       precision=cfg.precision)
     from mlmtune.api import Limits
 
-    serve(make_app(filler, limits=Limits(max_body_bytes=cfg.max_body_bytes), max_batch=cfg.max_batch,
-                   window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue, api_key=api_key), cfg.host, cfg.port)
+    hosts = cfg.allowed_hosts or default_hosts(cfg.host)
+    if cfg.allowed_hosts is None and cfg.host in ("0.0.0.0", "::"):
+        warn(f"requests must name this server as one of {', '.join(hosts)}: add the names clients use with "
+             f"--allowed-hosts")
+    app = make_app(filler, limits=Limits(max_body_bytes=cfg.max_body_bytes, max_work=cfg.max_work),
+                   max_batch=cfg.max_batch, window_ms=cfg.batch_window_ms, max_queue=cfg.max_queue, api_key=api_key,
+                   request_timeout=cfg.request_timeout, read_timeout=cfg.read_timeout, allowed_hosts=hosts,
+                   limit_concurrency=cfg.limit_concurrency, docs=cfg.docs)
+    serve(app, cfg.host, cfg.port, read_timeout=cfg.read_timeout)
     return 0
 
 

@@ -114,7 +114,25 @@ class ServeConfig:
     insecure: bool = False
     """Serve a non-loopback --host with no API key."""
     max_body_bytes: int = 64_000
-    """Largest request body; a larger one gets 413 with a JSON error."""
+    """Largest request body; a larger one gets 413 with a JSON error as soon as it is announced or passes the
+    limit, and the rest is not read."""
+    max_work: int = 4096
+    """Most rows (copies of a text) one request may run through the model: a word fill's targets x pieces, its
+    masks x beams and the beams' pieces, a score's tokens. Beyond it, a 422 that says the count."""
+    request_timeout: float = 30.0
+    """Seconds from a request's arrival to its answer: checked before each forward pass, so a request that runs
+    long stops there, frees the model and gets 503."""
+    read_timeout: float = 10.0
+    """Seconds a connection has to send a request's headers, and again its body; then it is dropped (408)."""
+    limit_concurrency: int = 512
+    """Requests in flight (being read, waiting or running) beyond this get 503 at once."""
+    allowed_hosts: list[str] | None = None
+    """Host names the server answers to (comma-separated; *.example.com allowed); others get 400, so a web page
+    cannot reach it by a name of its own (DNS rebinding). Default: the --host address and localhost (for 0.0.0.0,
+    this machine's names too). Add the name clients use behind a reverse proxy."""
+    docs: bool = False
+    """Serve Swagger UI at /docs (the browser fetches its script and style from a CDN, each checked against a
+    pinned hash); /openapi.json is always served."""
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
@@ -123,3 +141,12 @@ class ServeConfig:
         _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
         _require(self.max_queue >= 1, "--max-queue must be >= 1")
         _require(self.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")
+        _require(self.max_work >= 1, "--max-work must be >= 1")
+        _require(self.request_timeout > 0, f"--request-timeout must be positive, got {self.request_timeout}")
+        _require(self.read_timeout > 0, f"--read-timeout must be positive, got {self.read_timeout}")
+        _require(self.limit_concurrency >= 1, "--limit-concurrency must be >= 1")
+        _require(self.allowed_hosts is None or all(h == "*" or "*" not in h[1:] and (not h.startswith("*")
+                                                                                    or h.startswith("*."))
+                                                   for h in self.allowed_hosts),
+                 f"--allowed-hosts: write names (example.com), patterns like *.example.com, or *; got "
+                 f"{','.join(self.allowed_hosts or [])}")

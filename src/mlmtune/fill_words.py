@@ -13,6 +13,10 @@ jointly.
 
 A candidate's `score` is the probability of the whole word (or, joint, of the whole filling, left to right);
 `pieces` says how many pieces it has.
+
+Each of these runs several forward passes. Every pass is taken inside `turn` (the server's: its model lock taken
+in turn, and the request's deadline and client checked before it), and `work_rows` says, before any of them, how
+many rows (copies of a text) they will run through the model, so that the server can refuse a request too large.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at_positions, pad_rows
-from mlmtune.scoring import copy_log_probs
+from mlmtune.scoring import NO_TURN, copy_log_probs
 
 JOINT_MAX_MASKS = 8  # a joint fill runs masks x beam forward passes: more masks is another task
 
@@ -34,14 +38,15 @@ def _pad_id(tokenizer) -> int:
 
 
 @torch.inference_mode()
-def position_log_probs(filler, rows: list[list[int]], positions: list[int]) -> torch.Tensor:
+def position_log_probs(filler, rows: list[list[int]], positions: list[int], turn=NO_TURN) -> torch.Tensor:
     """(R, V) log-probabilities at one position of each row (rows padded into one forward pass), on the CPU."""
     ids, attention = pad_rows(rows, _pad_id(filler.tokenizer))
     width = ids.shape[1]
     flat = torch.tensor([i * width + p for i, p in enumerate(positions)])
-    logits = logits_at_positions(filler.model, ids.to(filler.device), flat.to(filler.device),
-                                 attention.to(filler.device))
-    return logits.float().log_softmax(-1).cpu()
+    with turn:
+        logits = logits_at_positions(filler.model, ids.to(filler.device), flat.to(filler.device),
+                                     attention.to(filler.device))
+        return logits.float().log_softmax(-1).cpu()
 
 
 def in_context_pieces(filler, text: str, word: str) -> list[int]:
@@ -59,7 +64,51 @@ def in_context_pieces(filler, text: str, word: str) -> list[int]:
     return pieces
 
 
-def word_log_prob(filler, ids: list[int], at: int, pieces: list[int]) -> float:
+def target_pieces(filler, text: str, targets: list[str]) -> list[list[int]]:
+    """The pieces each target takes in `text` (one mask): a single piece as the pipeline maps it, a word of several
+    pieces as it stands where the mask is (`in_context_pieces`); the filled texts tokenized in one call.
+
+    Raises:
+        MlmtuneError: a target that tokenizes to nothing, or does not stand as a word where the mask is.
+    """
+    tok = filler.tokenizer
+    single = [filler.single_piece(t) for t in targets]
+    several = [t for t, s in zip(targets, single) if s is None]
+    if not several:
+        return [[s] for s in single]
+    normal = filler.normalize(text)
+    masked = tok(normal)["input_ids"]
+    at = masked.index(tok.mask_token_id)
+    tail = len(masked) - at - 1
+    filled = tok([normal.replace(tok.mask_token, word, 1) for word in several])["input_ids"]
+    found = {}
+    for word, row in zip(several, filled):
+        pieces = row[at : len(row) - tail]
+        if not word.strip() or not pieces or row[:at] != masked[:at] or row[len(row) - tail :] != masked[at + 1 :]:
+            raise MlmtuneError(f"the target {word!r} does not stand as a word where the mask is (it tokenizes to "
+                               f"{'nothing' if not pieces else 'pieces that change its neighbours'})")
+        found[word] = pieces
+    return [[s] if s is not None else found[t] for t, s in zip(targets, single)]
+
+
+def work_rows(filler, ids: torch.Tensor, pieces: list[list[int]] | None, max_pieces: int, joint: bool,
+              beam_size: int) -> int:
+    """The rows (copies of the text) a word fill of one text runs through the model, at most: the pass at the
+    mask, then joint: a pass per mask over the beams and the pseudo-log-likelihood of every finished beam (one
+    copy per word piece); targets (`pieces`, from `target_pieces`): one copy per piece of each distinct target of
+    several pieces; else a beam search for each length of 2 to `max_pieces` pieces."""
+    if joint:
+        masks = int((ids == filler.tokenizer.mask_token_id).sum())
+        special = set(filler.tokenizer.all_special_ids) - {filler.tokenizer.mask_token_id}
+        words = sum(1 for t in ids.tolist() if t not in special)
+        beams = [min(beam_size ** j, beam_size) for j in range(masks + 1)]
+        return sum(beams[:-1]) + beams[-1] * words
+    if pieces is not None:
+        return 1 + sum(len(p) for p in {tuple(p) for p in pieces if len(p) > 1})
+    return 1 + sum(1 + (k - 1) * beam_size for k in range(2, max_pieces + 1))
+
+
+def word_log_prob(filler, ids: list[int], at: int, pieces: list[int], turn=NO_TURN) -> float:
     """log p(word) for `pieces` in place of the one mask at `at`: the mask widened to len(pieces) masks, piece i
     scored with pieces < i filled in and pieces >= i masked (within-word-l2r)."""
     mask = filler.tokenizer.mask_token_id
@@ -69,7 +118,8 @@ def word_log_prob(filler, ids: list[int], at: int, pieces: list[int]) -> float:
         row = list(widened)
         row[at : at + i] = pieces[:i]
         copies.append((row, at + i))
-    return sum(copy_log_probs(filler.model, copies, pieces, _pad_id(filler.tokenizer), len(copies), filler.device))
+    return sum(copy_log_probs(filler.model, copies, pieces, _pad_id(filler.tokenizer), len(copies), filler.device,
+                              turn=turn))
 
 
 def _entry(filler, ids: list[int], at: int, pieces: list[int], log_prob: float) -> dict:
@@ -82,20 +132,22 @@ def _entry(filler, ids: list[int], at: int, pieces: list[int], log_prob: float) 
 
 
 @torch.inference_mode()
-def fill_targets(filler, text: str, ids: torch.Tensor, targets: list[str], top_k: int) -> list[dict]:
+def fill_targets(filler, text: str, ids: torch.Tensor, targets: list[str], top_k: int,
+                 pieces_of: list[list[int]] | None = None, turn=NO_TURN) -> list[dict]:
     """Target words scored whole, in a text with one mask: single pieces by the pipeline's probability, words of
-    several pieces by their left-to-right log-probability; the best `top_k`."""
+    several pieces by their left-to-right log-probability; the best `top_k`. `pieces_of`: the targets' pieces
+    from `target_pieces`, when already found."""
     ids_list = ids.tolist()
     at = ids_list.index(filler.tokenizer.mask_token_id)
-    single_probs = position_log_probs(filler, [ids_list], [at])[0]
+    pieces_of = pieces_of if pieces_of is not None else target_pieces(filler, text, targets)
+    single_probs = position_log_probs(filler, [ids_list], [at], turn)[0]
     out, seen = [], set()
-    for target in targets:
-        single = filler.single_piece(target)
-        pieces = [single] if single is not None else in_context_pieces(filler, text, target)
+    for pieces in pieces_of:
         if tuple(pieces) in seen:
             continue
         seen.add(tuple(pieces))
-        lp = float(single_probs[pieces[0]]) if len(pieces) == 1 else word_log_prob(filler, ids_list, at, pieces)
+        lp = float(single_probs[pieces[0]]) if len(pieces) == 1 else word_log_prob(filler, ids_list, at, pieces,
+                                                                                   turn)
         out.append(_entry(filler, ids_list, at, pieces, lp))
     return sorted(out, key=lambda e: -e["score"])[:top_k]
 
@@ -113,13 +165,13 @@ def _is_word(filler, text: str, pieces: list[int]) -> bool:
 
 @torch.inference_mode()
 def fill_candidates(filler, text: str, ids: torch.Tensor, top_k: int, max_pieces: int,
-                    beam_size: int) -> list[dict]:
+                    beam_size: int, turn=NO_TURN) -> list[dict]:
     """Candidates of 1 to `max_pieces` pieces for a text's one mask, ranked by the word's log-probability."""
     tok = filler.tokenizer
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     ids_list = ids.tolist()
     at = ids_list.index(tok.mask_token_id)
-    single = position_log_probs(filler, [ids_list], [at])[0]
+    single = position_log_probs(filler, [ids_list], [at], turn)[0]
     single[special] = -math.inf
     values, indices = single.topk(min(top_k + beam_size, len(single)))
     out = {(p,): lp for lp, p in zip(values.tolist(), indices.tolist()) if _is_word(filler, text, [p])}
@@ -128,7 +180,7 @@ def fill_candidates(filler, text: str, ids: torch.Tensor, top_k: int, max_pieces
         beams: list[tuple[list[int], float]] = [([], 0.0)]
         for i in range(k):
             rows = [widened[:at] + pieces + widened[at + i :] for pieces, _ in beams]
-            logp = position_log_probs(filler, rows, [at + i] * len(rows))
+            logp = position_log_probs(filler, rows, [at + i] * len(rows), turn)
             logp[:, special] = -math.inf
             expanded = []
             for (pieces, score), row_lp in zip(beams, logp):
@@ -143,7 +195,7 @@ def fill_candidates(filler, text: str, ids: torch.Tensor, top_k: int, max_pieces
 
 
 @torch.inference_mode()
-def fill_joint(filler, ids: torch.Tensor, top_k: int, beam_size: int) -> list[dict]:
+def fill_joint(filler, ids: torch.Tensor, top_k: int, beam_size: int, turn=NO_TURN) -> list[dict]:
     """The best joint fillings of all the masks of a text: beam search left to right, re-ranked by the
     pseudo-log-likelihood of the filled text."""
     tok = filler.tokenizer
@@ -154,7 +206,7 @@ def fill_joint(filler, ids: torch.Tensor, top_k: int, beam_size: int) -> list[di
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     beams: list[tuple[list[int], float]] = [(ids_list, 0.0)]
     for at in masks:
-        logp = position_log_probs(filler, [row for row, _ in beams], [at] * len(beams))
+        logp = position_log_probs(filler, [row for row, _ in beams], [at] * len(beams), turn)
         logp[:, special] = -math.inf
         expanded = []
         for (row, score), row_lp in zip(beams, logp):
@@ -164,14 +216,14 @@ def fill_joint(filler, ids: torch.Tensor, top_k: int, beam_size: int) -> list[di
                 filled[at] = t
                 expanded.append((filled, score + v))
         beams = sorted(expanded, key=lambda b: -b[1])[:beam_size]
-    plls = _plls(filler, [row for row, _ in beams])
+    plls = _plls(filler, [row for row, _ in beams], turn)
     ranked = sorted(zip(beams, plls), key=lambda b: -b[1])[:top_k]
     return [{"score": math.exp(lp), "pll": pll, "tokens": [row[j] for j in masks],
              "token_strs": [tok.decode([row[j]]).strip() for j in masks],
              "sequence": tok.decode(row, skip_special_tokens=True)} for (row, lp), pll in ranked]
 
 
-def _plls(filler, rows: list[list[int]]) -> list[float]:
+def _plls(filler, rows: list[list[int]], turn=NO_TURN) -> list[float]:
     """The pseudo-log-likelihood (each token masked in turn) of each row of ids, all copies batched together."""
     special = set(filler.tokenizer.all_special_ids)
     copies, targets, owner = [], [], []
@@ -184,5 +236,6 @@ def _plls(filler, rows: list[list[int]]) -> list[float]:
             copies.append((masked, j))
             targets.append(t)
             owner.append(r)
-    logp = copy_log_probs(filler.model, copies, targets, _pad_id(filler.tokenizer), filler.batch_size, filler.device)
+    logp = copy_log_probs(filler.model, copies, targets, _pad_id(filler.tokenizer), filler.batch_size, filler.device,
+                          turn=turn)
     return np.bincount(owner, weights=logp, minlength=len(rows)).tolist()

@@ -12,6 +12,7 @@ the scored position of each copy; the scores come back to the host once per pass
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from mlmtune.forward import logits_at_positions, pad_rows
 from mlmtune.model import load_model, max_positions
 
 METRICS = ("within-word-l2r", "original")  # config_use.SCORE_METRICS
+NO_TURN = nullcontext()  # what a forward pass holds when nothing else shares the model
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,12 @@ def masked_copies(ids: list[int], word_ids: list[int | None], mask_id: int, metr
 
 @torch.inference_mode()
 def copy_log_probs(model, copies: list[tuple[list[int], int]], targets: list[int], pad_id: int,
-                   batch_size: int, device: torch.device, vocab: int | None = None) -> list[float]:
+                   batch_size: int, device: torch.device, vocab: int | None = None,
+                   turn: AbstractContextManager = NO_TURN) -> list[float]:
     """log p(target | copy) at each copy's scored position, in order: the copies padded and batched by length,
     the vocabulary head at the scored positions only, one host copy per forward pass. `vocab`: the softmax over
-    the first `vocab` rows only (a model whose vocabulary grew, scored as it was before)."""
+    the first `vocab` rows only (a model whose vocabulary grew, scored as it was before). `turn` is held around
+    each forward pass (the server's: its model lock, and the request's deadline checked)."""
     order = sorted(range(len(copies)), key=lambda i: len(copies[i][0]))
     out = [0.0] * len(copies)
     for start in range(0, len(order), batch_size):
@@ -71,10 +75,11 @@ def copy_log_probs(model, copies: list[tuple[list[int], int]], targets: list[int
         ids, attention = pad_rows([copies[i][0] for i in idx], pad_id)
         width = ids.shape[1]
         positions = torch.tensor([row * width + copies[i][1] for row, i in enumerate(idx)])
-        logits = logits_at_positions(model, ids.to(device), positions.to(device), attention.to(device))  # (P, V)
-        logits = logits if vocab is None else logits[:, :vocab]
-        chosen = torch.tensor([targets[i] for i in idx], device=device)
-        logp = logits.float().log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).cpu().tolist()
+        with turn:
+            logits = logits_at_positions(model, ids.to(device), positions.to(device), attention.to(device))  # (P, V)
+            logits = logits if vocab is None else logits[:, :vocab]
+            chosen = torch.tensor([targets[i] for i in idx], device=device)
+            logp = logits.float().log_softmax(-1).gather(1, chosen[:, None]).squeeze(1).cpu().tolist()
         for i, value in zip(idx, logp):
             out[i] = value
     return out
@@ -121,8 +126,10 @@ class Scorer:
             encodings.append(enc)
         return encodings
 
-    def score_encoded(self, texts: list[str], encodings: list, metric: str = "within-word-l2r") -> list[TextScore]:
-        """The scores of texts already tokenized by `encode`, every masked copy of all of them batched together."""
+    def score_encoded(self, texts: list[str], encodings: list, metric: str = "within-word-l2r",
+                      turn: AbstractContextManager = NO_TURN) -> list[TextScore]:
+        """The scores of texts already tokenized by `encode`, every masked copy of all of them batched together;
+        `turn` held around each forward pass."""
         if metric not in METRICS:
             raise MlmtuneError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
         copies, targets, owners = [], [], []
@@ -133,7 +140,7 @@ class Scorer:
                 targets.append(ids[j])
                 owners.append((t, j))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        logp = copy_log_probs(self.model, copies, targets, pad, self.batch_size, self.device, self.vocab)
+        logp = copy_log_probs(self.model, copies, targets, pad, self.batch_size, self.device, self.vocab, turn)
         per_token: list[dict[int, float]] = [{} for _ in encodings]
         for (t, j), value in zip(owners, logp):
             per_token[t][j] = value
