@@ -64,7 +64,8 @@ def _reference_predictions(folder: Path, train_rows: list[dict], test_rows: list
         out = []
         with torch.no_grad():
             for r in rows:
-                h = encoder(**tokenizer(r["text"], truncation=True, max_length=64, return_tensors="pt")).last_hidden_state[0]
+                ids = tokenizer(r["text"], truncation=True, max_length=64, return_tensors="pt")
+                h = encoder(**ids).last_hidden_state[0]  # (T, H)
                 out.append(torch.cat([h.mean(0), h[0]]).double().numpy())
         return out
 
