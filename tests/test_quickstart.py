@@ -41,7 +41,8 @@ def test_changed_package_weights_are_refused(tmp_path, monkeypatch):
 
 def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--time-budget", "none", "--max-steps", "6", "--output-dir", str(out)]) == 0
+    assert main(["quickstart", "--time-budget", "none", "--max-steps", "6", "--output-dir", str(out),
+                 "--downstream-max-examples", "150"]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["perplexity_after"] < metrics["perplexity_before"] / 10  # a new head learns fast
@@ -62,3 +63,9 @@ def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     assert metrics["general_eval"] == "builtin:wikipedia" and metrics["general_blocks"] == 64
     assert (f"Perplexity on general English (builtin:wikipedia): {metrics['general_perplexity_before']:,.1f} before "
             f"-> {metrics['general_perplexity_after']:,.1f} after") in printed
+    # the downstream task before and after: the docs' chapters, a linear probe over three seeds, as metrics.json has it
+    assert metrics["downstream"] == "builtin:python-docs-chapters" and metrics["downstream_classes"] == 6
+    assert len(metrics["downstream_runs_before"]) == len(metrics["downstream_runs_after"]) == 3
+    assert (f"Downstream (builtin:python-docs-chapters, linear probe, mean ± sd of 3 runs): accuracy "
+            f"{metrics['downstream_accuracy_before']:.1%} ± {metrics['downstream_accuracy_std_before']:.1%} -> "
+            f"{metrics['downstream_accuracy_after']:.1%} ± {metrics['downstream_accuracy_std_after']:.1%}") in printed
