@@ -58,20 +58,39 @@ def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def one_process(no_dropout_model, eli5_like, tmp_path_factory):
-    """The reference: one process with the whole global batch of 6 blocks."""
+def task(tmp_path_factory, docs_texts) -> list[str]:
+    """--downstream flags: a small labelled task (whether a docs paragraph comes before or after the middle of the
+    docs), probed linearly on two seeds."""
+    path = tmp_path_factory.mktemp("task") / "task.jsonl"
+    texts = docs_texts[:400:2]
+    path.write_text("".join(json.dumps({"text": t[:200], "label": i < len(texts) // 2}) + "\n"
+                            for i, t in enumerate(texts)))
+    return ["--downstream", str(path), "--downstream-seeds", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(no_dropout_model, eli5_like, task, tmp_path_factory):
+    """The reference: one process with the whole global batch of 6 blocks (and the downstream probe)."""
     root = tmp_path_factory.mktemp("one-process")
-    _run([sys.executable, "-m", "mlmtune", "train", *_common(no_dropout_model, eli5_like, root / "cache"),
+    _run([sys.executable, "-m", "mlmtune", "train", *_common(no_dropout_model, eli5_like, root / "cache"), *task,
           "--batch-size", "6", "--output-dir", str(root / "one")], root)
     return root / "one"
 
 
-def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process, eli5_like, tmp_path):
+def _same_probe(m1: dict, m2: dict) -> None:
+    """The downstream probe of two runs: rank 0 probes the same start, and a final model the same to 1e-4, so at
+    most one borderline test text (of each run) may go the other way."""
+    assert m2["downstream_runs_before"] == m1["downstream_runs_before"]
+    for r1, r2 in zip(m1["downstream_runs_after"], m2["downstream_runs_after"]):
+        assert abs(r1["accuracy"] - r2["accuracy"]) <= 1 / m1["downstream_test_examples"] + 1e-12
+
+
+def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process, eli5_like, task, tmp_path):
     """DDP over gloo: the head-only steps run DDP over the head, then DDP is built again for the whole
     model; rank 1's empty share of the epoch's tail runs a block without labels, so that DDP's collectives
     still match."""
     common = _common(no_dropout_model, eli5_like, tmp_path / "cache")
-    two = _torchrun([*common, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    two = _torchrun([*common, *task, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
     m1 = json.loads((one_process / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
 
@@ -94,6 +113,7 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     w1, w2 = load_file(str(one_process / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-4, worst
+    _same_probe(m1, m2)  # rank 0 probes, before training and with the full model after it
     # written once, by rank 0
     assert two.stderr.count("Before training:") == 1 and two.stdout.count("model saved in") == 1
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
@@ -104,11 +124,11 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     assert max(float((loaded[k] - w1[k]).abs().max()) for k in w1) < 1e-4
 
 
-def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli5_like, tmp_path):
+def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli5_like, task, tmp_path):
     """--fsdp over gloo (FSDP2, one unit per encoder layer, the tied embeddings and head in the root): the
     same updates as one process, ordinary full checkpoints and output, and a sharded run resumed from its
     step-6 checkpoint ends where the uninterrupted one ends."""
-    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3", "--fsdp"]
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), *task, "--batch-size", "3", "--fsdp"]
     two = _torchrun([*common, "--output-dir", str(tmp_path / "fsdp")], tmp_path)
     assert "2 processes (FSDP)" in two.stderr
     m1 = json.loads((one_process / "metrics.json").read_text())
@@ -120,6 +140,7 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     assert w1.keys() == w2.keys()  # full weights, ordinary names
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-4, worst
+    _same_probe(m1, m2)  # rank 0 probed the gathered full model, not its shard
     step6 = tmp_path / "fsdp" / "checkpoints" / "step-0000006"
     # a full checkpoint, not a shard: the one-process run's tensors, to the same tolerance
     c1, c2 = (load_file(str(run / "checkpoints" / "step-0000006" / "model.safetensors")) for run in (one_process,
@@ -137,6 +158,8 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     assert worst < 1e-6, worst  # the optimizer's moments came back into the shards too
     m3 = json.loads((part / "metrics.json").read_text())
     assert m3["eval_loss_after"] == pytest.approx(m2["eval_loss_after"], rel=1e-6)
+    assert m3["downstream_runs_before"] == m2["downstream_runs_before"]  # kept in the checkpoint, not probed again
+    assert "Before training, downstream" not in resumed.stderr
 
 
 @pytest.mark.slow  # the generic DDP and FSDP paths are the RoBERTa tests above; these add the new families

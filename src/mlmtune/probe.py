@@ -220,12 +220,8 @@ def probe(model, tokenizer, data: TaskData, cfg: TaskConfig, seed: int, device: 
     where = next(model.parameters()).device
     model.to(device)
     try:
-        if cfg.method == "linear":
-            needed = torch.cat([torch.cat(s) for s in splits]).unique()  # features once, for every seed's split
-            found = features(model, tokenizer, [data.texts[i] for i in needed.tolist()], device, cfg.batch_size,
-                             cfg.max_length, progress, dtype)
-            feats = torch.zeros(len(data.texts), found.shape[1], dtype=found.dtype, device=found.device)
-            feats[needed.to(found.device)] = found
+        if cfg.method == "linear":  # the features once, for every seed's split
+            feats = features(model, tokenizer, data.texts, device, cfg.batch_size, cfg.max_length, progress, dtype)
         runs = []
         for s, (train, test) in zip(seeds, splits):
             if cfg.method == "linear":
@@ -233,8 +229,7 @@ def probe(model, tokenizer, data: TaskData, cfg: TaskConfig, seed: int, device: 
                 predicted = predict(feats[test.to(feats.device)])
             else:
                 predicted = finetune_predict(model, tokenizer, data.texts, data.labels, train, test,
-                                             len(data.classes), cfg, s, device, dtype,
-                                             progress)
+                                             len(data.classes), cfg, s, device, dtype, progress)
             runs.append({"seed": s, **scores(data.labels[test], predicted)})
     finally:
         model.to(where)
