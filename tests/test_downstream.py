@@ -198,3 +198,14 @@ def test_train_refuses_a_bad_task_before_training(configs, tmp_path, capsys):
     with pytest.raises(Exception, match="have no field 'text' \\(its text field\\)"):
         train(configs(out, downstream=str(task)), progress=False)
     assert not (out / "checkpoints").exists()
+
+
+def test_check_reads_the_task_as_train_does(configs, marker_task, tmp_path, capsys):
+    flags = configs.flags(tmp_path / "run")
+    common = ["check", "--no-probe", "--model", flags["model"], "--dataset", flags["dataset"], "--text-field",
+              flags["text_field"], "--block-size", "32"]
+    assert main([*common, "--downstream", str(marker_task)]) == 0
+    assert "downstream task " + str(marker_task) + ": 240 train and 90 test texts, 3 classes" in capsys.readouterr().out
+    bad = _write_jsonl(tmp_path / "one.jsonl", [{"text": f"t{i}", "label": "x"} for i in range(4)])
+    assert main([*common, "--downstream", str(bad)]) == 1
+    assert "--downstream: the task " + str(bad) + " has one class" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from mlmtune.model import check_block_size, load_model, load_tokenizer
 from mlmtune.prepare import prepare_blocks
 from mlmtune.run import engine_class
 from mlmtune.schedule import steps_for
+from mlmtune.task import TaskData
 
 
 def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
@@ -48,6 +49,12 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
         findings.add(ERROR, str(e))
         return findings
     check_data(stats, cfg.data.block_size, findings)
+    task = cfg.downstream.task()
+    if task is not None:  # read and checked as train reads it, before any training
+        try:
+            findings.add(OK, f"downstream task {TaskData(task, cfg.seed).describe([cfg.seed])}")
+        except MlmtuneError as e:
+            findings.add(ERROR, f"--downstream: {e}")
     train_blocks = Blocks(blocks["train"])
     per_epoch, total = steps_for(cfg, len(train_blocks))
     findings.estimates.update(train_blocks=len(train_blocks), eval_blocks=stats.blocks.get("test", 0),
