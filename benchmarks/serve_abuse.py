@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, quickstart_model_folder, table, write_json  # noqa: E402
 from fill_throughput import sentences  # noqa: E402
-from serve_load import free_port  # noqa: E402
+from serve_load import free_port, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_TIMEOUT_S = 60.0
@@ -48,23 +48,10 @@ def source_of(ref: str) -> Path:
 
 
 def start(model: Path, src: Path, port: int) -> subprocess.Popen:
-    import httpx
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(src)}
     p = subprocess.Popen([sys.executable, "-m", "mlmtune", "serve", "--model", str(model), "--port", str(port)],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(f"the server from {src} exited with {p.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    p.kill()
-    raise RuntimeError("server did not become ready in 120 s")
+    return wait_ready(p, port, lambda: f"the server from {src} exited with {p.returncode}")
 
 
 def made_up_words(n: int) -> list[str]:

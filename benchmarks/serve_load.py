@@ -37,12 +37,17 @@ def start_server(model: Path, port: int, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "mlmtune", "serve", "--model", str(model), "--port", str(port),
                           *flags], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return wait_ready(p, port, lambda: p.stderr.read()[-2000:])
+
+
+def wait_ready(p: subprocess.Popen, port: int, why) -> subprocess.Popen:
+    """The server process once its /health answers 200 (two minutes at most); `why()` says why one exited."""
     import httpx
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if p.poll() is not None:
-            raise RuntimeError(p.stderr.read()[-2000:])
+            raise RuntimeError(why())
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return p
