@@ -237,3 +237,24 @@ def test_tf32_is_on_only_inside_a_gpu_training_step(configs, tmp_path, monkeypat
     train(configs(tmp_path / "run", max_steps=2), progress=False)
     assert seen == [True, True]  # inside each step (as on a GPU)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # and off again after
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, onednn_isa, picked", [
+    (True, True, None, torch.bfloat16),          # this Xeon
+    (True, False, "AVX512_CORE_BF16", torch.bfloat16),
+    (True, True, "AVX2", None),                   # as CI simulates an AVX2-only CPU: bf16 would run 24x slower
+    (True, True, "avx512_core", None),            # AVX-512 without bf16 dot products: 4x slower
+    (False, False, None, None),                   # an AVX2-only EPYC
+])
+def test_auto_precision_is_bf16_only_where_onednn_runs_it_fast(monkeypatch, avx512_bf16, amx, onednn_isa, picked):
+    from mlmtune.device import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    assert resolve_precision("auto", torch.device("cpu")) == picked
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: always
