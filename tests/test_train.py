@@ -29,6 +29,7 @@ def _fixed_mask_loss(model_folder, configs, out):
         return float(AutoModelForMaskedLM.from_pretrained(model_folder).eval()(input_ids=inputs, labels=labels).loss)
 
 
+@pytest.mark.numerics
 def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_model_dir, tmp_path):
     out, m = reference_run.folder, reference_run.metrics
     assert m["perplexity_after"] < 0.9 * m["perplexity_before"]
@@ -52,6 +53,7 @@ def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_mod
                             pipeline("fill-mask", model=str(out))(text, top_k=3))
 
 
+@pytest.mark.numerics
 def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(reference_run, configs, tmp_path):
     assert [p.name for p in sorted((reference_run.folder / "checkpoints").iterdir())] == \
         ["step-0000002", "step-0000004", "step-0000006", "step-0000008"]
@@ -63,6 +65,7 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(reference
     assert resumed.metrics["eval_loss_before"] == reference_run.metrics["eval_loss_before"]  # kept from the start
 
 
+@pytest.mark.numerics
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(reference_run, configs, tmp_path, monkeypatch):
     import mlmtune.torch_engine as engine_mod
 
@@ -151,6 +154,7 @@ def test_push_to_unreachable_hub_keeps_the_model_and_says_so(configs, tmp_path, 
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
+@pytest.mark.numerics
 def test_fp16_scales_the_loss_and_resumes_with_the_same_scale(configs, tmp_path):
     """--precision fp16 (for GPUs before Ampere; CPU autocast runs it too): a GradScaler scales the loss,
     its state rides in every checkpoint, and a resumed run ends with the uninterrupted run's weights."""
@@ -186,6 +190,7 @@ def _compiled(configs, tmp_path, backend, monkeypatch):
     return compiled.metrics, load_file(str(tmp_path / "compiled" / "model.safetensors"))
 
 
+@pytest.mark.numerics
 def test_compile_trains_as_eager_does(reference_run, configs, tmp_path, monkeypatch):
     """The compiled encoder (dynamo's graph and AOTAutograd's backward, run by aot_eager: inductor's code
     generation takes ~30 s on 2 cores, see the slow test) gives the eager run's gradients, dropout included."""
@@ -205,6 +210,7 @@ def test_compile_with_inductor_trains_close_to_eager(reference_run, configs, tmp
     assert abs(metrics["eval_loss_after"] - eager["eval_loss_after"]) < 0.15 * moved
 
 
+@pytest.mark.numerics
 def test_deterministic_holds_for_the_run_only(reference_run, configs, tmp_path):
     """--deterministic runs the whole loop (evaluation, checkpoints) under strict deterministic kernels, which
     raise where an op has none, and puts the setting back; on a CPU the result is the plain run's."""
