@@ -149,6 +149,7 @@ def test_every_subcommand_help(command, capsys):
         assert "train[:10%]" in out
 
 
+@pytest.mark.numerics
 def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     """`fill --precision bf16`: each token's score is its fp32 probability (the pipeline's, tested elsewhere)
     to 2%, and not to fp32's 1e-6: the weights really ran in bf16."""

@@ -16,7 +16,7 @@ def _commands() -> list[str]:
     return re.findall(r"^(python3 -m venv .*)$", readme, flags=re.M)
 
 
-def test_ci_runs_the_readme_test_command_then_the_slow_tests():
+def test_ci_runs_the_readme_test_command_then_the_slow_tests_then_the_avx2_kernels():
     quickstart, tests = _commands()[:2]
     assert quickstart.endswith("mlmtune quickstart")
     assert tests.endswith("python -m pytest")
@@ -24,6 +24,12 @@ def test_ci_runs_the_readme_test_command_then_the_slow_tests():
     assert tests in ci
     assert ci.index("python -m pytest -m slow") > ci.index(tests)  # what stays long runs in CI too
     assert "pip install torch==2.13.0" in tests  # the CPU build, never the CUDA one from the registry
+    # the numerically sensitive tests again, on the kernels an AVX2-only CPU runs (tests/test_kernels.py checks them)
+    avx2 = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m pytest -m numerics"
+    assert ci.index(avx2) > ci.index("python -m pytest -m slow")
+    # and the first thing it prints is the machine: a failure names its CPU and vector extensions
+    first = next(i for i, line in enumerate(ci) if line and not line.startswith(("#", "set ", "cd ")))
+    assert ci[first].startswith('echo "CPU: ') and "/proc/cpuinfo" in ci[first] and "avx512f" in ci[first + 1]
 
 
 def test_the_readme_is_short():

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from mlmtune.evaluate import perplexity, pseudo_perplexity
 from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+
+pytestmark = pytest.mark.numerics
 
 
 def _blocks(tok, texts, width=32):

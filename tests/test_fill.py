@@ -8,6 +8,8 @@ from compare import assert_same_as_pipeline
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
 
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):

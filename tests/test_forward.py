@@ -10,6 +10,8 @@ import transformers
 from mlmtune.forward import freeze_encoder, has_sparse_head, logits_where, masked_nll_sum
 from mlmtune.masking import IGNORE_INDEX, Masker
 
+pytestmark = pytest.mark.numerics
+
 TINY = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=80)
 

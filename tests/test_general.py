@@ -84,6 +84,7 @@ def general_run(configs, tmp_path_factory):
     return out, result.metrics
 
 
+@pytest.mark.numerics
 def test_the_general_check_before_and_after(general_run, tiny_model_dir):
     out, m = general_run
     model, tok = load_model(str(tiny_model_dir))
@@ -121,6 +122,7 @@ def _hand_figures(model, tokenizer, texts) -> tuple[float, float]:
     return nll / sum(len(t.split()) for t in texts), nll / sum(len(t) for t in texts) / math.log(2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("folder", ["tiny_model_dir", "tiny_bert_dir"])
 def test_tokenizer_free_figures_equal_a_hand_computation(request, folder, docs_texts):
     """Before and after words are added, on the same texts: the model as it was (its own tokenizer, and the grown

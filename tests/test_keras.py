@@ -93,6 +93,7 @@ def _keras_logits(model, tokenizer, ids, attention, positions):
     return np.asarray(model(x, training=False))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_hf_to_keras_gives_pytorchs_logits_and_back_after_a_keras_step(family, tokenizers):
     tokenizer = tokenizers[family]
@@ -122,6 +123,7 @@ def test_hf_to_keras_gives_pytorchs_logits_and_back_after_a_keras_step(family, t
     np.testing.assert_allclose(after, np.take_along_axis(reference, positions[:, :, None], axis=1), atol=ATOL, rtol=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_head_warmup_gradients_are_pytorchs_head_only_gradients(family, tokenizers):
     """In the head warm-up the tied token embedding learns from the head's gradient alone, not through the

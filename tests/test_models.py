@@ -33,6 +33,7 @@ def runs(request, configs, tmp_path_factory):
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparse_head_loss_equals_the_dense_models(request, family):
     """The head at the masked positions only gives the dense model's own loss (its `labels` path)."""
@@ -70,6 +71,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(request, runs, configs, tmp_path, family):
     full, _ = runs[family]
@@ -84,6 +86,7 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(request, runs, confi
     assert_same_weights(out, load_file(str(full / "model.safetensors")))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family, spelling", [("modernbert_dir", "<|mask|>"), ("eurobert_dir", "[MASK]"),
                                               ("eurobert_dir", "<mask>")])
 def test_fill_equals_the_pipeline_in_any_mask_spelling(request, runs, family, spelling):

@@ -17,6 +17,8 @@ from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
 from mlmtune.scoring import Scorer
 
+pytestmark = pytest.mark.numerics
+
 TEXTS = ["The break statement exits the innermost loop.", "Photosynthesis needs light, water and carbon dioxide.",
          "A def statement defines a function; lambda makes one inline."]
 

@@ -29,6 +29,7 @@ def _fixed_mask_loss(model_folder, configs, out):
         return float(AutoModelForMaskedLM.from_pretrained(model_folder).eval()(input_ids=inputs, labels=labels).loss)
 
 
+@pytest.mark.numerics
 def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_model_dir, tmp_path):
     out, m = reference_run.folder, reference_run.metrics
     assert m["perplexity_after"] < 0.9 * m["perplexity_before"]
@@ -52,6 +53,7 @@ def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_mod
                             pipeline("fill-mask", model=str(out))(text, top_k=3))
 
 
+@pytest.mark.numerics
 def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(reference_run, configs, tmp_path):
     assert [p.name for p in sorted((reference_run.folder / "checkpoints").iterdir())] == \
         ["step-0000002", "step-0000004", "step-0000006", "step-0000008"]
@@ -63,6 +65,7 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(reference
     assert resumed.metrics["eval_loss_before"] == reference_run.metrics["eval_loss_before"]  # kept from the start
 
 
+@pytest.mark.numerics
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(reference_run, configs, tmp_path, monkeypatch):
     import mlmtune.torch_engine as engine_mod
 
@@ -151,6 +154,7 @@ def test_push_to_unreachable_hub_keeps_the_model_and_says_so(configs, tmp_path, 
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
+@pytest.mark.numerics
 def test_fp16_scales_the_loss_and_resumes_with_the_same_scale(configs, tmp_path):
     """--precision fp16 (for GPUs before Ampere; CPU autocast runs it too): a GradScaler scales the loss,
     its state rides in every checkpoint, and a resumed run ends with the uninterrupted run's weights."""
@@ -186,6 +190,7 @@ def _compiled(configs, tmp_path, backend, monkeypatch):
     return compiled.metrics, load_file(str(tmp_path / "compiled" / "model.safetensors"))
 
 
+@pytest.mark.numerics
 def test_compile_trains_as_eager_does(reference_run, configs, tmp_path, monkeypatch):
     """The compiled encoder (dynamo's graph and AOTAutograd's backward, run by aot_eager: inductor's code
     generation takes ~30 s on 2 cores, see the slow test) gives the eager run's gradients, dropout included."""
@@ -205,6 +210,7 @@ def test_compile_with_inductor_trains_close_to_eager(reference_run, configs, tmp
     assert abs(metrics["eval_loss_after"] - eager["eval_loss_after"]) < 0.15 * moved
 
 
+@pytest.mark.numerics
 def test_deterministic_holds_for_the_run_only(reference_run, configs, tmp_path):
     """--deterministic runs the whole loop (evaluation, checkpoints) under strict deterministic kernels, which
     raise where an op has none, and puts the setting back; on a CPU the result is the plain run's."""
@@ -237,3 +243,24 @@ def test_tf32_is_on_only_inside_a_gpu_training_step(configs, tmp_path, monkeypat
     train(configs(tmp_path / "run", max_steps=2), progress=False)
     assert seen == [True, True]  # inside each step (as on a GPU)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # and off again after
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, onednn_isa, picked", [
+    (True, True, None, torch.bfloat16),          # this Xeon
+    (True, False, "AVX512_CORE_BF16", torch.bfloat16),
+    (True, True, "AVX2", None),                   # as CI simulates an AVX2-only CPU: bf16 would run 24x slower
+    (True, True, "avx512_core", None),            # AVX-512 without bf16 dot products: 4x slower
+    (False, False, None, None),                   # an AVX2-only EPYC
+])
+def test_auto_precision_is_bf16_only_where_onednn_runs_it_fast(monkeypatch, avx512_bf16, amx, onednn_isa, picked):
+    from mlmtune.device import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    assert resolve_precision("auto", torch.device("cpu")) == picked
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: always

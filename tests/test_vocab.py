@@ -104,6 +104,7 @@ def test_the_trained_folder_fills_the_new_words(made_up):
     assert sum(hits) >= 10, hits
 
 
+@pytest.mark.numerics
 def test_the_tokenizer_free_figures_of_the_run_equal_a_hand_computation(made_up):
     """Before: the model as loaded, with its own tokenizer; after: the trained model with the new one; the same
     held-out texts."""
@@ -122,6 +123,7 @@ def test_the_tokenizer_free_figures_of_the_run_equal_a_hand_computation(made_up)
     assert "## Vocabulary" in card and "nats per word" in card
 
 
+@pytest.mark.numerics
 def test_new_rows_start_from_the_mean_of_their_pieces(made_up):
     """Before the first step: the input embedding (the head's decoder is tied to it) and the head's bias."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -160,6 +162,7 @@ def test_wordpiece_gets_the_whole_word_in_every_casing(tiny_bert_dir):
         torch.testing.assert_close(model.cls.predictions.bias[row], bias[old[word]].mean(0))
 
 
+@pytest.mark.numerics
 def test_a_run_with_added_words_resumes_exactly(configs, tmp_path, capsys):
     words = tmp_path / "words.txt"
     words.write_text("interpreter\nidentifier\ncoroutine\n")

@@ -19,6 +19,7 @@ def span_run(configs, tmp_path_factory):
     return out, train(configs(out, masking="span"), progress=False).metrics
 
 
+@pytest.mark.numerics
 def test_a_span_run_is_scored_on_its_own_masks_and_on_token_masks(span_run, reference_run):
     out, m = span_run
     ref = reference_run.metrics  # the token run: the same model, data and seed
@@ -34,6 +35,7 @@ def test_a_span_run_is_scored_on_its_own_masks_and_on_token_masks(span_run, refe
     assert "masking: span" in saved
 
 
+@pytest.mark.numerics
 def test_a_whole_word_run_resumes_exactly_and_refuses_another_scheme(configs, tmp_path):
     full = train(configs(tmp_path / "full", masking="whole-word", max_steps=6), progress=False)
 
