@@ -62,3 +62,13 @@ def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     assert metrics["general_eval"] == "builtin:wikipedia" and metrics["general_blocks"] == 64
     assert (f"Perplexity on general English (builtin:wikipedia): {metrics['general_perplexity_before']:,.1f} before "
             f"-> {metrics['general_perplexity_after']:,.1f} after") in printed
+    # the sentence embeddings before and after, whatever they show; the output is a sentence encoder again
+    assert (f"MRR@10 {metrics['embedding_mrr10_before']:.3f} before -> {metrics['embedding_mrr10_after']:.3f} after"
+            in printed)
+    st = pytest.importorskip("sentence_transformers", reason="the [test] extra brings sentence-transformers")
+    start = st.SentenceTransformer(str(model_mod.builtin_model_dir()), device="cpu")
+    adapted = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in adapted] == [type(m).__name__ for m in start] == [
+        "Transformer", "Pooling", "Normalize"]
+    norms = adapted.encode(["Use a for loop to iterate over a list."], convert_to_tensor=True).norm(dim=1)
+    assert norms.tolist() == pytest.approx([1.0], abs=1e-5)
