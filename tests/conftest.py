@@ -91,6 +91,34 @@ def tiny_bert_dir(tmp_path_factory, docs_texts) -> Path:
     return folder
 
 
+def sentence_folder(source: Path, folder: Path, pooling: str = "mean", normalize: bool = True) -> Path:
+    """A copy of a model folder made a sentence-transformers model, as all-MiniLM-L6-v2 is on the Hub: the
+    encoder at the root (the Transformer module), `1_Pooling/config.json` in sentence-transformers' older format,
+    Normalize (without a folder, as the built-in model ships it), `sentence_bert_config.json` and
+    `config_sentence_transformers.json`."""
+    shutil.copytree(source, folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max",
+         "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"__version__": {"sentence_transformers": "2.0.0"}, "prompts": {}, "default_prompt_name": None}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sentence_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT as a sentence encoder (mean pooling, normalised): `sentence_folder` of it."""
+    return sentence_folder(tiny_bert_dir, tmp_path_factory.mktemp("tiny-sentence") / "encoder")
+
+
 @pytest.fixture(scope="session")
 def _tiny_loaded(tiny_model_dir):
     from mlmtune.model import load_model

@@ -361,3 +361,24 @@ def test_two_nodes_with_their_own_caches_match_one_process(no_dropout_model, one
     m2 = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
     _assert_same_updates(one_process, tmp_path / "run")
+
+
+@pytest.mark.slow  # two more runs; the FSDP path itself is the test above
+def test_a_sentence_encoder_under_fsdp_is_checked_and_kept_as_on_one_process(no_dropout_model, eli5_like, tmp_path):
+    """Rank 0 checks the embeddings of the full model (as loaded, and gathered at the end) and writes the
+    sentence-transformers files: the figures one process gets, and the same modules."""
+    from conftest import sentence_folder
+
+    encoder = sentence_folder(no_dropout_model, tmp_path / "encoder")
+    common = _common(encoder, eli5_like, tmp_path / "cache")
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6", "--output-dir",
+          str(tmp_path / "one")], tmp_path)
+    two = _torchrun([*common, "--batch-size", "3", "--fsdp", "--output-dir", str(tmp_path / "fsdp")], tmp_path)
+    assert two.stderr.count("After training, embeddings") == 1  # rank 0 alone
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert m2["embedding_mrr10_before"] == m1["embedding_mrr10_before"]
+    assert m1["embedding_mrr10_after"] < m1["embedding_mrr10_before"] - 0.05  # training moved it
+    assert m2["embedding_mrr10_after"] == pytest.approx(m1["embedding_mrr10_after"], abs=1e-6)
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
+        assert (tmp_path / "fsdp" / name).read_bytes() == (encoder / name).read_bytes()

@@ -385,3 +385,20 @@ def test_keras_trains_a_grown_vocabulary(configs, tmp_path):
     assert k["eval_loss_before"] == pytest.approx(t["eval_loss_before"], abs=1e-6)
     assert k["eval_loss_after"] < k["eval_loss_before"] - 0.05
     assert (tmp_path / "keras" / "added_tokens.txt").read_text() == "interpreter\nidentifier\ncoroutine\n"
+
+
+def test_keras_output_of_a_sentence_encoder_keeps_its_modules(configs, sentence_dir, tmp_path):
+    """The Keras engine writes its output through the same `write_output`: SentenceTransformer loads it with the
+    start's modules and the weights Keras trained."""
+    st = pytest.importorskip("sentence_transformers", reason="the [test] extra brings sentence-transformers")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "keras"
+    m = train(configs(out, backend="keras", model=str(sentence_dir), max_steps=2), progress=False).metrics
+    model = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(x).__name__ for x in model] == ["Transformer", "Pooling", "Normalize"]
+    trained = load_file(str(out / "model.safetensors"))["bert.encoder.layer.1.output.dense.weight"]
+    start = load_file(str(sentence_dir / "model.safetensors"))["bert.encoder.layer.1.output.dense.weight"]
+    assert torch.equal(model[0].auto_model.encoder.layer[1].output.dense.weight, trained)
+    assert not torch.equal(trained, start)
+    assert m["embedding_mrr10_before"] is not None and m["embedding_mrr10_after"] is not None

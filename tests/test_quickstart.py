@@ -69,3 +69,13 @@ def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     assert (f"Downstream (builtin:python-docs-chapters, linear probe, mean ± sd of 3 runs): accuracy "
             f"{metrics['downstream_accuracy_before']:.1%} ± {metrics['downstream_accuracy_std_before']:.1%} -> "
             f"{metrics['downstream_accuracy_after']:.1%} ± {metrics['downstream_accuracy_std_after']:.1%}") in printed
+    # the sentence embeddings before and after, whatever they show; the output is a sentence encoder again
+    assert (f"MRR@10 {metrics['embedding_mrr10_before']:.3f} before -> {metrics['embedding_mrr10_after']:.3f} after"
+            in printed)
+    st = pytest.importorskip("sentence_transformers", reason="the [test] extra brings sentence-transformers")
+    start = st.SentenceTransformer(str(model_mod.builtin_model_dir()), device="cpu")
+    adapted = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in adapted] == [type(m).__name__ for m in start] == [
+        "Transformer", "Pooling", "Normalize"]
+    norms = adapted.encode(["Use a for loop to iterate over a list."], convert_to_tensor=True).norm(dim=1)
+    assert norms.tolist() == pytest.approx([1.0], abs=1e-5)

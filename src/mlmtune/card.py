@@ -13,6 +13,8 @@ from mlmtune.config import TrainConfig
 from mlmtune.corpora import WIKIPEDIA, WIKIPEDIA_LICENCE
 from mlmtune.downstream import METHOD_NAMES
 from mlmtune.downstream import summary_line as downstream_summary
+from mlmtune.embedding import LOWERED, MIN_WORDS, chance_mrr10, lowered
+from mlmtune.embedding import summary_lines as embedding_summary
 
 
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
@@ -83,6 +85,7 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
                      f"{m['cloze_top1_after']:.1%}, top-3 {m['cloze_top3_before']:.1%} -> {m['cloze_top3_after']:.1%}")
     if (line := downstream_summary(m)) is not None:
         lines.append(line)
+    lines += embedding_summary(m)
     if m.get("added_tokens"):
         tpw = (f"; tokens per word {m['tokens_per_word_before']:.3f} -> {m['tokens_per_word_after']:.3f}"
                if m.get("tokens_per_word_before") is not None else "")
@@ -154,6 +157,25 @@ before and after this training; {spread}.
 """
 
 
+def _embedding_section(m: dict[str, Any]) -> str:
+    if "embedding_texts" not in m:
+        return ""
+    n = m["embedding_texts"]
+    fell = f"\n{LOWERED[0].upper()}{LOWERED[1:]}.\n" if lowered(m) else ""
+    return f"""
+## What it did to the sentence embeddings
+
+{n} held-out texts of at least {MIN_WORDS} words, each cut in two; each first half ranks the {n} second halves by the
+model's own sentence embedding ({m['embedding_pooling']}, {m['embedding_similarity']} similarity), as
+`SentenceTransformer` computes it. MRR@10 by chance: {chance_mrr10(n):.3f}.
+
+| | MRR@10 | recall@1 |
+| --- | --- | --- |
+| before | {_fmt3(m.get("embedding_mrr10_before"))} | {_pct(m.get("embedding_recall1_before"))} |
+| after | {_fmt3(m.get("embedding_mrr10_after"))} | {_pct(m.get("embedding_recall1_after"))} |
+{fell}"""
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
@@ -184,13 +206,30 @@ def _fmt3(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _sentence_use(m: dict[str, Any], name: str) -> str:
+    if not m.get("sentence_modules"):
+        return ""
+    return f"""
+It keeps the sentence-transformers modules of the model it started from ({", ".join(m["sentence_modules"])}),
+with this encoder:
+
+```python
+from sentence_transformers import SentenceTransformer
+
+embeddings = SentenceTransformer("{name}").encode(["The answer is here."])
+```
+"""
+
+
 def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, mask_token: str,
                      name: str | None = None) -> Path:
     """A Hugging Face model card: YAML metadata (pipeline_tag: fill-mask) and the run's numbers."""
     base = cfg.model if not cfg.model.startswith(("/", ".", "~", "builtin:")) else None
     dataset = cfg.data.dataset or ""
     hub_dataset = dataset if "/" in dataset and not dataset.startswith(("/", ".", "~")) else None
-    meta = ["library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- fill-mask", "- mlmtune"]
+    sentence = bool(metrics.get("sentence_modules"))  # a sentence encoder: sentence-transformers loads it too
+    meta = ["library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- fill-mask", "- mlmtune",
+            *(["- sentence-transformers"] if sentence else [])]
     if base:
         meta.append(f"base_model: {base}")
     if hub_dataset:
@@ -226,7 +265,8 @@ from the seed, so both numbers score the same predictions.
 | after | {_fmt(metrics.get("eval_loss_after"))} | {_fmt(metrics.get("perplexity_after"))} |
 {_token_rows(metrics)}
 Masked eval tokens: {metrics.get("eval_masked_tokens", 0):,}.
-{_cloze_section(metrics)}{_downstream_section(metrics)}{_general_section(metrics)}{_vocabulary_section(metrics)}
+{_cloze_section(metrics)}{_downstream_section(metrics)}{_embedding_section(metrics)}{_general_section(metrics)}\
+{_vocabulary_section(metrics)}
 ## Training
 
 | setting | value |
@@ -243,7 +283,7 @@ fill("The answer is {mask_token}.")
 ```
 
 or `mlmtune fill --model {name} "The answer is {mask_token}."`
-"""
+{_sentence_use(metrics, name)}"""
     path = folder / "README.md"
     path.write_text(text)
     return path

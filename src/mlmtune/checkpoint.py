@@ -86,6 +86,7 @@ class TrainState:
     general_before: dict[str, Any] | None = None  # the general corpus' sample, before training (--general-eval)
     cloze_before: dict[str, Any] | None = None  # the domain cloze before training (--cloze-words)
     downstream_before: dict[str, Any] | None = None  # the downstream probe before training (--downstream)
+    embedding_before: dict[str, Any] | None = None  # a sentence encoder's embedding check before training
     epochs: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
@@ -160,8 +161,11 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, state: Train
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Flush the files of a folder to disk before it is renamed into place."""
+    """Flush the files of a folder (and of its subfolders) to disk before it is renamed into place."""
     for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_dir(f)
+            continue
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
 
@@ -301,6 +305,16 @@ def _offers(candidates: list[Path], config: dict[str, Any], world: int):
         yield None
 
 
+def _move_into(source: Path, target: Path) -> None:
+    """Rename each file of `source` into `target`; a subfolder (a sentence encoder's `1_Pooling/`) goes in whole,
+    or file by file into the one an earlier write of the same run left there."""
+    for f in sorted(source.iterdir()):
+        if f.is_dir() and (target / f.name).is_dir():
+            _move_into(f, target / f.name)
+        else:
+            os.replace(f, target / f.name)
+
+
 def write_final(output_dir: Path, write: Callable[[Path], None]) -> None:
     """Run `write(folder)` into a temporary folder, then move each file into `output_dir`.
 
@@ -311,8 +325,7 @@ def write_final(output_dir: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         _fsync_dir(tmp)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, output_dir / f.name)
+        _move_into(tmp, output_dir)
     except WRITE_ERRORS as e:
         raise MlmtuneError(f"writing the final model to {output_dir} failed ({write_error(e, output_dir)}); "
                            f"the checkpoints under {checkpoints_dir(output_dir)} are intact: fix it and rerun "

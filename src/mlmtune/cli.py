@@ -218,6 +218,9 @@ def cmd_eval(args) -> int:
         print(f"downstream ({result['downstream']}, {METHOD_NAMES[result['downstream_method']]}, {runs} run"
               f"{'s' if runs > 1 else ''}): accuracy {result['downstream_accuracy']:.1%}{spread('accuracy')}, "
               f"macro-F1 {result['downstream_f1']:.1%}{spread('f1')}")
+    if "embedding_mrr10" in result:
+        print(f"embeddings ({result['embedding_texts']} held-out texts cut in two, {result['embedding_pooling']}): "
+              f"MRR@10 {result['embedding_mrr10']:.3f}, recall@1 {result['embedding_recall1']:.1%}")
     return 0
 
 

@@ -25,6 +25,7 @@ BACKENDS = ("torch", "keras")
 MASKING = ("token", "whole-word", "span")  # the schemes of masking.py
 DEFAULT_TEST_SIZE = 0.2
 PROBE_METHODS = ("linear", "finetune")
+EMBEDDING_EVAL = ("auto", "none")
 QUICKSTART_TASK = "builtin:python-docs-chapters"
 
 # `mlmtune quickstart`: applied over TrainConfig's defaults, under any --config file and flags. The head is
@@ -108,7 +109,8 @@ class TaskConfig:
     by the first seed, which every run and every model shares."""
     method: str = "linear"
     """linear: the encoder frozen, logistic regression on its features (mean of the last layer over the real
-    tokens, and the first token); finetune: AutoModelForSequenceClassification trained whole, a short fixed recipe."""
+    tokens, and the first token; a sentence encoder's own sentence embedding); finetune:
+    AutoModelForSequenceClassification trained whole, a short fixed recipe."""
     seeds: int = 3
     """Runs per model, seeds seed, seed+1, ...: each draws its own split (when the task has none) and, with
     finetune, its own classifier, order and dropout. Scores are their mean and standard deviation."""
@@ -211,6 +213,8 @@ def _check_common(cfg: Any) -> None:
     _require(cfg.cloze_words in ("auto", "python", "none") or Path(cfg.cloze_words).is_file(),
              f"--cloze-words {cfg.cloze_words}: no such file; give a file of words, one a line, or auto, python "
              f"or none")
+    _require(cfg.embedding_eval in EMBEDDING_EVAL, f"--embedding-eval must be one of {', '.join(EMBEDDING_EVAL)}, "
+             f"got {cfg.embedding_eval!r}")
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,10 @@ class TrainConfig:
     whole: auto (python on builtin:python-docs, else the training split's 100 most frequent content words),
     python (its keywords and built-ins), none, or FILE (one word a line)."""
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    embedding_eval: str = "auto"
+    """The embedding check of a sentence encoder (a model folder with sentence-transformers' modules.json): held-out
+    texts cut in two, each first half retrieving its own second half by the model's pooling, MRR@10 and recall@1
+    before and after training. auto: on for a sentence encoder; none: off."""
     epochs: float = 3
     """Passes over the training split (a fraction is allowed)."""
     max_steps: int | None = None
@@ -405,6 +413,9 @@ class EvalConfig:
     cloze_words: str = "none"
     """The domain cloze too, as `train --cloze-words` does: auto, python, or FILE (one word a line)."""
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    embedding_eval: str = "none"
+    """The embedding check too, as `train --embedding-eval` does: auto (when the model is a sentence encoder) or
+    none."""
 
     def __post_init__(self):
         _check_common(self)

@@ -76,6 +76,14 @@ class Dashboard:
         self.writer.add_scalar("eval_downstream/f1", entry["f1"], step)
         self.writer.flush()
 
+    def embedding(self, step: int, entry: dict) -> None:
+        """A sentence encoder's embedding check, before and after training."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar("eval_embedding/mrr10", entry["embedding_mrr10"], step)
+        self.writer.add_scalar("eval_embedding/recall1", entry["embedding_recall1"], step)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

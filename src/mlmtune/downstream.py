@@ -13,6 +13,7 @@ from mlmtune.config import ProbeConfig, TaskConfig
 from mlmtune.device import resolve_device
 from mlmtune.model import load_model
 from mlmtune.probe import probe
+from mlmtune.sentence import SentenceEncoder, sentence_encoder
 from mlmtune.task import TaskData
 
 METHOD_NAMES = {"linear": "linear probe", "finetune": "fine-tuned classifier"}
@@ -31,7 +32,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, Any]:
     for name in cfg.model:
         model, tokenizer = load_model(name)
         models.append({"model": name, **probe(model, tokenizer, data, cfg.probe, cfg.seed, device,
-                                                progress=progress)})
+                                                progress=progress, encoder=sentence_encoder(name))})
         del model
     return {"task": data.describe([cfg.seed]), "classes": data.classes, "method": cfg.probe.method,
             "seeds": models[0]["seeds"], "models": models}
@@ -61,17 +62,21 @@ def format_table(result: dict[str, Any]) -> str:
 class RunProbe:
     """A training run's probe: the task read once (rank 0), scored with the model as loaded and as trained."""
 
-    def __init__(self, cfg: TaskConfig, seed: int, device: torch.device):
+    def __init__(self, cfg: TaskConfig, seed: int, device: torch.device, encoder: SentenceEncoder | None = None):
         self.cfg, self.seed, self.device = cfg, seed, device
+        self.encoder = encoder  # a sentence encoder: the linear probe reads its own sentence embedding
         self.data = TaskData(cfg, seed)
 
     def describe(self) -> str:
-        return (f"Downstream: {self.data.describe([self.seed])}; a {METHOD_NAMES[self.cfg.method]}, "
+        pooled = self.cfg.method == "linear" and self.encoder is not None and self.encoder.problem is None
+        on = f" on its sentence embedding ({self.encoder.describe()})" if pooled else ""
+        return (f"Downstream: {self.data.describe([self.seed])}; a {METHOD_NAMES[self.cfg.method]}{on}, "
                 f"scored before and after training")
 
     def __call__(self, model, tokenizer) -> dict[str, Any]:
         """The probe of `model` (left where it was), in fp32 as every evaluation of a run."""
-        return {"downstream": self.cfg.task, **probe(model, tokenizer, self.data, self.cfg, self.seed, self.device)}
+        return {"downstream": self.cfg.task, **probe(model, tokenizer, self.data, self.cfg, self.seed, self.device,
+                                                     encoder=self.encoder)}
 
 
 def downstream_line(when: str, entry: dict[str, Any]) -> str:

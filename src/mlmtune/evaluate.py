@@ -23,7 +23,8 @@ from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
 from mlmtune.device import resolve_device
 from mlmtune.downstream import RunProbe, eval_entry
-from mlmtune.errors import MlmtuneError
+from mlmtune.embedding import embedding_check
+from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import logits_where, masked_nll_sum
 from mlmtune.general import (
     FREE_TEXTS,
@@ -38,6 +39,7 @@ from mlmtune.general import (
 from mlmtune.masking import Masker, iter_eval_masks
 from mlmtune.model import check_block_size, load_model, max_positions
 from mlmtune.prepare import is_prepared, prepare_blocks
+from mlmtune.sentence import sentence_encoder
 from mlmtune.stream import held_out_texts
 
 
@@ -208,7 +210,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         eval_blocks and, with `cfg.pseudo`, pseudo_perplexity, pseudo_tokens and pseudo_texts; with
         `cfg.general_eval`, general_loss, general_perplexity, general_masked_tokens, general_blocks; with
         `cfg.tokenizer_free`, nll_per_word, bits_per_char, tokenizer_free_texts and tokenizer_free_words; with
-        `cfg.downstream`, the probe's downstream_accuracy, downstream_f1 (and their _std) and downstream_runs.
+        `cfg.downstream`, the probe's downstream_accuracy, downstream_f1 (and their _std) and downstream_runs; with
+        `cfg.embedding_eval` on a sentence encoder, embedding_mrr10, embedding_recall1, embedding_texts,
+        embedding_pooling.
     """
     model, tokenizer = load_model(cfg.model)
     plan = eval_plan(cfg)
@@ -268,8 +272,17 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             raise MlmtuneError(f"--cloze-words {cfg.cloze_words}: no case to score in the eval split")
         out.update(cloze=held[0], **cloze_accuracy(model, tokenizer, held[1], model.device, cfg.batch_size))
     task = cfg.downstream.task()
+    sentence = sentence_encoder(cfg.model) if task is not None or cfg.embedding_eval != "none" else None
     if task is not None:  # the seed of the run that made the model, when scoring its data: its figure, reproduced
-        out.update(eval_entry(RunProbe(task, seed, model.device)(model, tokenizer)))
+        out.update(eval_entry(RunProbe(task, seed, model.device, sentence)(model, tokenizer)))
+    if cfg.embedding_eval != "none" and sentence is None:
+        say(f"note: no embedding check: {cfg.model} is no sentence encoder (it has no modules.json)")
+    elif cfg.embedding_eval != "none":
+        if prepared:
+            raise MlmtuneError("--embedding-eval needs the texts, not prepared blocks: pass the original --dataset")
+        check = embedding_check(cfg.embedding_eval, sentence, data, seed, model.device)
+        if check is not None:
+            out.update(check(model, tokenizer))
     source = general_source(cfg.general_eval)
     if source:
         blocks = general_blocks(source, model, tokenizer)

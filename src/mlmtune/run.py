@@ -26,6 +26,7 @@ from mlmtune.cloze import ClozeCase, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, TrainConfig
 from mlmtune.data import load_texts
 from mlmtune.downstream import RunProbe, downstream_line
+from mlmtune.embedding import EmbeddingCheck, embedding_check, embedding_line
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.findings import Findings, check_data, check_tokenizer
 from mlmtune.forward import encoder_layers
@@ -36,6 +37,7 @@ from mlmtune.masking import Masker
 from mlmtune.model import check_block_size, load_model, max_positions
 from mlmtune.options import save_config
 from mlmtune.prepare import cache_root, is_prepared, prepare_blocks, prepared_words
+from mlmtune.sentence import SentenceEncoder, copy_files, sentence_encoder
 from mlmtune.stream import held_out_texts
 from mlmtune.torch_engine import TorchEngine
 from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, Grown, add_words, choose_words, init_rows, tokens_per_word
@@ -166,6 +168,9 @@ class Run:
     cloze: tuple[str, list[ClozeCase]] | None = None  # --cloze-words: which words, and the held-out cases
     downstream: RunProbe | None = None  # --downstream: the task (rank 0 only)
     downstream_before: dict | None = None  # and its probe of the model as loaded (None when resuming)
+    sentence: SentenceEncoder | None = None  # a sentence encoder's modules, kept in the output (rank 0 only)
+    embedding: EmbeddingCheck | None = None  # its embedding check (rank 0 only)
+    embedding_before: dict | None = None  # and the check of the model as loaded (None when resuming)
 
     @property
     def n_train(self) -> int | None:
@@ -205,7 +210,12 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
-    probe, before = distributed.main_first(d, lambda: downstream_before(cfg, model, tokenizer, device, d.main))
+    sentence = sentence_encoder(cfg.model) if d.main else None  # rank 0 checks and writes: only it reads them
+    probe, before = distributed.main_first(d, lambda: downstream_before(cfg, model, tokenizer, device, sentence,
+                                                                        d.main))
+    held = held_out_texts(cfg.data) if cfg.data.streaming and cfg.data.eval_records else None  # read once
+    embedding, embedded = distributed.main_first(d, lambda: embedding_before(cfg, model, tokenizer, device, sentence,
+                                                                            held, d.main))
     layers = len(encoder_layers(model))
     if cfg.freeze_layers >= max(layers, 1):
         raise MlmtuneError(f"--freeze-layers {cfg.freeze_layers}: {cfg.model} has {layers} encoder layers, so at "
@@ -217,7 +227,6 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
 
     # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
     # is tokenized as it is read; only its held-out eval records are prepared up front.
-    held = held_out_texts(cfg.data) if cfg.data.streaming and cfg.data.eval_records else None  # read once
     if cfg.data.streaming:
         blocks, stats = _held_out_blocks(cfg, tokenizer, held)
     else:
@@ -242,22 +251,42 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if cloze is not None:
         say(f"Cloze: {len(cloze[1])} held-out occurrences of {len({c.word for c in cloze[1]})} words "
             f"({cloze[0]}), each masked whole, scored top-1 and top-3 before and after training")
-    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown, cloze, probe, before)
+    return Run(model, tokenizer, stats, train_blocks, eval_blocks, masker, general, grown, cloze, probe, before,
+               sentence, embedding, embedded)
 
 
-def downstream_before(cfg: TrainConfig, model, tokenizer, device, main: bool) -> tuple[RunProbe | None, dict | None]:
+def downstream_before(cfg: TrainConfig, model, tokenizer, device, sentence: SentenceEncoder | None,
+                      main: bool) -> tuple[RunProbe | None, dict | None]:
     """--downstream (rank 0): the task, read and checked before any training, and the probe of the model as loaded
-    (before its vocabulary grows), unless a checkpoint to resume already holds it."""
+    (before its vocabulary grows), unless a checkpoint to resume already holds it. A sentence encoder is probed
+    through its own pooling."""
     task = cfg.downstream.task()
     if task is None or not main:
         return None, None
-    probe = RunProbe(task, cfg.seed, device or torch.device("cpu"))
+    probe = RunProbe(task, cfg.seed, device or torch.device("cpu"), sentence)
     say(probe.describe())
     if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
         return probe, None  # the checkpoint's state has it
     before = probe(model, tokenizer)
     say(downstream_line("Before training", before))
     return probe, before
+
+
+def embedding_before(cfg: TrainConfig, model, tokenizer, device, sentence: SentenceEncoder | None,
+                     held: list[str] | None, main: bool) -> tuple[EmbeddingCheck | None, dict | None]:
+    """A sentence encoder's embedding check (rank 0): the pairs drawn from the eval split and the check of the model
+    as loaded (before its vocabulary grows), unless a checkpoint to resume already holds it."""
+    if not main:
+        return None, None
+    check = embedding_check(cfg.embedding_eval, sentence, cfg.data, cfg.seed, device or torch.device("cpu"), held)
+    if check is None:
+        return None, None
+    say(check.describe())
+    if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
+        return check, None  # the checkpoint's state has it
+    before = check(model, tokenizer)
+    say(embedding_line("Before training", before))
+    return check, before
 
 
 def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:
@@ -343,14 +372,17 @@ def _token_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
 
 
 def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any],
-                 added: list[str] | None = None) -> None:
+                 added: list[str] | None = None, sentence: SentenceEncoder | None = None) -> None:
     """The output folder: an ordinary Hugging Face model folder plus the run's records (added_tokens.txt: the
-    words --add-tokens added); then the push."""
+    words --add-tokens added) and, from a sentence encoder, its sentence-transformers files (the Transformer module
+    is the folder itself: the trained weights and tokenizer); then the push."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         if added:
             (folder / "added_tokens.txt").write_text("".join(f"{w}\n" for w in added), encoding="utf-8")
+        if sentence is not None:
+            copy_files(sentence, folder)
         save_config(cfg, folder)
         write_metrics(metrics, folder)
         plot_curves(metrics, folder)

@@ -28,6 +28,7 @@ from mlmtune import dashboard, distributed
 from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.downstream import downstream_line, downstream_metrics
+from mlmtune.embedding import embedding_line, embedding_metrics
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
@@ -103,8 +104,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
     cloze = cloze_check(run, engine)
     state, resumed = start_or_resume(cfg, out, engine, evaluate, general, cloze)
-    if not resumed:
-        state.downstream_before = run.downstream_before  # scored as loaded, before the vocabulary grew
+    if not resumed:  # scored as loaded, before the vocabulary grew
+        state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
@@ -114,6 +115,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
         dash.cloze(0, state.cloze_before)
     if not resumed and state.downstream_before:
         dash.downstream(0, state.downstream_before)
+    if not resumed and state.embedding_before:
+        dash.embedding(0, state.embedding_before)
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
@@ -329,8 +332,9 @@ class Loop:
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
            evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: dict,
            dash: dashboard.Dashboard) -> TrainResult:
-    """Metrics (with each rank's tokens and weight digest); rank 0 probes the downstream task with the full model
-    and writes the output folder, while the others wait; all leave together."""
+    """Metrics (with each rank's tokens and weight digest); rank 0 probes the downstream task and checks a sentence
+    encoder's embeddings with the full model and writes the output folder, while the others wait; all leave
+    together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
@@ -349,18 +353,25 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
-    if d.main:  # the tokenizer-free figures and the downstream probe, with the full model (rank 0)
+    if d.main:  # the tokenizer-free figures, the downstream probe and the embedding check, with the full model
         metrics.update(vocabulary_metrics(run, full_model, engine.device))
         if run.downstream is not None:
             downstream_after = run.downstream(full_model, run.tokenizer)
             say(downstream_line("After training", downstream_after))
             dash.downstream(state.step, downstream_after)
             metrics.update(downstream_metrics(state.downstream_before, downstream_after))
+        if run.sentence is not None:
+            metrics["sentence_modules"] = list(run.sentence.modules)
+        if run.embedding is not None:
+            embedding_after = run.embedding(full_model, run.tokenizer)
+            say(embedding_line("After training", embedding_after))
+            dash.embedding(state.step, embedding_after)
+            metrics.update(embedding_metrics(state.embedding_before, embedding_after))
     engine.close()
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
             write_output(cfg, Path(cfg.output_dir), full_model, run.tokenizer, metrics,
-                         run.vocabulary.words if run.vocabulary else None)
+                         run.vocabulary.words if run.vocabulary else None, run.sentence)
     finally:
         distributed.close(d)
     return TrainResult(output_dir=Path(cfg.output_dir), metrics=metrics, rank=d.rank)
