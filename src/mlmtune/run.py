@@ -263,13 +263,8 @@ def downstream_before(cfg: TrainConfig, model, tokenizer, device, sentence: Sent
     task = cfg.downstream.task()
     if task is None or not main:
         return None, None
-    probe = RunProbe(task, cfg.seed, device or torch.device("cpu"), sentence)
-    say(probe.describe())
-    if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
-        return probe, None  # the checkpoint's state has it
-    before = probe(model, tokenizer)
-    say(downstream_line("Before training", before))
-    return probe, before
+    return _scored_before(cfg, RunProbe(task, cfg.seed, device or torch.device("cpu"), sentence), model, tokenizer,
+                          downstream_line)
 
 
 def embedding_before(cfg: TrainConfig, model, tokenizer, device, sentence: SentenceEncoder | None,
@@ -281,12 +276,18 @@ def embedding_before(cfg: TrainConfig, model, tokenizer, device, sentence: Sente
     check = embedding_check(cfg.embedding_eval, sentence, cfg.data, cfg.seed, device or torch.device("cpu"), held)
     if check is None:
         return None, None
-    say(check.describe())
+    return _scored_before(cfg, check, model, tokenizer, embedding_line)
+
+
+def _scored_before(cfg: TrainConfig, measure, model, tokenizer, line) -> tuple[Any, dict | None]:
+    """A measurement that rank 0 takes of the model as loaded: said, and scored unless a checkpoint to resume
+    already holds its figure (None then: the checkpoint's state has it)."""
+    say(measure.describe())
     if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
-        return check, None  # the checkpoint's state has it
-    before = check(model, tokenizer)
-    say(embedding_line("Before training", before))
-    return check, before
+        return measure, None
+    before = measure(model, tokenizer)
+    say(line("Before training", before))
+    return measure, before
 
 
 def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:
