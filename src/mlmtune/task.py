@@ -17,7 +17,7 @@ from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
 from mlmtune.config import DataConfig, TaskConfig
-from mlmtune.data import load_records, local_source, text_values
+from mlmtune.data import load_records, text_values
 from mlmtune.errors import MlmtuneError, warn
 
 # builtin:python-docs-chapters: each pydoc topic by the part of the Python docs it comes from. The debugger's
@@ -113,7 +113,6 @@ def _raw_splits(cfg: TaskConfig) -> tuple[tuple[list[str], list], tuple[list[str
         raise MlmtuneError(f"unknown built-in task {name!r}; the built-in task is {', '.join(BUILTIN_TASKS)}")
     path = Path(name).expanduser()
     if path.is_dir() and (files := _split_files(path)):
-        local_source(files["train"])  # a supported file type, or the one-line error
         return (_pairs(load_records(DataConfig(dataset=str(files["train"]))), cfg, str(files["train"])),
                 _pairs(load_records(DataConfig(dataset=str(files["test"]))), cfg, str(files["test"])))
     if path.exists():
