@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mlmtune.evaluate import perplexity, pseudo_perplexity
 from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.perplexity import perplexity, pseudo_perplexity
 
 pytestmark = pytest.mark.numerics
 

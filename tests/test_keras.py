@@ -31,10 +31,10 @@ import mlmtune.keras as mk  # noqa: E402
 from mlmtune.cli import main  # noqa: E402
 from mlmtune.config import TrainConfig  # noqa: E402
 from mlmtune.errors import MlmtuneError  # noqa: E402
-from mlmtune.evaluate import perplexity  # noqa: E402
 from mlmtune.keras.data import keras_batch  # noqa: E402
 from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks  # noqa: E402
 from mlmtune.model import load_model  # noqa: E402
+from mlmtune.perplexity import perplexity  # noqa: E402
 from mlmtune.train import train  # noqa: E402
 
 mk.require()

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from live import raw_exchange, running
 
-from mlmtune.api import Limits
 from mlmtune.batcher import Stopped
 from mlmtune.fill import FillMask
 from mlmtune.guard import SECURITY_HEADERS
+from mlmtune.payloads import Limits
 from mlmtune.serve import make_app
 
 fastapi = pytest.importorskip("fastapi")

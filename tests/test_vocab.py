@@ -17,7 +17,7 @@ from test_general import _hand_figures
 from mlmtune.cli import main
 from mlmtune.data import load_texts
 from mlmtune.distributed import Dist
-from mlmtune.general import free_sample
+from mlmtune.forgetting import free_sample
 from mlmtune.run import load_run
 from mlmtune.train import train
 from mlmtune.vocab import add_words, init_rows
@@ -193,7 +193,7 @@ def test_prepare_with_added_words_then_train_on_the_folder(configs, tmp_path, ca
     f = configs.flags(tmp_path)
     assert main(["prepare", "--model", f["model"], "--dataset", f["dataset"], "--text-field", "answers.text",
                  "--block-size", "32", "--add-tokens", str(words), "--output-dir", str(tmp_path / "prepared")]) == 0
-    assert "added 2 words to the tokenizer" in capsys.readouterr().out
+    assert "Added 2 words to the tokenizer" in capsys.readouterr().out
     m = train(configs(tmp_path / "run", dataset=str(tmp_path / "prepared"), max_steps=2, add_tokens=str(words)),
               progress=False).metrics
     direct = train(configs(tmp_path / "direct", max_steps=2, add_tokens=str(words)), progress=False).metrics

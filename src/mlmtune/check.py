@@ -14,14 +14,14 @@ import torch
 from mlmtune.blocks import Blocks
 from mlmtune.budget import timed_probe
 from mlmtune.config import TrainConfig
+from mlmtune.engine import engine_class
 from mlmtune.errors import MlmtuneError
 from mlmtune.feed import StepBatches
-from mlmtune.findings import ERROR, OK, Findings, check_data, check_tokenizer
 from mlmtune.forward import describe_head
 from mlmtune.masking import IGNORE_INDEX, Masker, word_numbers
 from mlmtune.model import check_block_size, load_model, load_tokenizer
+from mlmtune.preflight import ERROR, OK, Findings, check_data, check_tokenizer
 from mlmtune.prepare import prepare_blocks
-from mlmtune.run import engine_class
 from mlmtune.schedule import steps_for
 from mlmtune.task import TaskData
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, ProbeConfig, TrainConfig
-from mlmtune.config_use import FillConfig, ScoreConfig, ServeConfig
 from mlmtune.errors import MlmtuneError, warn
+from mlmtune.inference_config import FillConfig, ScoreConfig, ServeConfig
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 
 
@@ -169,16 +169,12 @@ def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
     """prepare --add-tokens: the words added to the tokenizer the blocks are made with (train adds the same)."""
     from mlmtune.data import load_texts
     from mlmtune.prepare import check_prepare_target
-    from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, add_words, choose_words, tokens_per_word
+    from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, choose_words, grow_tokenizer
 
     check_prepare_target(Path(cfg.output_dir))  # before the mining, as without --add-tokens
     texts = list(load_texts(cfg.data, cfg.seed)["train"]["text"])
     words = choose_words(cfg.add_tokens, cfg.add_numbers, texts, tokenizer)
-    before = tokens_per_word(texts[:TOKENS_PER_WORD_TEXTS], tokenizer)
-    add_words(tokenizer, words)
-    after = tokens_per_word(texts[:TOKENS_PER_WORD_TEXTS], tokenizer)
-    print(f"added {len(words)} words to the tokenizer ({', '.join(words[:8])}{', ...' if len(words) > 8 else ''}); "
-          f"tokens per word {before:.3f} -> {after:.3f} on the training split")
+    print(grow_tokenizer(tokenizer, words, texts[:TOKENS_PER_WORD_TEXTS])[1] + " on the training split")
     return words
 
 
@@ -320,7 +316,7 @@ def cmd_serve(args) -> int:
     # server that answers 500 for ever
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device,
                                       precision=cfg.precision)
-    from mlmtune.api import Limits
+    from mlmtune.payloads import Limits
 
     hosts = cfg.allowed_hosts or default_hosts(cfg.host)
     if cfg.allowed_hosts is None and cfg.host in ("0.0.0.0", "::"):

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mlmtune.api import BadRequest, Limits
+from mlmtune.payloads import BadRequest, Limits
 
 log = logging.getLogger("mlmtune.serve")
 

@@ -1,18 +1,15 @@
-"""What a run works with and what it leaves: its output folder (checked before any work), its model,
-tokenizer, blocks and masker, its engine, its metrics and its output folder.
-
-`train.train` is the lifecycle that uses these; an engine (`Engine` below) is what it asks of PyTorch
-(`torch_engine.py`) or Keras (`keras/engine.py`).
+"""What a run works with (`Run`, made by `load_run`): its model and tokenizer (the vocabulary grown with
+--add-tokens), its blocks and masker, the general check's sample, the cloze's cases, and the downstream probe's
+and the embedding check's figures of the model as loaded. `train.train` is the lifecycle that uses them;
+`output.py` checks and writes the output folder; `engine.py` says what an engine does.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -20,137 +17,20 @@ from datasets import Dataset, DatasetDict
 from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
 from mlmtune.blocks import Blocks, BlockStats, build_blocks
-from mlmtune.budget import Probe
-from mlmtune.card import plot_curves, write_metrics, write_model_card
 from mlmtune.cloze import ClozeCase, held_out_cases
-from mlmtune.config import CONFIG_FILENAME, TrainConfig
-from mlmtune.data import load_texts
+from mlmtune.config import TrainConfig
 from mlmtune.downstream import RunProbe, downstream_line
 from mlmtune.embedding import EmbeddingCheck, embedding_check, embedding_line
 from mlmtune.errors import MlmtuneError, say
-from mlmtune.findings import Findings, check_data, check_tokenizer
+from mlmtune.forgetting import general_blocks, general_source
 from mlmtune.forward import encoder_layers
-from mlmtune.general import free_sample, general_blocks, general_source, tokenizer_free
-from mlmtune.hub import push_folder
-from mlmtune.lock import LOCK_NAME, FolderLock
 from mlmtune.masking import Masker
 from mlmtune.model import check_block_size, load_model, max_positions
-from mlmtune.options import save_config
-from mlmtune.prepare import cache_root, is_prepared, prepare_blocks, prepared_words
-from mlmtune.sentence import SentenceEncoder, copy_files, sentence_encoder
+from mlmtune.preflight import Findings, check_data, check_tokenizer
+from mlmtune.prepare import cache_root, is_prepared, prepare_blocks
+from mlmtune.sentence import SentenceEncoder, sentence_encoder
 from mlmtune.stream import held_out_texts
-from mlmtune.torch_engine import TorchEngine
-from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, Grown, add_words, choose_words, init_rows, tokens_per_word
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    output_dir: Path
-    metrics: dict[str, Any]
-    rank: int = 0  # this process's rank: under torchrun only rank 0 reports
-
-
-class Engine(Protocol):
-    """What `train()` asks of a training engine; everything else (data, masks, the learning rate of each step,
-    evaluation, checkpoints, metrics, the output folder) is `train()`'s, the same for every engine."""
-
-    dist: distributed.Dist
-    device: torch.device  # where the PyTorch model evaluates
-    precision: str  # what the steps compute in: fp32, bf16 or fp16
-    pin_memory: bool  # batches are pinned for asynchronous copies to a GPU
-
-    @classmethod
-    def open(cls, cfg: TrainConfig) -> tuple[Engine, TrainConfig]:
-        """Join the job and refuse what this engine cannot do, before any data is read."""
-
-    @staticmethod
-    def check_model(model) -> str | None:
-        """Refuse (MlmtuneError) a model this engine cannot train; a line on what it will train, or None."""
-
-    @staticmethod
-    def probe(cfg: TrainConfig, model, tokenizer, train_blocks: Blocks, device: torch.device) -> Probe:
-        """Seconds per optimizer step (full, or head-only) as this engine trains, for --time-budget."""
-
-    def session(self):
-        """A context manager around the whole run (deterministic kernels for PyTorch)."""
-
-    def attach(self, model) -> None:
-        """Take the loaded model (a new head already seeded), before the step counts are planned."""
-
-    def start(self, cfg: TrainConfig, tokenizer) -> None:
-        """Set up the optimizer and whatever the steps need, from the run's final config."""
-
-    def describe(self) -> str: ...
-
-    def restore(self, path: Path, state: ckpt.TrainState) -> None:
-        """A checkpoint's weights and optimizer state, read into the engine."""
-
-    def set_phase(self, head_only: bool) -> None:
-        """Train the new head alone (the encoder frozen), or the whole model, from the next step on."""
-
-    def step(self, step: int, batches: list, n_masked: int, learning_rate: float, head_only: bool):
-        """One optimizer step over this rank's micro-batches; returns this rank's share of the step's mean loss
-        (a 0-d tensor or a float: nothing here waits for a GPU)."""
-
-    def sync(self) -> None:
-        """Wait for queued device work (before a clock is read)."""
-
-    def eval_model(self) -> torch.nn.Module:
-        """The PyTorch model (or sharded root) that evaluation runs, holding the current weights."""
-
-    def checkpoint(self, state: ckpt.TrainState) -> tuple[torch.nn.Module | None, dict]:
-        """The full model (rank 0; None elsewhere) and the optimizer state to write; every rank calls it."""
-
-    def output_model(self) -> torch.nn.Module | None:
-        """The full model to write as the output (rank 0); every rank calls it."""
-
-    def metrics(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
-
-
-def engine_class(backend: str) -> type[Engine]:
-    """The engine of a --backend. Keras' is imported only then: keras and tensorflow are an optional
-    dependency (`require` says how to install them) that takes seconds to import."""
-    if backend == "keras":
-        from mlmtune.keras import require
-
-        require()
-        from mlmtune.keras.engine import KerasEngine
-
-        return KerasEngine
-    return TorchEngine
-
-
-def check_output_dir(out: Path, resume: bool, lock: FolderLock | None = None) -> None:
-    """Refuse to write over the work of another run, and fail now rather than after training. `lock`: taken
-    here, before the folder is read, so that a second run on it is refused while this one runs."""
-    if out.exists() and not out.is_dir():
-        raise MlmtuneError(f"--output-dir {out} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
-    if lock is not None:
-        lock.acquire()
-    try:
-        if any(p.name != LOCK_NAME for p in out.iterdir()):
-            if not resume:
-                raise MlmtuneError(f"--output-dir {out} is not empty; pass --resume to continue the run in it, "
-                                   f"or choose another --output-dir")
-            if not ckpt.is_run_dir(out):
-                raise MlmtuneError(f"--output-dir {out} holds files but no mlmtune run (no checkpoints/ or "
-                                   f"{CONFIG_FILENAME}); --resume continues a run: choose another --output-dir")
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=out)  # a name nobody else uses
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise MlmtuneError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+from mlmtune.vocab import Grown, grow_vocabulary
 
 
 @dataclass
@@ -290,38 +170,6 @@ def _scored_before(cfg: TrainConfig, measure, model, tokenizer, line) -> tuple[A
     return measure, before
 
 
-def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:
-    """--add-tokens: choose the words (mined from the training split, read from a FILE, or those a prepared
-    folder was made with), score the tokenizer-free figures of the model as loaded (rank 0), add the words and
-    start their rows from their pieces'."""
-    data, train_texts, held = cfg.data, None, []
-    if data.dataset and is_prepared(data.dataset):
-        words = prepared_words(data.dataset)
-        if words is None:
-            raise MlmtuneError(f"{data.dataset} was prepared without --add-tokens: prepare it again with "
-                               f"--add-tokens {cfg.add_tokens}, or train without --add-tokens")
-        say(f"--add-tokens: the {len(words)} words {data.dataset} was prepared with")
-    else:
-        if data.streaming:
-            held = held_out_texts(data) if data.eval_records else []
-        else:
-            split = load_texts(data, cfg.seed)
-            train_texts = list(split["train"]["text"])
-            held = list(split["test"]["text"]) if "test" in split else []
-        words = choose_words(cfg.add_tokens, cfg.add_numbers, train_texts, tokenizer)
-    counted = (train_texts or held)[:TOKENS_PER_WORD_TEXTS]
-    free_texts = free_sample(held)
-    free_before = tokenizer_free(model, tokenizer, free_texts, device) if main and free_texts else None
-    before = tokens_per_word(counted, tokenizer)
-    init_rows(model, tokenizer, add_words(tokenizer, words))
-    after = tokens_per_word(counted, tokenizer)
-    shown = ", ".join(words[:8]) + (", ..." if len(words) > 8 else "")
-    per_word = f"; tokens per word {before:.3f} -> {after:.3f}" if before is not None else ""
-    if main:
-        say(f"Added {len(words)} words to the tokenizer ({shown}){per_word}")
-    return Grown(words, before, after, free_texts, free_before)
-
-
 def check_words(cfg, tokenizer, blocks: list[Blocks]) -> None:
     """--masking whole-word and span need each token's word: refuse blocks made without them, before training."""
     if cfg.masking == "token":
@@ -334,62 +182,3 @@ def check_words(cfg, tokenizer, blocks: list[Blocks]) -> None:
                            f"none (prepared by an older mlmtune): run mlmtune prepare again, or use --masking token")
 
 
-def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict | None) -> dict[str, Any]:
-    """The metrics every engine reports, from the loop state and the last evaluation."""
-    before = state.eval_before
-    return {
-        "model": cfg.model,
-        "dataset": cfg.data.dataset,
-        "eval_loss_before": before["eval_loss"] if before else None,
-        "perplexity_before": before["perplexity"] if before else None,
-        "eval_loss_after": after["eval_loss"] if after else None,
-        "perplexity_after": after["perplexity"] if after else None,
-        "eval_masked_tokens": before["masked_tokens"] if before else 0,
-        "epochs": state.epochs,
-        "train_loss": state.train_loss,
-        "train_steps": state.step,
-        "head_warmup_steps": cfg.head_warmup_steps,
-        "time_budget": cfg.time_budget,
-        "train_tokens": state.train_tokens,
-        "train_seconds": round(state.train_seconds, 3),
-        "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
-        "train_blocks": run.n_train,
-        "streaming": cfg.data.streaming,
-        "eval_blocks": 0 if run.eval_blocks is None else len(run.eval_blocks),
-        "block_size": cfg.data.block_size,
-        "dropped_tokens": run.stats.total_dropped,
-        "backend": cfg.backend,
-        "masking": cfg.masking,
-        **(_token_metrics(before, after) if cfg.masking != "token" else {}),
-    }
-
-
-def _token_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
-    """A whole-word or span run scored on the token scheme's masks too: one yardstick for every scheme."""
-    return {"token_eval_loss_before": before.get("token_eval_loss") if before else None,
-            "token_perplexity_before": before.get("token_perplexity") if before else None,
-            "token_eval_loss_after": after.get("token_eval_loss") if after else None,
-            "token_perplexity_after": after.get("token_perplexity") if after else None}
-
-
-def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[str, Any],
-                 added: list[str] | None = None, sentence: SentenceEncoder | None = None) -> None:
-    """The output folder: an ordinary Hugging Face model folder plus the run's records (added_tokens.txt: the
-    words --add-tokens added) and, from a sentence encoder, its sentence-transformers files (the Transformer module
-    is the folder itself: the trained weights and tokenizer); then the push."""
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        if added:
-            (folder / "added_tokens.txt").write_text("".join(f"{w}\n" for w in added), encoding="utf-8")
-        if sentence is not None:
-            copy_files(sentence, folder)
-        save_config(cfg, folder)
-        write_metrics(metrics, folder)
-        plot_curves(metrics, folder)
-        write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
-
-    ckpt.write_final(out, write)
-    if cfg.push_to_hub:
-        repo = cfg.hub_model_id or out.resolve().name
-        say(f"Pushed to {push_folder(str(out), repo)}")

@@ -30,11 +30,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from mlmtune.api import FILL_OPENAPI, SCORE_OPENAPI, BadRequest, Limits, parse_fill, parse_score
 from mlmtune.batcher import Batcher, Stop, Stopped, Turn
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
 from mlmtune.guard import Guard, Metrics, TimedH11Protocol, error, read_body
+from mlmtune.payloads import FILL_OPENAPI, SCORE_OPENAPI, BadRequest, Limits, parse_fill, parse_score
 from mlmtune.scoring import Scorer
 
 KEEP_ALIVE_S = 5  # an idle connection is closed this long after its last response

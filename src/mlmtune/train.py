@@ -2,7 +2,7 @@
 the step counts, the evaluation before training (or the checkpoint it resumes), the steps, the
 evaluation after, the output folder.
 
-An engine (`torch_engine.TorchEngine`, `keras.engine.KerasEngine`; `run.Engine` says what one does)
+An engine (`torch_engine.TorchEngine`, `keras.engine.KerasEngine`; `engine.Engine` says what one does)
 owns only how the model is held, how one optimizer step runs, and how its weights and optimizer
 state go in and out of a checkpoint. The rest lives here once.
 
@@ -29,11 +29,11 @@ from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.downstream import downstream_line, downstream_metrics
 from mlmtune.embedding import embedding_line, embedding_metrics
+from mlmtune.engine import Engine, engine_class
 from mlmtune.errors import MlmtuneError, say
-from mlmtune.evaluate import EvalResult
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.lock import FolderLock
-from mlmtune.measure import (
+from mlmtune.measurements import (
     cloze_check,
     cloze_metrics,
     eval_entry,
@@ -43,16 +43,9 @@ from mlmtune.measure import (
     vocabulary_metrics,
 )
 from mlmtune.options import to_dict
-from mlmtune.run import (
-    Engine,
-    Run,
-    TrainResult,
-    check_output_dir,
-    engine_class,
-    load_run,
-    run_metrics,
-    write_output,
-)
+from mlmtune.output import TrainResult, check_output_dir, run_metrics, write_output
+from mlmtune.perplexity import EvalResult
+from mlmtune.run import Run, load_run
 from mlmtune.schedule import learning_rate_at, step_plan
 from mlmtune.stopping import Stop, StopNow, Vote
 

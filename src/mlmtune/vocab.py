@@ -1,5 +1,6 @@
 """The domain's own words in the tokenizer (`--add-tokens N|FILE`): mined from the training split or read from a
-file, added as single tokens, their embeddings started from their pieces'.
+file, added as single tokens, their embeddings started from their pieces' (`grow_vocabulary`, a run's growth;
+`grow_tokenizer`, the step that `mlmtune prepare --add-tokens` shares with it).
 
 A general tokenizer cuts a domain's words into many pieces ("photosynthesis", "kubectl", "__init__"), which
 costs context and makes them hard to predict. `mine_words` counts the words of the training texts as the
@@ -22,7 +23,12 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken
 
+from mlmtune.config import TrainConfig
+from mlmtune.data import load_texts
 from mlmtune.errors import MlmtuneError, say
+from mlmtune.forgetting import free_sample, tokenizer_free
+from mlmtune.prepare import is_prepared, prepared_words
+from mlmtune.stream import held_out_texts
 
 MIN_PIECES, MIN_COUNT = 3, 5
 TOKENS_PER_WORD_TEXTS = 20_000  # tokens per word is counted on at most this many training texts
@@ -36,7 +42,7 @@ class Grown:
     tokens_per_word_before: float | None  # on the training split (None: no texts, e.g. a prepared folder)
     tokens_per_word_after: float | None
     free_texts: list[str]  # the held-out texts of the tokenizer-free figures
-    free_before: dict | None  # those figures for the model as loaded, with its own tokenizer (`general.py`)
+    free_before: dict | None  # those figures for the model as loaded, with its own tokenizer (`forgetting.py`)
 
 
 def choose_words(value: str, numbers: bool, train_texts: list[str] | None, tokenizer) -> list[str]:
@@ -205,3 +211,43 @@ def tokens_per_word(texts: list[str], tokenizer) -> float | None:
         words += sum(len(t.split()) for t in chunk)
         tokens += sum(len(ids) for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"])
     return tokens / words if words else None
+
+
+def grow_tokenizer(tokenizer, words: list[str], counted: list[str]) -> tuple[dict[str, list[int]], str, tuple]:
+    """Add `words` to `tokenizer`. Returns each new token's old pieces (`add_words`), the line that says what was
+    added, and the tokens per word of `counted` (the training texts, or none) before and after."""
+    before = tokens_per_word(counted, tokenizer)
+    old = add_words(tokenizer, words)
+    after = tokens_per_word(counted, tokenizer)
+    shown = ", ".join(words[:8]) + (", ..." if len(words) > 8 else "")
+    per_word = f"; tokens per word {before:.3f} -> {after:.3f}" if before is not None else ""
+    return old, f"Added {len(words)} words to the tokenizer ({shown}){per_word}", (before, after)
+
+
+def grow_vocabulary(cfg: TrainConfig, model, tokenizer, device, main: bool) -> Grown:
+    """A run's --add-tokens: choose the words (mined from the training split, read from a FILE, or those a prepared
+    folder was made with), score the tokenizer-free figures of the model as loaded (rank 0), add the words and
+    start their rows from their pieces'."""
+    data, train_texts, held = cfg.data, None, []
+    if data.dataset and is_prepared(data.dataset):
+        words = prepared_words(data.dataset)
+        if words is None:
+            raise MlmtuneError(f"{data.dataset} was prepared without --add-tokens: prepare it again with "
+                               f"--add-tokens {cfg.add_tokens}, or train without --add-tokens")
+        say(f"--add-tokens: the {len(words)} words {data.dataset} was prepared with")
+    else:
+        if data.streaming:
+            held = held_out_texts(data) if data.eval_records else []
+        else:
+            split = load_texts(data, cfg.seed)
+            train_texts = list(split["train"]["text"])
+            held = list(split["test"]["text"]) if "test" in split else []
+        words = choose_words(cfg.add_tokens, cfg.add_numbers, train_texts, tokenizer)
+    counted = (train_texts or held)[:TOKENS_PER_WORD_TEXTS]
+    free_texts = free_sample(held)
+    free_before = tokenizer_free(model, tokenizer, free_texts, device) if main and free_texts else None
+    old, line, (before, after) = grow_tokenizer(tokenizer, words, counted)
+    init_rows(model, tokenizer, old)
+    if main:
+        say(line)
+    return Grown(words, before, after, free_texts, free_before)

@@ -18,7 +18,7 @@ from mlmtune.cli import main
 from mlmtune.config import DataConfig
 from mlmtune.data import load_records
 from mlmtune.errors import MlmtuneError
-from mlmtune.general import GENERAL_SEED, free_sample, general_blocks, general_masker, tokenizer_free
+from mlmtune.forgetting import GENERAL_SEED, free_sample, general_blocks, general_masker, tokenizer_free
 from mlmtune.masking import iter_eval_masks
 from mlmtune.model import load_model
 from mlmtune.train import train

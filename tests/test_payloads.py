@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mlmtune.api import BadRequest, Limits, parse_fill
 from mlmtune.fill import FillMask
+from mlmtune.payloads import BadRequest, Limits, parse_fill
 
 LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, max_top_k=100, max_targets=10,
                 max_work=400)

@@ -1,6 +1,6 @@
 """What a training run measures with the engine's current weights, the same for every engine and every
 number of ranks: the eval split's perplexity on fixed masks (in the run's masking scheme, and on token masks
-too when that is another), the general corpus' perplexity (`general.py`), the domain cloze (`cloze.py`), and
+too when that is another), the general corpus' perplexity (`forgetting.py`), the domain cloze (`cloze.py`), and
 the tokenizer-free figures of a run whose vocabulary grew; and the metrics that report them.
 """
 
@@ -13,10 +13,11 @@ from typing import Any
 from mlmtune import distributed
 from mlmtune.cloze import cloze_accuracy
 from mlmtune.config import TrainConfig
-from mlmtune.evaluate import EvalResult, perplexity_of
-from mlmtune.general import GENERAL_SEED, general_entry, general_masker, tokenizer_free
+from mlmtune.engine import Engine
+from mlmtune.forgetting import GENERAL_SEED, general_entry, general_masker, tokenizer_free
 from mlmtune.masking import Masker, iter_eval_masks, rank_shares
-from mlmtune.run import Engine, Run
+from mlmtune.perplexity import EvalResult, perplexity_of
+from mlmtune.run import Run
 
 
 def eval_entry(result: EvalResult) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def ranks_perplexity(cfg: TrainConfig, engine: Engine, blocks, masker: Masker, s
 
 
 def general_check(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], dict | None]:
-    """The general corpus' fixed sample scored with the engine's current weights (`general.py`); None when off."""
+    """The general corpus' fixed sample scored with the engine's current weights (`forgetting.py`); None when off."""
     if run.general is None:
         return lambda desc: None
     source, blocks = run.general
