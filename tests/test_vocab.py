@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_general import _hand_figures
+from test_forgetting import _hand_figures
 
 from mlmtune.cli import main
 from mlmtune.data import load_texts

@@ -41,7 +41,7 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
                 device: torch.device | None = None) -> dict:
     """Seconds per optimizer step and peak memory, from a few real PyTorch steps on a copy of the model.
 
-    The first step pays for one-time allocations and is left out of the median.
+    The first steps pay one-time costs and are left out (`warm_median`).
     """
     device = device or resolve_device(cfg.device)
     probe = copy.deepcopy(model).to(device).train()
@@ -68,8 +68,15 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
     peak_gb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     del probe, optimizer
-    warm = sorted(times[2:] if len(times) > 3 else times[1:] or times)  # the first steps pay one-time costs
-    return {"step_seconds": warm[len(warm) // 2], "peak_memory_gb": round(peak_gb, 2)}
+    return {"step_seconds": warm_median(times), "peak_memory_gb": round(peak_gb, 2)}
+
+
+def warm_median(times: list[float]) -> float:
+    """Seconds per step from timed steps, in every engine's probe: the median of those after the first two (the
+    first alone when fewer than four were timed), which pay one-time costs (kernel choice, allocator growth, a
+    graph's tracing) and would plan too few steps."""
+    warm = sorted(times[2:] if len(times) > 3 else times[1:] or times)
+    return warm[len(warm) // 2]
 
 
 def torch_probe(cfg: TrainConfig, model, tokenizer, train_blocks, device: torch.device | None = None) -> Probe:

@@ -52,12 +52,12 @@ class Dashboard:
         self.writer.add_scalar("eval/perplexity", perplexity, step)
         self.writer.flush()  # an evaluation is rare and worth seeing at once
 
-    def general(self, step: int, loss: float, perplexity: float) -> None:
+    def general(self, step: int, entry: dict) -> None:
         """The general corpus' check (`--general-eval`), before and after training."""
         if self.writer is None:
             return
-        self.writer.add_scalar("eval_general/loss", loss, step)
-        self.writer.add_scalar("eval_general/perplexity", perplexity, step)
+        self.writer.add_scalar("eval_general/loss", entry["general_loss"], step)
+        self.writer.add_scalar("eval_general/perplexity", entry["general_perplexity"], step)
         self.writer.flush()
 
     def cloze(self, step: int, entry: dict) -> None:

@@ -86,7 +86,7 @@ def downstream_line(when: str, entry: dict[str, Any]) -> str:
             f"macro-F1 {_pm(entry['f1'], entry['f1_std'], runs)}")
 
 
-def eval_entry(entry: dict[str, Any]) -> dict[str, Any]:
+def eval_keys(entry: dict[str, Any]) -> dict[str, Any]:
     """`mlmtune eval --downstream`'s keys: the run's `downstream_*_after` figures, without the suffix."""
     return {"downstream": entry["downstream"], "downstream_method": entry["method"],
             "downstream_seeds": entry["seeds"], "downstream_classes": entry["classes"],

@@ -14,24 +14,23 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from mlmtune.blocks import Blocks, TooFewTokens, build_blocks
-from mlmtune.cloze import cloze_accuracy, held_out_cases
+from mlmtune.cloze import held_out_cases
 from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
 from mlmtune.device import resolve_device
-from mlmtune.downstream import RunProbe, eval_entry
+from mlmtune.distributed import Dist
+from mlmtune.downstream import RunProbe
 from mlmtune.embedding import embedding_check
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forgetting import (
     FREE_TEXTS,
-    GENERAL_SEED,
     free_sample,
     general_blocks,
-    general_entry,
-    general_masker,
     general_source,
     tokenizer_free,
 )
 from mlmtune.masking import Masker, iter_eval_masks
+from mlmtune.measurements import Scoring, measurements
 from mlmtune.model import check_block_size, load_model, max_positions
 from mlmtune.perplexity import perplexity_of, pseudo_perplexity
 from mlmtune.prepare import is_prepared, prepare_blocks
@@ -168,29 +167,34 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         out.update(nll_per_word=free["nll_per_word"], bits_per_char=free["bits_per_char"],
                    tokenizer_free_texts=free["texts"], tokenizer_free_words=free["words"],
                    tokenizer_free_left_out=free["left_out"])
+    checks = measurements(tokenizer, Scoring(Dist(), model.device, cfg.batch_size, progress),
+                          *_measured(cfg, data, seed, prepared, model, tokenizer))
+    for m in checks:  # what a training run measures before and after, measured once
+        out.update(m.flat(m.score(model, m.name.capitalize())))
+    return out
+
+
+def _measured(cfg: EvalConfig, data: DataConfig, seed: int, prepared: bool, model, tokenizer) -> tuple:
+    """What `measurements` scores, as a training run on `data` with `seed` would: the general corpus' sample, the
+    cloze's held-out cases, the downstream task, a sentence encoder's embedding pairs (None where not asked)."""
+    cloze = None
     if cfg.cloze_words != "none":
         if prepared:
             raise MlmtuneError("--cloze-words needs the texts, not prepared blocks: pass the original --dataset")
-        held = held_out_cases(cfg.cloze_words, data, seed, tokenizer, max_positions(model, tokenizer))
-        if held is None:
+        cloze = held_out_cases(cfg.cloze_words, data, seed, tokenizer, max_positions(model, tokenizer))
+        if cloze is None:
             raise MlmtuneError(f"--cloze-words {cfg.cloze_words}: no case to score in the eval split")
-        out.update(cloze=held[0], **cloze_accuracy(model, tokenizer, held[1], model.device, cfg.batch_size))
     task = cfg.downstream.task()
     sentence = sentence_encoder(cfg.model) if task is not None or cfg.embedding_eval != "none" else None
-    if task is not None:  # the seed of the run that made the model, when scoring its data: its figure, reproduced
-        out.update(eval_entry(RunProbe(task, seed, model.device, sentence)(model, tokenizer)))
+    # the seed of the run that made the model, when scoring its data: its figure, reproduced
+    downstream = RunProbe(task, seed, model.device, sentence) if task is not None else None
+    embedding = None
     if cfg.embedding_eval != "none" and sentence is None:
         say(f"note: no embedding check: {cfg.model} is no sentence encoder (it has no modules.json)")
     elif cfg.embedding_eval != "none":
         if prepared:
             raise MlmtuneError("--embedding-eval needs the texts, not prepared blocks: pass the original --dataset")
-        check = embedding_check(cfg.embedding_eval, sentence, data, seed, model.device)
-        if check is not None:
-            out.update(check(model, tokenizer))
+        embedding = embedding_check(cfg.embedding_eval, sentence, data, seed, model.device)
     source = general_source(cfg.general_eval)
-    if source:
-        blocks = general_blocks(source, model, tokenizer)
-        result = perplexity_of(model, iter_eval_masks(blocks, general_masker(tokenizer), GENERAL_SEED),
-                               cfg.batch_size, progress=progress, desc="General check", total=len(blocks))
-        out.update(general_entry(result, source, blocks))
-    return out
+    general = (source, general_blocks(source, model, tokenizer)) if source else None
+    return general, cloze, downstream, embedding

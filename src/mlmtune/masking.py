@@ -28,6 +28,12 @@ from mlmtune.errors import MlmtuneError
 IGNORE_INDEX = -100  # label of an unmasked position; cross_entropy skips it
 SEED_MIX = 1_000_003  # spreads (seed, counter) pairs into distinct generator seeds
 
+
+def dropout_seed(seed: int, step: int) -> int:
+    """The seed of optimizer step `step`'s dropout, in every engine: a resumed run draws what an uninterrupted
+    one does."""
+    return seed * SEED_MIX + step
+
 SPAN_P, SPAN_MAX = 0.2, 10  # SpanBERT's geometric law of span lengths, in words, and its truncation
 _SPAN_CDF = [sum(SPAN_P * (1 - SPAN_P) ** (k - 1) for k in range(1, n + 1)) for n in range(1, SPAN_MAX + 1)]
 _SPAN_CDF = [c / _SPAN_CDF[-1] for c in _SPAN_CDF]  # P(length <= n), n = 1..10

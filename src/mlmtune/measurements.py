@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mlmtune import distributed
-from mlmtune.cloze import cloze_accuracy
+from mlmtune.blocks import Blocks
+from mlmtune.cloze import ClozeCase, cloze_accuracy
 from mlmtune.config import TrainConfig
+from mlmtune.downstream import RunProbe, downstream_line, downstream_metrics, eval_keys
+from mlmtune.embedding import EmbeddingCheck, embedding_line, embedding_metrics
 from mlmtune.engine import Engine
 from mlmtune.forgetting import GENERAL_SEED, general_entry, general_masker, tokenizer_free
 from mlmtune.masking import Masker, iter_eval_masks, rank_shares
@@ -27,7 +33,7 @@ def eval_entry(result: EvalResult) -> dict[str, Any]:
     return entry
 
 
-def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], EvalResult | None]:
+def evaluator(cfg: TrainConfig, run: Run, engine: Engine, scoring: Scoring) -> Callable[[str], EvalResult | None]:
     """fp32 perplexity of the engine's current weights on the eval split, with the masks `iter_eval_masks`
     draws from the seed in the run's scheme (and in the token scheme too, when the run's is another); None
     without an eval split."""
@@ -36,39 +42,92 @@ def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Cal
     def evaluate(desc: str) -> EvalResult | None:
         if run.eval_blocks is None:
             return None
-        result = ranks_perplexity(cfg, engine, run.eval_blocks, run.masker, cfg.seed, progress, desc)
+        model = engine.eval_model()
+        result = ranks_perplexity(scoring, model, run.eval_blocks, run.masker, cfg.seed, desc)
         if token_masker is None:
             return result
-        return dataclasses.replace(result, token=ranks_perplexity(cfg, engine, run.eval_blocks, token_masker,
-                                                                  cfg.seed, progress, f"{desc}, token masks"))
+        return dataclasses.replace(result, token=ranks_perplexity(scoring, model, run.eval_blocks, token_masker,
+                                                                  cfg.seed, f"{desc}, token masks"))
 
     return evaluate
 
 
-def ranks_perplexity(cfg: TrainConfig, engine: Engine, blocks, masker: Masker, seed: int, progress: bool,
-                     desc: str) -> EvalResult:
-    """Perplexity of the engine's current weights on `blocks`, each masked chunk shared evenly over the ranks
-    and the sums added up token-weighted."""
-    d, eval_bs = engine.dist, cfg.eval_batch_size or cfg.batch_size
-    chunks = iter_eval_masks(blocks, masker, seed)
+@dataclass(frozen=True)
+class Scoring:
+    """How a measurement runs: on which ranks (each masked chunk shared evenly over them, the sums added up), on
+    which device, in batches of how many rows. A training run's is its engine's; `mlmtune eval`'s one process."""
+
+    dist: distributed.Dist
+    device: torch.device
+    batch_size: int
+    progress: bool = True
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, engine: Engine, progress: bool) -> Scoring:
+        return cls(engine.dist, engine.device, cfg.eval_batch_size or cfg.batch_size, progress)
+
+
+def ranks_perplexity(scoring: Scoring, model, blocks, masker: Masker, seed: int, desc: str) -> EvalResult:
+    """Perplexity of `model` (the engine's current weights) on `blocks`, each masked chunk shared evenly over the
+    ranks and the sums added up token-weighted."""
+    d, chunks = scoring.dist, iter_eval_masks(blocks, masker, seed)
     if not d.enabled:
-        return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc, total=len(blocks))
-    return perplexity_of(engine.eval_model(), rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress,
+        return perplexity_of(model, chunks, scoring.batch_size, progress=scoring.progress, desc=desc,
+                             total=len(blocks))
+    return perplexity_of(model, rank_shares(chunks, d.rank, d.world), scoring.batch_size, progress=scoring.progress,
                          desc=desc, total=-(-len(blocks) // d.world),
-                         reduce=lambda v: distributed.all_reduce_sum(d, v, engine.device))
+                         reduce=lambda v: distributed.all_reduce_sum(d, v, scoring.device))
 
 
-def general_check(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], dict | None]:
-    """The general corpus' fixed sample scored with the engine's current weights (`forgetting.py`); None when off."""
-    if run.general is None:
-        return lambda desc: None
-    source, blocks = run.general
+@dataclass(frozen=True)
+class Measurement:
+    """One figure a run takes of its model before and after training, and `mlmtune eval` of a model: its name (the
+    TrainState field `{name}_before`, the dashboard's), how it scores a model, the line that says it, its metrics.
 
-    def check(desc: str) -> dict:
-        result = ranks_perplexity(cfg, engine, blocks, general_masker(run.tokenizer), GENERAL_SEED, progress, desc)
-        return general_entry(result, source, blocks)
+    `on_main`: rank 0 alone scores the full model (the probes: they train a classifier); else every rank scores the
+    engine's current weights, sharded under FSDP, and the ranks add up their shares."""
 
-    return check
+    name: str
+    score: Callable[[Any, str], dict]  # (model, a progress label) -> its entry
+    line: Callable[[str, dict], str]  # ("Before training" or "After training", entry) -> the line said
+    metrics: Callable[[dict | None, dict | None], dict]  # (before, after) -> the run's metrics
+    on_main: bool = False
+    flat: Callable[[dict], dict] = dict  # the entry's keys in `mlmtune eval`'s output
+
+
+def measurements(tokenizer, scoring: Scoring, general: tuple[str, Blocks] | None = None,
+                 cloze: tuple[str, list[ClozeCase]] | None = None, downstream: RunProbe | None = None,
+                 embedding: EmbeddingCheck | None = None) -> list[Measurement]:
+    """The measurements asked for, in the order they are taken: the general corpus' fixed sample (`forgetting.py`),
+    the domain cloze (`cloze.py`), the downstream probe (`downstream.py`), a sentence encoder's embedding check
+    (`embedding.py`). The eval split's perplexity is `evaluator`'s: a run takes it at every epoch's end too."""
+    out = []
+    if general is not None:
+        source, blocks = general
+        out.append(Measurement("general", lambda model, desc: general_entry(
+            ranks_perplexity(scoring, model, blocks, general_masker(tokenizer), GENERAL_SEED, desc), source, blocks),
+            general_line, general_metrics))
+    if cloze is not None:
+        name, cases = cloze
+        out.append(Measurement("cloze", lambda model, desc: {"cloze": name, **cloze_accuracy(
+            model, tokenizer, cases, scoring.device, scoring.batch_size)}, cloze_line, cloze_metrics))
+    if downstream is not None:
+        out.append(Measurement("downstream", lambda model, desc: downstream(model, tokenizer), downstream_line,
+                               downstream_metrics, on_main=True, flat=eval_keys))
+    if embedding is not None:
+        out.append(Measurement("embedding", lambda model, desc: embedding(model, tokenizer), embedding_line,
+                               embedding_metrics, on_main=True))
+    return out
+
+
+def general_line(when: str, g: dict) -> str:
+    return (f"{when}, {g['general_eval']}: loss {g['general_loss']:.4f}, perplexity {g['general_perplexity']:,.2f} "
+            f"({g['general_masked_tokens']:,} masked tokens)")
+
+
+def cloze_line(when: str, c: dict) -> str:
+    return (f"{when}, cloze ({c['cloze']}): top-1 {c['cloze_top1']:.1%}, top-3 {c['cloze_top3']:.1%} of "
+            f"{c['cloze_cases']} cases")
 
 
 def general_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
@@ -98,19 +157,6 @@ def vocabulary_metrics(run: Run, model, device) -> dict[str, Any]:
                    nll_per_word_before=grown.free_before["nll_per_word"], nll_per_word_after=after["nll_per_word"],
                    bits_per_char_before=grown.free_before["bits_per_char"], bits_per_char_after=after["bits_per_char"])
     return out
-
-
-def cloze_check(run: Run, engine: Engine) -> Callable[[str], dict | None]:
-    """The domain cloze (`cloze.py`) with the engine's current weights; every rank scores every case (a few
-    hundred short texts), so that sharded weights see the same forward passes on each. None when off."""
-    if run.cloze is None:
-        return lambda desc: None
-    name, cases = run.cloze
-
-    def check(desc: str) -> dict:
-        return {"cloze": name, **cloze_accuracy(engine.eval_model(), run.tokenizer, cases, engine.device)}
-
-    return check
 
 
 def cloze_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:

@@ -211,6 +211,13 @@ def _add_docs(app: FastAPI) -> None:
 
 def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits, request_timeout: float,
                 read_timeout: float) -> None:
+    _add_status_routes(app, slot, metrics, limits, request_timeout, read_timeout)
+    _add_work_routes(app, slot, limits, request_timeout, read_timeout)
+
+
+def _add_status_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits, request_timeout: float,
+                       read_timeout: float) -> None:
+    """GET /health, /info, /metrics, and the playground's page."""
     @app.get("/health")
     async def health():
         if slot.batcher is not None:
@@ -239,6 +246,10 @@ def _add_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: Limits,
 
         app.get(path, include_in_schema=False)(page)
 
+
+def _add_work_routes(app: FastAPI, slot: ModelSlot, limits: Limits, request_timeout: float,
+                     read_timeout: float) -> None:
+    """POST /fill (and /, where Inference API clients send) and POST /score."""
     async def answer(request: Request, parse, run):
         """The one sequence of a work route: read the body, parse it in a worker thread, run it with a deadline and
         a watch on the client, answer."""

@@ -21,7 +21,7 @@ from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision, tf32_matmuls
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
-from mlmtune.masking import SEED_MIX
+from mlmtune.masking import dropout_seed
 
 _RANK_MIX = 7_919_000_011  # spreads the ranks' dropout apart; rank 0 draws what a single process draws
 
@@ -170,7 +170,7 @@ class TorchEngine:
         self.step_loss = self.root if self.fsdp else distributed.wrap(self.dist, MaskedLMLoss(self.model))
 
     def step(self, step: int, batches: list, n_masked: int, learning_rate: float, head_only: bool) -> torch.Tensor:
-        torch.manual_seed(self.cfg.seed * SEED_MIX + step + self.dist.rank * _RANK_MIX)  # dropout of this step
+        torch.manual_seed(dropout_seed(self.cfg.seed, step) + self.dist.rank * _RANK_MIX)  # dropout of this step
         # token-weighted loss over the whole accumulated batch; this rank's nll stays a device tensor, and the
         # ranks' masked tokens are summed on the device (queued, not waited for)
         n_masked = distributed.sum_on_device(self.dist, n_masked, self.device)

@@ -27,21 +27,11 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
 from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
-from mlmtune.downstream import downstream_line, downstream_metrics
-from mlmtune.embedding import embedding_line, embedding_metrics
 from mlmtune.engine import Engine, engine_class
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.lock import FolderLock
-from mlmtune.measurements import (
-    cloze_check,
-    cloze_metrics,
-    eval_entry,
-    evaluator,
-    general_check,
-    general_metrics,
-    vocabulary_metrics,
-)
+from mlmtune.measurements import Measurement, Scoring, eval_entry, evaluator, measurements, vocabulary_metrics
 from mlmtune.options import to_dict
 from mlmtune.output import TrainResult, check_output_dir, run_metrics, write_output
 from mlmtune.perplexity import EvalResult
@@ -94,44 +84,31 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
                         lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
-    evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
-    cloze = cloze_check(run, engine)
-    state, resumed = start_or_resume(cfg, out, engine, evaluate, general, cloze)
-    if not resumed:  # scored as loaded, before the vocabulary grew
+    scoring = Scoring.of(cfg, engine, progress)
+    evaluate = evaluator(cfg, run, engine, scoring)
+    checks = measurements(run.tokenizer, scoring, run.general, run.cloze, run.downstream, run.embedding)
+    state, resumed = start_or_resume(cfg, out, engine, evaluate, checks)
+    if not resumed:  # the probes scored the model as loaded, before its vocabulary grew (`load_run`)
         state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
-    if not resumed and state.general_before:
-        dash.general(0, state.general_before["general_loss"], state.general_before["general_perplexity"])
-    if not resumed and state.cloze_before:
-        dash.cloze(0, state.cloze_before)
-    if not resumed and state.downstream_before:
-        dash.downstream(0, state.downstream_before)
-    if not resumed and state.embedding_before:
-        dash.embedding(0, state.embedding_before)
+    for m in checks if not resumed else []:
+        if getattr(state, f"{m.name}_before"):
+            getattr(dash, m.name)(0, getattr(state, f"{m.name}_before"))
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
-        general_after = general("General check (after)")
-        if general_after:
-            dash.general(state.step, general_after["general_loss"], general_after["general_perplexity"])
-        cloze_after = cloze("Cloze (after)")
-        if cloze_after:
-            dash.cloze(state.step, cloze_after)
-            say(_cloze_line("After training", cloze_after))
-        checks = {**general_metrics(state.general_before, general_after),
-                  **cloze_metrics(state.cloze_before, cloze_after)}
         return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks, dash)
     finally:
         dash.close()
 
 
 def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Callable[[str], EvalResult | None],
-                    general: Callable[[str], dict | None],
-                    cloze: Callable[[str], dict | None]) -> tuple[ckpt.TrainState, bool]:
+                    checks: list[Measurement]) -> tuple[ckpt.TrainState, bool]:
     """The run's state and whether it was resumed: with --resume the newest checkpoint's (restored into the
-    engine), else a new state holding the evaluations before training (the eval split's, the general check's)."""
+    engine), else a new state holding the evaluations before training (the eval split's, and those of `checks`
+    that every rank takes with the engine's weights)."""
     config = to_dict(cfg)
     resumed = ckpt.resume_latest(out, config, engine.restore, engine.dist) if cfg.resume else None
     if resumed is not None:
@@ -143,20 +120,12 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Calla
     if before:
         state.eval_before = eval_entry(before)
         say(f"Before training: eval loss {before.loss:.4f}, perplexity {before.perplexity:,.2f}{_token(before)}")
-    state.general_before = general("General check (before)")
-    if state.general_before:
-        g = state.general_before
-        say(f"Before training, {g['general_eval']}: loss {g['general_loss']:.4f}, perplexity "
-            f"{g['general_perplexity']:,.2f} ({g['general_masked_tokens']:,} masked tokens)")
-    state.cloze_before = cloze("Cloze (before)")
-    if state.cloze_before:
-        say(_cloze_line("Before training", state.cloze_before))
+    for m in checks:
+        if not m.on_main:
+            entry = m.score(engine.eval_model(), f"{m.name.capitalize()} (before)")
+            setattr(state, f"{m.name}_before", entry)
+            say(m.line("Before training", entry))
     return state, False
-
-
-def _cloze_line(when: str, c: dict) -> str:
-    return (f"{when}, cloze ({c['cloze']}): top-1 {c['cloze_top1']:.1%}, top-3 {c['cloze_top3']:.1%} of "
-            f"{c['cloze_cases']} cases")
 
 
 def _token(result: EvalResult) -> str:
@@ -323,19 +292,21 @@ class Loop:
 
 
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
-           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: dict,
+           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: list[Measurement],
            dash: dashboard.Dashboard) -> TrainResult:
-    """Metrics (with each rank's tokens and weight digest); rank 0 probes the downstream task and checks a sentence
-    encoder's embeddings with the full model and writes the output folder, while the others wait; all leave
-    together."""
+    """The measurements after training (every rank takes its share of the general check's and the cloze's, with
+    the engine's weights; rank 0 probes the downstream task and checks a sentence encoder's embeddings with the
+    full model), the metrics (with each rank's tokens and weight digest); rank 0 writes the output folder, while
+    the others wait; all leave together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
         after = {"step": state.step, **eval_entry(evaluate("Eval (after)"))}
+    scored = {m.name: m.score(engine.eval_model(), f"{m.name.capitalize()} (after)") for m in checks
+              if not m.on_main}
     full_model = engine.output_model()  # under FSDP every rank takes part in gathering it
     metrics = {
         **run_metrics(cfg, run, state, after),
-        **checks,  # the general check's and the cloze's metrics
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
@@ -346,20 +317,15 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
-    if d.main:  # the tokenizer-free figures, the downstream probe and the embedding check, with the full model
+    if d.main:  # the tokenizer-free figures, with the full model
         metrics.update(vocabulary_metrics(run, full_model, engine.device))
-        if run.downstream is not None:
-            downstream_after = run.downstream(full_model, run.tokenizer)
-            say(downstream_line("After training", downstream_after))
-            dash.downstream(state.step, downstream_after)
-            metrics.update(downstream_metrics(state.downstream_before, downstream_after))
         if run.sentence is not None:
             metrics["sentence_modules"] = list(run.sentence.modules)
-        if run.embedding is not None:
-            embedding_after = run.embedding(full_model, run.tokenizer)
-            say(embedding_line("After training", embedding_after))
-            dash.embedding(state.step, embedding_after)
-            metrics.update(embedding_metrics(state.embedding_before, embedding_after))
+    for m in checks:  # the probes exist on rank 0 only, which scores them with the full model
+        entry = scored[m.name] if not m.on_main else m.score(full_model, f"{m.name.capitalize()} (after)")
+        say(m.line("After training", entry))
+        getattr(dash, m.name)(state.step, entry)
+        metrics.update(m.metrics(getattr(state, f"{m.name}_before"), entry))
     engine.close()
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()

@@ -30,14 +30,14 @@ import torch
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
-from mlmtune.budget import Probe
+from mlmtune.budget import Probe, warm_median
 from mlmtune.config import TrainConfig
 from mlmtune.device import pick_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.keras import from_hf, loss, optimizer
 from mlmtune.keras.convert import family_of, hf_to_keras, keras_to_hf
 from mlmtune.keras.data import keras_batch, uses_segments
-from mlmtune.masking import SEED_MIX, Masker
+from mlmtune.masking import Masker, dropout_seed
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _GENERATOR_SPACING = 1 << 20  # dropout seeds of two layers in one step never meet
@@ -101,7 +101,7 @@ def dropout_seeder(model, seed: int) -> Callable[[int], None]:
 
     def seed_step(step: int) -> None:
         for i, v in enumerate(states):
-            v.assign(np.array([seed * SEED_MIX + step, i * _GENERATOR_SPACING], dtype=v.dtype))
+            v.assign(np.array([dropout_seed(seed, step), i * _GENERATOR_SPACING], dtype=v.dtype))
 
     return seed_step
 
@@ -131,11 +131,11 @@ def compile_phase(model, cfg: TrainConfig, head_only: bool, jit_compile: bool = 
 
 
 def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, device: torch.device | None = None,
-                steps: int = 6) -> Probe:
+                steps: int = 5) -> Probe:
     """--time-budget's probe for Keras: seconds per step of a copy of the model trained as the run trains it
     (`train_on_batch` on a masked batch of the step's size, learning rate and dropout seeds set and the loss
-    read every step); the median of the steps after the first two, which trace the step's graph (the second
-    with the batch's shape left open)."""
+    read every step); `warm_median` of them: the first two trace the step's graph (the second with the batch's
+    shape left open)."""
     segments = uses_segments(tokenizer)
     policy = keras_policy(cfg.precision)
 
@@ -156,7 +156,7 @@ def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, device: tor
             trainer.reset_metrics()
             float(trainer.train_on_batch(x, y, sample_weight=w))
             times.append(time.perf_counter() - t0)
-        return float(np.median(times[2:]))
+        return warm_median(times)
 
     return probe
 
