@@ -219,7 +219,7 @@ def held_out_cases(spec: str, data: DataConfig, seed: int, tokenizer, max_length
     return (name, cases) if cases else None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: an FSDP root keeps the weights it gathers, which must stay ordinary tensors
 def cloze_ranks(model, tokenizer, cases: list[ClozeCase], device=None, k: int = max(KS),
                 batch_size: int = 32) -> list[list[list[int]]]:
     """The `k` most likely tokens at each masked piece of each case: [case][piece] -> k token ids."""
