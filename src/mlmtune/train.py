@@ -243,6 +243,10 @@ class Loop:
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
+        due = state.step and (state.step % self.steps_per_epoch == 0 or state.step == self.total)
+        if due and all(e["step"] != state.step for e in state.epochs):
+            with self.window.paused(True):  # the evaluation due at this step, skipped by the stop that saved it
+                self.record_eval(self.evaluate(f"Eval (step {state.step})"))
         if state.step >= self.total:  # a finished run, resumed
             self.bar.close()
             return
