@@ -244,9 +244,12 @@ def test_added_words_and_the_general_check_on_two_processes_match_one(no_dropout
 
 
 @pytest.mark.slow  # two torchrun jobs and a third that resumes
-def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout_model, eli5_like, tmp_path):
-    """SIGTERM to the launcher (what scancel and a pod eviction send): the ranks agree to stop within one step of
-    it, write one checkpoint, leave together without a traceback, and --resume ends on the uninterrupted run."""
+@pytest.mark.parametrize("to", ["launcher", "every process"])
+def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout_model, eli5_like, tmp_path, to):
+    """SIGTERM to the launcher (a pod eviction), or to every process of the job at once (scancel: each worker then
+    hears it twice, from SLURM and from torchrun, milliseconds apart: one request): the ranks agree to stop within
+    one step of it, write one checkpoint, leave together without a traceback, and --resume ends on the
+    uninterrupted run."""
     import re
     import signal
     import time
@@ -263,7 +266,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
          "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3", "-m",
          "mlmtune", "train", *args, "--output-dir", str(tmp_path / "cut")], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     rank0 = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -273,7 +276,10 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
             break
         time.sleep(0.02)
     assert rank0 is not None
-    launcher.send_signal(signal.SIGTERM)
+    if to == "launcher":
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(launcher.pid, signal.SIGTERM)  # the launcher and both workers, as SLURM signals a job step
     launcher.communicate(timeout=120)
     err0 = rank0.read_text()
     err1 = next(logs.rglob("1/stderr.log")).read_text()
