@@ -25,6 +25,10 @@ with the registry, `pip download --no-deps --only-binary=:all: datasets dill mul
 and `python -c "from mlmtune.model import load_tokenizer as t; t('builtin:all-minilm-l6-v2')
 .save_pretrained('tok')"`; on the GPU machine `pip install --no-deps wheels/*.whl` and run with
 `PYTHONPATH=src python benchmarks/gpu.py --tokenizer tok`.
+
+Then `benchmarks/gpu_stop.py --tokenizer tok` (about 2 minutes): what must hold on CUDA and NCCL for the ways a
+run stops (a signal during start-up, SIGTERM to every process mid-run and --resume, an unreachable master, and
+with 2 GPUs --fsdp with the cloze).
 """
 
 from __future__ import annotations

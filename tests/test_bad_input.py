@@ -323,3 +323,49 @@ def test_deeply_nested_json_is_400_not_500(tiny_model_dir):
         assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
         r = client.post("/fill", json={"text": "a <mask>", "top_k": 100})  # allowed by the limit, not by vocab 600
         assert r.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# a slow tokenizer (no tokenizer.json): what needs the fast one's offsets says so, the rest trains
+
+
+@pytest.fixture(scope="module")
+def slow_bert_dir(tiny_bert_dir, tmp_path_factory):
+    """The tiny BERT with only a slow tokenizer (vocab.txt, no tokenizer.json): what AutoTokenizer loads as slow."""
+    from transformers import AutoTokenizer, BertTokenizerLegacy
+
+    folder = tmp_path_factory.mktemp("slow-bert")
+    for f in tiny_bert_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, folder / f.name)
+    BertTokenizerLegacy(vocab_file=str(tiny_bert_dir / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    assert not (folder / "tokenizer.json").exists() and not AutoTokenizer.from_pretrained(folder).is_fast
+    return folder
+
+
+def _slow_flags(slow_bert_dir, configs, out) -> list[str]:
+    f = configs.flags(out)
+    return ["train", "--model", str(slow_bert_dir), "--dataset", f["dataset"], "--text-field", f["text_field"],
+            "--block-size", "32", "--max-steps", "1", "--general-eval", "none", "--precision", "fp32",
+            "--cache-dir", f["cache_dir"], "--output-dir", str(out)]
+
+
+def test_a_slow_tokenizer_trains_without_the_cloze_by_default_and_says_so(slow_bert_dir, configs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_slow_flags(slow_bert_dir, configs, out)) == 0  # --cloze-words auto, the default
+    err = capsys.readouterr().err
+    assert err.count("note: no cloze: it needs the character offsets of a fast tokenizer, and this one is slow "
+                     "(BertTokenizerLegacy); training goes on without it") == 1
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 1
+    assert main([*_slow_flags(slow_bert_dir, configs, tmp_path / "asked"), "--cloze-words", "python"]) == 1
+    assert _err(capsys).startswith("mlmtune: error: --cloze-words python needs the character offsets of a fast")
+
+
+def test_add_tokens_with_a_slow_tokenizer_is_one_line(slow_bert_dir, configs, tmp_path, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("kubectl\nterraform\n")
+    assert main([*_slow_flags(slow_bert_dir, configs, tmp_path / "run"), "--add-tokens", str(words)]) == 1
+    assert _err(capsys) == (f"mlmtune: error: --add-tokens {words} needs a fast tokenizer (a tokenizer.json: its "
+                            f"normalizer and words say how a new word is spelled), and this one is slow "
+                            f"(BertTokenizerLegacy): use a model folder with a tokenizer.json, or leave --add-tokens "
+                            f"out")

@@ -244,9 +244,12 @@ def test_added_words_and_the_general_check_on_two_processes_match_one(no_dropout
 
 
 @pytest.mark.slow  # two torchrun jobs and a third that resumes
-def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout_model, eli5_like, tmp_path):
-    """SIGTERM to the launcher (what scancel and a pod eviction send): the ranks agree to stop within one step of
-    it, write one checkpoint, leave together without a traceback, and --resume ends on the uninterrupted run."""
+@pytest.mark.parametrize("to", ["launcher", "every process"])
+def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout_model, eli5_like, tmp_path, to):
+    """SIGTERM to the launcher (a pod eviction), or to every process of the job at once (scancel: each worker then
+    hears it twice, from SLURM and from torchrun, milliseconds apart: one request): the ranks agree to stop within
+    one step of it, write one checkpoint, leave together without a traceback, and --resume ends on the
+    uninterrupted run."""
     import re
     import signal
     import time
@@ -263,7 +266,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr",
          "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3", "-m",
          "mlmtune", "train", *args, "--output-dir", str(tmp_path / "cut")], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     rank0 = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -273,7 +276,10 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_and_resumes_exactly(no_dropout
             break
         time.sleep(0.02)
     assert rank0 is not None
-    launcher.send_signal(signal.SIGTERM)
+    if to == "launcher":
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(launcher.pid, signal.SIGTERM)  # the launcher and both workers, as SLURM signals a job step
     launcher.communicate(timeout=120)
     err0 = rank0.read_text()
     err1 = next(logs.rglob("1/stderr.log")).read_text()
@@ -382,3 +388,44 @@ def test_a_sentence_encoder_under_fsdp_is_checked_and_kept_as_on_one_process(no_
     assert m2["embedding_mrr10_after"] == pytest.approx(m1["embedding_mrr10_after"], abs=1e-6)
     for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
         assert (tmp_path / "fsdp" / name).read_bytes() == (encoder / name).read_bytes()
+
+
+@pytest.mark.parametrize("rank, said", [(1, "rank 1 could not reach rank 0 at 127.0.0.1:{port} within 3 s"),
+                                        (0, "rank 0 waited 3 s at 127.0.0.1:{port} for the other 1 rank(s)")])
+def test_ranks_started_by_environment_variables_that_cannot_meet_fail_within_the_bound(configs, tmp_path, rank, said):
+    """srun-style ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) whose master is not there (or whose other rank
+    never comes): one line saying what to check after MLMTUNE_RENDEZVOUS_TIMEOUT, not a silent 30-minute wait."""
+    import time
+
+    f, port = configs.flags(tmp_path / "run"), _free_port()
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "MLMTUNE_RENDEZVOUS_TIMEOUT": "3", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "mlmtune", "train", "--model", f["model"], "--dataset", f["dataset"],
+                        "--text-field", f["text_field"], "--output-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert time.monotonic() - t0 < 90  # start-up and 3 s, not the collective's 30 minutes
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlmtune: error: {said.format(port=port)} ("), p.stderr
+    assert "GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME" in lines[0] and "firewall" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written before the ranks met
+
+
+@pytest.mark.slow  # two processes
+def test_ranks_started_by_environment_variables_meet_and_train(configs, tmp_path):
+    """The other side of the bound: two srun-style ranks (no torchrun) meet at rank 0's store and train as one job."""
+    f, port = configs.flags(tmp_path / "run"), _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mlmtune", "train", "--model", f["model"], "--dataset", f["dataset"], "--text-field",
+         f["text_field"], "--block-size", "32", "--max-steps", "2", "--general-eval", "none", "--precision", "fp32",
+         "--cache-dir", f["cache_dir"], "--output-dir", str(tmp_path / "run")],
+        env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and all(t > 0 for t in metrics["rank_train_tokens"])

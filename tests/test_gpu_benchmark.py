@@ -31,3 +31,15 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert all(0 < r["epoch_fraction"] < 1 for r in result["rows"])
     fill = result["fill"]
     assert fill["identical_top5"] == fill["texts"] == 20  # mlmtune's fill gives the pipeline's top-5
+
+
+@pytest.mark.slow  # two minutes of child processes: torchrun jobs, a resume
+def test_gpu_stop_check_smoke(tmp_path):
+    """benchmarks/gpu_stop.py --smoke: the GPU check of the ways a run stops, run with gloo on the CPU, passes every
+    check (start-up signal, SIGTERM to every process mid-run and resume, unreachable master, --fsdp with the cloze)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_stop.py"), "--smoke", "--results",
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    result = json.loads((tmp_path / "gpu_stop_smoke.json").read_text())
+    assert [c["check"][0] for c in result["checks"]] == ["A", "B", "C", "D"]
+    assert p.returncode == 0 and all(c["ok"] for c in result["checks"]), json.dumps(result["checks"])[-3000:]

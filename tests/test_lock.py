@@ -13,6 +13,7 @@ import time
 import pytest
 
 from mlmtune.cli import main
+from mlmtune.errors import MlmtuneError
 from mlmtune.lock import LOCK_NAME, FolderLock
 from mlmtune.train import train
 
@@ -132,3 +133,61 @@ def test_a_held_lock_beats(tmp_path, monkeypatch):
     finally:
         held.release()
     assert not held.path.exists()
+
+
+def _live_holder(**fields) -> dict:
+    """A lock of this host whose process id is alive (the test's parent), as a previous container left it."""
+    from mlmtune.lock import boot_id, pid_namespace, start_time
+
+    pid = os.getppid()
+    held = {"host": socket.gethostname(), "pid": pid, "since": "then", "boot_id": boot_id(),
+            "pid_ns": pid_namespace(), "start": start_time(pid)}
+    return {**held, **fields}
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"start": 1}, "process {pid} is another program now"),  # the id names another process: reused
+    ({"boot_id": "00000000-0000-0000-0000-000000000000"}, "the machine has restarted since"),
+])
+def test_a_lock_whose_live_pid_is_another_process_now_is_taken_over(tmp_path, capsys, fields, why):
+    """A restarted container keeps its host name and its new processes reuse the old ids: the id alone says "alive".
+    The start time after boot and the boot id say who it was; the one-line warning says why it is taken over."""
+    from mlmtune.lock import start_time
+
+    assert start_time(os.getppid()) not in (None, 1)  # /proc answers here: the test means something
+    held = _live_holder(**fields)
+    (tmp_path / LOCK_NAME).write_text(json.dumps(held))
+    lock = FolderLock.inside(tmp_path, "here").acquire()
+    try:
+        err = capsys.readouterr().err.strip()
+        assert err == (f"warning: here was locked by process {held['pid']} on {held['host']}, which is gone "
+                       f"({why.format(pid=held['pid'])}); taking it over")
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_lock_of_a_live_process_is_refused_in_the_new_and_the_old_format(tmp_path):
+    """The same holder, alive: refused whether its lock names it fully or only by host and pid (an older mlmtune's)."""
+    for held in (_live_holder(), {"host": socket.gethostname(), "pid": os.getppid(), "since": "then"}):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(held))
+        with pytest.raises(MlmtuneError, match=rf"^here is in use by another mlmtune run \(process {os.getppid()} "):
+            FolderLock.inside(tmp_path, "here").acquire()
+        assert json.loads((tmp_path / LOCK_NAME).read_text()) == held  # not harmed
+
+
+def test_a_lock_from_another_pid_namespace_is_taken_over_when_its_beat_stopped(tmp_path, capsys):
+    """Another container with this host name: its process cannot be looked up from here, so its beat decides."""
+    from mlmtune.lock import CONTAINER_STALE, pid_namespace
+
+    assert pid_namespace() is not None
+    held = _live_holder(pid_ns=pid_namespace() + 1)
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps(held))
+    with pytest.raises(MlmtuneError, match=rf"in another container; it is taken over {CONTAINER_STALE:.0f} s after"):
+        FolderLock.inside(tmp_path, "here").acquire()
+    old = time.time() - CONTAINER_STALE - 5
+    os.utime(path, (old, old))
+    FolderLock.inside(tmp_path, "here").acquire().release()
+    assert "which is gone (another container's, untouched for " in capsys.readouterr().err

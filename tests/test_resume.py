@@ -237,3 +237,92 @@ def test_the_global_batch_may_be_split_otherwise_on_resume_but_not_changed(confi
     assert calls["n"] > 0
     moved, _ = update_difference(load_file(str(off / "model.safetensors")), reference_run.weights, start)
     assert moved > 100 * RESUMED_BOUND  # measured 1.4
+
+
+def test_the_same_signal_twice_at_once_is_one_request_and_a_later_one_a_second(monkeypatch):
+    """SLURM signals every process of a step and torchrun forwards its own SIGTERM: two, milliseconds apart, ask
+    once. The same signal after REPEAT_SECONDS, or another signal, is a second request (on several ranks: at once)."""
+    from mlmtune import stopping
+
+    stop = stopping.Stop()
+    with stop.listening():
+        stop.begin_steps(ranks=True, step_now=lambda: 5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before kill returns: the repeat, ignored
+        assert stop.requested.is_set()
+        with pytest.raises(stopping.StopNow, match="SIGUSR1"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    stop = stopping.Stop()
+    monkeypatch.setattr(stopping, "REPEAT_SECONDS", 0.0)
+    with stop.listening():
+        stop.begin_steps(ranks=True, step_now=lambda: 5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(stopping.StopNow, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_at_a_step_due_an_evaluation_skips_it_saves_once_and_resume_runs_it(configs, tmp_path, reference_run,
+                                                                                    capsys, monkeypatch):
+    """SIGTERM (twice, as a job's processes get it) during a step due an evaluation and a checkpoint (the last): the
+    run leaves after that step without evaluating it, writes its checkpoint once, and --resume runs the evaluation:
+    the run ends as the uninterrupted one, evaluations included."""
+    from mlmtune import train as train_mod
+
+    k = 8
+    assert [e["step"] for e in reference_run.metrics["epochs"]] == [k]  # evaluated at k (and a checkpoint at k)
+    real_batches, real_save = train_mod.Loop.next_batches, ckpt_mod.save_checkpoint
+    saved = []
+
+    def next_batches(self, feed):
+        if self.state.step == k - 1:  # step k begins
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batches(self, feed)
+
+    def save(out, model, optimizer_state, state, limit):
+        saved.append(state.step)
+        return real_save(out, model, optimizer_state, state, limit)
+
+    monkeypatch.setattr(train_mod.Loop, "next_batches", next_batches)
+    monkeypatch.setattr(train_mod.ckpt, "save_checkpoint", save)
+    out = tmp_path / "stopped"
+    with pytest.raises(MlmtuneError, match=rf"interrupted at step {k}; checkpoint saved in .*step-{k:07d}"):
+        train(configs(out), progress=False)
+    err = capsys.readouterr().err
+    assert err.count(f"SIGTERM at step {k - 1}: finishing this step") == 1
+    assert f"step {k}: eval loss" not in err  # no evaluation once the stop was asked for
+    assert saved == [s for s in range(2, k + 1, 2)]  # step k written once
+    monkeypatch.undo()
+    train(configs(out, resume=True), progress=False)
+    assert f"step {k}: eval loss" in capsys.readouterr().err
+    _assert_same_run(out, reference_run)
+
+
+def test_a_signal_during_start_up_leaves_at_once_in_one_line_with_the_lock_released(configs, tmp_path):
+    """SIGTERM to every process of the run while it loads (here: as soon as it holds its folder's lock): not killed by
+    the default handler (-15), but one line and exit 1, the lock released, nothing else written."""
+    import time
+
+    from mlmtune.lock import LOCK_NAME
+
+    out = tmp_path / "run"
+    f = configs.flags(out)
+    p = subprocess.Popen([sys.executable, "-m", "mlmtune", "train", "--model", f["model"], "--dataset", f["dataset"],
+                          "--text-field", f["text_field"], "--block-size", "32", "--cache-dir", f["cache_dir"],
+                          "--general-eval", "none", "--output-dir", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_NAME).exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (out / LOCK_NAME).exists()
+    os.killpg(p.pid, signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)  # as SLURM and then torchrun send it
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=120)
+    assert time.monotonic() - t0 < 30
+    assert p.returncode == 1, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("mlmtune: error: SIGTERM during start-up, before the first step: left at "
+                                            "once, nothing to save")
+    assert "Traceback" not in err
+    assert not (out / LOCK_NAME).exists() and not (out / "checkpoints").exists()

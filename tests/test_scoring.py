@@ -189,5 +189,27 @@ def test_fill_cli_takes_the_word_flags(cities, tmp_path, capsys):
                  "i live in the city of [MASK] [MASK] ."]) == 0
     got = json.loads(capsys.readouterr().out)
     assert {tuple(g["token_strs"]) for g in got} == {("new", "york"), ("los", "angeles")}
-    assert main(["fill", "--model", str(folder), "--max-pieces", "0", "a [MASK] ."]) == 1
-    assert "--max-pieces must be at least 1, got 0" in capsys.readouterr().err
+    for bad in ("0", "100"):  # 100: minutes of beam search, then past the model's positions; capped as the server
+        assert main(["fill", "--model", str(folder), "--max-pieces", bad, "a [MASK] ."]) == 1
+        assert capsys.readouterr().err.strip() == (f"mlmtune: error: --max-pieces must be 1 to 5 (words of more pieces "
+                                                   f"than that are rare, and their search takes minutes), got {bad}")
+
+
+def test_a_word_of_several_pieces_that_would_pass_the_positions_is_one_line(cities, tmp_path, capsys):
+    """The mask widens to max_pieces masks: a text that fits the model, but not with its mask widened, is refused
+    before any search (not a traceback from the position embeddings)."""
+    tok = cities.tokenizer
+    base = len(tok("the city of [MASK] .")["input_ids"])
+    text = "city " * (cities.max_length - base) + "the city of [MASK] ."
+    n = len(tok(text)["input_ids"])
+    assert n == cities.max_length  # fits as it is: the pipeline's single pieces fill it
+    assert cities(text, top_k=1)
+    with pytest.raises(MlmtuneError, match=rf"^a text of {n} tokens with a word of up to 2 pieces in its mask passes "
+                                           rf"the model's {n} positions: shorten the text or lower --max-pieces$"):
+        cities(text, top_k=1, max_pieces=2)
+    folder = tmp_path / "cities"
+    cities.model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert main(["fill", "--model", str(folder), "--max-pieces", "5", text]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlmtune: error: a text of ") and "\n" not in err and "Traceback" not in err

@@ -319,3 +319,37 @@ def test_a_body_announced_over_the_limit_is_refused_before_it_is_sent(filler):
                                         b"Content-Length: 50000000\r\n\r\n")
     assert closed and got.startswith(b"HTTP/1.1 413 ")
     assert got.endswith(b'{"error":"request body is 50,000,000 bytes; the limit is 64,000"}')
+
+
+def test_a_client_that_left_mid_body_is_one_log_line_and_no_answer(filler, monkeypatch, caplog):
+    """Starlette raises ClientDisconnect where a body read meets the client's leaving: one info line, no traceback,
+    no 500 written to a closed connection, counted as 499."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from mlmtune import serve
+
+    async def left(request, limits, timeout):
+        raise ClientDisconnect()
+
+    monkeypatch.setattr(serve, "read_body", left)
+    app, sent = make_app(filler), []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/fill", "raw_path": b"/fill", "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80)}
+    with TestClient(app) as c, caplog.at_level("INFO", logger="mlmtune.serve"):  # started: the model loaded
+        assert c.get("/health").status_code == 200
+        asyncio.run(app(scope, receive, send))
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mlmtune.serve"]
+    assert lines == ["POST /fill: the client left before its answer"]
+    assert not any(rec.exc_info for rec in caplog.records)
+    assert sent == []  # nothing written to a connection that is gone

@@ -23,6 +23,7 @@ from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, Probe
 from mlmtune.errors import MlmtuneError, warn
 from mlmtune.inference_config import FillConfig, ScoreConfig, ServeConfig
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
+from mlmtune.stopping import LeftEarly, Stop
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
@@ -107,10 +108,12 @@ def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = N
 
 
 def cmd_train(args) -> int:
+    stop = Stop()
+    stop.install()  # before torch loads: a signal during start-up leaves in one line, not by its default (-15)
     from mlmtune.card import summary_lines
     from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
 
-    result = train(_config(TrainConfig, args))
+    result = train(_config(TrainConfig, args), stop=stop)
     if result.rank != 0:  # one report per run, not one per process
         return 0
     for line in summary_lines(result.metrics):
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MlmtuneError as e:
         print(f"mlmtune: error: {e}", file=sys.stderr)
+        return 1
+    except LeftEarly as e:  # a signal before the run's first step (train() says where itself)
+        print(f"mlmtune: error: {e.message()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mlmtune: interrupted", file=sys.stderr)

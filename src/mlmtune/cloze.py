@@ -196,6 +196,15 @@ def held_out_cases(spec: str, data: DataConfig, seed: int, tokenizer, max_length
     """
     if spec == "none":
         return None
+    if not getattr(tokenizer, "is_fast", False):  # a slow tokenizer gives no character offsets
+        if spec != "auto":
+            raise MlmtuneError(f"--cloze-words {spec} needs the character offsets of a fast tokenizer, and this one "
+                               f"is slow ({type(tokenizer).__name__}): use --cloze-words none, or a model folder with "
+                               f"a tokenizer.json")
+        if not quiet:
+            say(f"note: no cloze: it needs the character offsets of a fast tokenizer, and this one is slow "
+                f"({type(tokenizer).__name__}); training goes on without it")
+        return None
     if data.dataset and is_prepared(data.dataset):
         if not quiet:
             say(f"note: no cloze: {data.dataset} holds blocks, not texts (--cloze-words none hides this note)")
@@ -219,7 +228,7 @@ def held_out_cases(spec: str, data: DataConfig, seed: int, tokenizer, max_length
     return (name, cases) if cases else None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: an FSDP root keeps the weights it gathers, which must stay ordinary tensors
 def cloze_ranks(model, tokenizer, cases: list[ClozeCase], device=None, k: int = max(KS),
                 batch_size: int = 32) -> list[list[list[int]]]:
     """The `k` most likely tokens at each masked piece of each case: [case][piece] -> k token ids."""

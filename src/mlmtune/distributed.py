@@ -11,10 +11,12 @@ of the global token-weighted loss. With --fsdp, `FSDP` shards the same module in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +63,9 @@ class Dist:
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 # Ranks other than 0 wait this long, on a CPU (gloo) group of their own, while rank 0 tokenizes a corpus.
 WAIT_TIMEOUT = timedelta(hours=6)
+# Ranks started by environment variables (srun, a script) meet at MASTER_ADDR:MASTER_PORT within this time, or
+# say what to check; torchrun's own rendezvous has its own bound (--rdzv-timeout).
+RENDEZVOUS_TIMEOUT_ENV, RENDEZVOUS_TIMEOUT = "MLMTUNE_RENDEZVOUS_TIMEOUT", 120.0
 
 
 def gpu_index(local_rank: int) -> int:
@@ -91,13 +96,66 @@ def init() -> Dist:
         gpu = gpu_index(local)
         torch.cuda.set_device(gpu)
     if not dist.is_initialized():
+        store = rendezvous(world)
+        rank = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]), "world_size": world}
         if gpu is not None:
-            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", gpu))
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device("cuda", gpu), **rank)
         else:
-            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT, **rank)
     wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     speak_as(dist.get_rank())  # one voice per job: rank 0's
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, gpu=gpu, wait_group=wait_group)
+
+
+@contextlib.contextmanager
+def _cpp_stderr_silenced():
+    """File descriptor 2 goes to /dev/null inside (what C++ writes there; Python's own writes wait until after)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def rendezvous_timeout() -> float:
+    text = os.environ.get(RENDEZVOUS_TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else RENDEZVOUS_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise MlmtuneError(f"{RENDEZVOUS_TIMEOUT_ENV}={text!r}: give the seconds the ranks may take to meet, e.g. 120")
+    return seconds
+
+
+def rendezvous(world: int):
+    """The ranks' meeting point when they were started by environment variables (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT: srun, a script), bounded by `rendezvous_timeout()`: rank 0 hosts it and waits for the others, who
+    connect to it. None under torchrun (its agent has met the ranks already) or without MASTER_ADDR."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or "MASTER_ADDR" not in os.environ:
+        return None  # torchrun's rendezvous, or an init_method torch reads itself
+    rank, host, port = int(os.environ.get("RANK", "0")), os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT", "")
+    seconds = rendezvous_timeout()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise MlmtuneError(f"MASTER_PORT={port!r}: give the port rank 0 listens on (e.g. 29500)")
+    try:
+        with _cpp_stderr_silenced():  # a failed connect logs a C++ stack trace there; the line below says it all
+            store = dist.TCPStore(host, int(port), world, is_master=rank == 0, timeout=timedelta(seconds=seconds),
+                                  wait_for_workers=True, multi_tenant=True)
+    except (RuntimeError, OSError, ValueError) as e:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        waited = (f"rank 0 waited {seconds:g} s at {host}:{port} for the other {world - 1} rank(s)" if rank == 0
+                  else f"rank {rank} could not reach rank 0 at {host}:{port} within {seconds:g} s")
+        raise MlmtuneError(f"{waited} ({why[:160]}): check MASTER_ADDR and MASTER_PORT, that every rank was started "
+                           f"with the same WORLD_SIZE, that the port is open between the nodes (firewall), and which "
+                           f"network interface they use (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); "
+                           f"{RENDEZVOUS_TIMEOUT_ENV} sets the wait") from None
+    store.set_timeout(COLLECTIVE_TIMEOUT)  # met: from now on the store waits as long as a collective may
+    return store
 
 
 def device_for(d: Dist) -> torch.device:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlmtune.inference_config import MAX_PIECES
 from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
@@ -201,6 +202,8 @@ class FillMask:
         self.check_top_k(top_k, targets)
         if max_pieces < 1 or beam_size < 1:
             raise MlmtuneError(f"max_pieces and beam_size must be at least 1, got {max_pieces} and {beam_size}")
+        if max_pieces > MAX_PIECES:
+            raise MlmtuneError(f"max_pieces must be at most {MAX_PIECES}, got {max_pieces}")
         encoded = self.encode(texts)
         if self.words_needed(targets, max_pieces, joint):
             return [self.fill_words(text, ids, top_k, targets, max_pieces, joint, beam_size)
@@ -223,6 +226,10 @@ class FillMask:
                                f"fill them jointly (--joint), or one mask at a time")
         if targets:
             return fill_targets(self, text, ids, targets, top_k, pieces, turn)
+        if len(ids) - 1 + max_pieces > self.max_length:  # the mask widens to max_pieces masks
+            raise MlmtuneError(f"a text of {len(ids)} tokens with a word of up to {max_pieces} pieces in its mask "
+                               f"passes the model's {self.max_length} positions: shorten the text or lower "
+                               f"--max-pieces")
         return fill_candidates(self, text, ids, top_k, max_pieces, beam_size, turn)
 
     def __call__(self, text: str, top_k: int = 5, targets: list[str] | None = None, **words):

@@ -25,7 +25,7 @@ import traceback
 import h11
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -107,6 +107,9 @@ class Guard:
                 await error(503, busy)(scope, receive, out.send)
             else:
                 await self.hosts(scope, receive, out.send)
+        except ClientDisconnect:  # the client left (mid-body, or before its answer): nobody to answer, one line
+            log.info("%s %s: the client left before its answer", method, route)
+            out.status = 499
         except Exception as e:  # a bug, not the client's fault: one line, without the client's input
             where = traceback.extract_tb(e.__traceback__)[-1]
             log.error("%s %s answered 500: %s at %s:%d", method, route, type(e).__name__, where.filename, where.lineno)

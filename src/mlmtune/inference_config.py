@@ -22,6 +22,9 @@ def _check_fill_precision(precision: str) -> None:
              f"--precision must be one of {', '.join(FILL_PRECISIONS)}, got {precision!r}")
 
 
+MAX_PIECES = 5  # words of more pieces than this: a beam search that runs for minutes (the server's cap too)
+
+
 @dataclass(frozen=True)
 class FillConfig:
     """`mlmtune fill`: top-k predictions for each mask, as `pipeline("fill-mask")` gives them."""
@@ -33,8 +36,8 @@ class FillConfig:
     targets: list[str] | None = None
     """Restrict candidates to these words (comma-separated on the command line)."""
     max_pieces: int = 1
-    """Also propose words of up to this many pieces for a mask (beam search over pieces, ranked by the whole
-    word's probability); 1 proposes single pieces, as the pipeline does."""
+    """Also propose words of up to this many pieces (at most 5) for a mask (beam search over pieces, ranked by the
+    whole word's probability); 1 proposes single pieces, as the pipeline does."""
     joint: bool = False
     """Fill all the masks of a text together: the best joint fillings (a beam search, re-ranked by the filled
     text's pseudo-log-likelihood) instead of each mask on its own."""
@@ -50,7 +53,9 @@ class FillConfig:
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
-        _require(self.max_pieces >= 1, f"--max-pieces must be at least 1, got {self.max_pieces}")
+        _require(1 <= self.max_pieces <= MAX_PIECES,
+                 f"--max-pieces must be 1 to {MAX_PIECES} (words of more pieces than that are rare, and their search "
+                 f"takes minutes), got {self.max_pieces}")
         _require(self.beam_size >= 1, f"--beam-size must be at least 1, got {self.beam_size}")
         _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")

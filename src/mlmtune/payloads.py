@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mlmtune.inference_config import MAX_PIECES  # a beam search over more pieces than this is not a request's work
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
 from mlmtune.fill_words import JOINT_MAX_MASKS, target_pieces, work_rows
@@ -47,7 +48,6 @@ def _check_fields(payload: dict, known: set[str], where: str = "") -> None:
                               f"known: {', '.join(sorted(known))}")
 
 
-MAX_PIECES = 5  # a beam search over more pieces than this is not a request's work
 MAX_BEAM = 16
 
 

@@ -37,19 +37,21 @@ from mlmtune.output import TrainResult, check_output_dir, run_metrics, write_out
 from mlmtune.perplexity import EvalResult
 from mlmtune.run import Run, load_run
 from mlmtune.schedule import learning_rate_at, step_plan
-from mlmtune.stopping import Stop, StopNow, Vote
+from mlmtune.stopping import LeftEarly, Stop, StopNow, Vote
 
 __all__ = ["TrainResult", "train"]
 
 
-def train(cfg: TrainConfig, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          stop: Stop | None = None) -> TrainResult:
     """Fine-tune a masked-LM with dynamic masking and measure it before and after on fixed masks.
 
     Args:
         cfg: the resolved training config.
         progress: show progress bars.
         on_step: called after every optimizer step with (step, seconds it took), e.g. for timing.
+        stop: the signals' listener, already installed for the whole process (the CLI installs one before torch
+            loads); by default one listens for the duration of the call.
 
     Returns:
         TrainResult with the output folder (a Hugging Face model folder plus metrics.json,
@@ -59,21 +61,29 @@ def train(cfg: TrainConfig, progress: bool = True,
         MlmtuneError: bad data, model or output folder; or training was interrupted (a checkpoint
             is saved first, so `--resume` continues).
     """
-    engine, cfg = engine_class(cfg.backend).open(cfg)  # refuses what it cannot do before any data is read
-    with engine.session():
-        return _train(cfg, engine, progress and engine.dist.main, on_step)
+    listening = contextlib.nullcontext() if stop is not None else (stop := Stop()).listening()
+    with listening:  # from the start: a signal while the model loads leaves at once, in one line
+        try:
+            engine, cfg = engine_class(cfg.backend).open(cfg)  # refuses what it cannot do before any data is read
+            with engine.session():
+                result = _train(cfg, engine, progress and engine.dist.main, on_step, stop)
+        except LeftEarly as e:
+            raise MlmtuneError(e.message(stop.step_now())) from None
+        stop.done()
+        return result
 
 
-def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step) -> TrainResult:
+def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step, stop: Stop) -> TrainResult:
     out = Path(cfg.output_dir)
     lock = FolderLock.inside(out, f"--output-dir {out}")  # rank 0 holds it: one run per folder
     try:
-        return _train_locked(cfg, engine, progress, on_step, lock)
+        return _train_locked(cfg, engine, progress, on_step, lock, stop)
     finally:
         lock.release()
 
 
-def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, lock: FolderLock) -> TrainResult:
+def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, lock: FolderLock,
+                  stop: Stop) -> TrainResult:
     d, out = engine.dist, Path(cfg.output_dir)
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume, lock) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
@@ -96,9 +106,10 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     for m in checks if not resumed else []:
         if getattr(state, f"{m.name}_before"):
             getattr(dash, m.name)(0, getattr(state, f"{m.name}_before"))
-    loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
+    loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step, stop)
     try:
         loop.train()
+        stop.end_steps(lambda: state.step)  # the last step's checkpoint is saved: a signal now leaves at once
         return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks, dash)
     finally:
         dash.close()
@@ -181,9 +192,11 @@ class Loop:
 
     def __init__(self, cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
                  evaluate: Callable[[str], EvalResult | None], dash: dashboard.Dashboard, progress: bool,
-                 on_step: Callable[[int, float], None] | None):
+                 on_step: Callable[[int, float], None] | None, stop: Stop):
         self.cfg, self.run, self.engine, self.state = cfg, run, engine, state
         self.evaluate, self.dash, self.progress, self.on_step = evaluate, dash, progress, on_step
+        self.stop, self.vote = stop, Vote(engine.dist)  # stop: listening since the run began
+        self.saved_at: int | None = None  # the step of the checkpoint this process wrote last: never twice
         self.steps_per_epoch, self.total, self.save_every = step_plan(cfg, run.n_train, engine.dist.world)
         self.window = LogWindow(state, engine.sync)
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
@@ -192,26 +205,29 @@ class Loop:
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
+        due = state.step and (state.step % self.steps_per_epoch == 0 or state.step == self.total)
+        if due and all(e["step"] != state.step for e in state.epochs):
+            with self.window.paused(True):  # the evaluation due at this step, skipped by the stop that saved it
+                self.record_eval(self.evaluate(f"Eval (step {state.step})"))
         if state.step >= self.total:  # a finished run, resumed
             self.bar.close()
             return
         batches = StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer, self.run.masker, state.step,
                                       engine.dist, self.progress)
         feed = Prefetcher(batches, state.step, self.total, pin_memory=engine.pin_memory)  # made in a thread, ahead
-        stop, vote = Stop(ranks=engine.dist.enabled, step_now=lambda: state.step), Vote(engine.dist)
+        stop = self.stop
         head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
         engine.set_phase(head_only)
         try:
-            with stop.listening():
-                while state.step < self.total:
-                    if head_only and state.step >= cfg.head_warmup_steps:
-                        head_only = False
-                        engine.set_phase(False)
-                        say(f"step {state.step}: head warm-up done, training the whole model")
-                    self.step(feed, stop, head_only)
-                    if vote.stop_now(stop.requested.is_set()):  # every rank, after the same step
-                        raise KeyboardInterrupt
-                vote.close()
+            stop.begin_steps(engine.dist.enabled, lambda: state.step)  # a signal now stops after the step
+            while state.step < self.total:
+                if head_only and state.step >= cfg.head_warmup_steps:
+                    head_only = False
+                    engine.set_phase(False)
+                    say(f"step {state.step}: head warm-up done, training the whole model")
+                if self.step(feed, stop, head_only):  # every rank, after the same step
+                    raise KeyboardInterrupt
+            self.vote.close()
         except KeyboardInterrupt:
             self.bar.close()
             self.window.count_time()
@@ -227,8 +243,10 @@ class Loop:
             feed.close()
             self.bar.close()
 
-    def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> None:
-        """One optimizer step and what follows it (log line, evaluation, checkpoint)."""
+    def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> bool:
+        """One optimizer step and what follows it (log line, evaluation, checkpoint); True when the ranks agreed
+        to stop after it. Agreed before an evaluation or a checkpoint, they are skipped (the way out saves it);
+        a checkpoint written here is not written again on the way out."""
         cfg, state, engine = self.cfg, self.state, self.engine
         t0 = time.perf_counter()
         # this rank's share of the step's micro-batches, each block masked from (seed, epoch, its row)
@@ -254,6 +272,8 @@ class Loop:
             self.dash.train(state.step, mean, learning_rate_at(cfg, self.total, state.step), tokens_per_second)
         epoch_end = state.step % self.steps_per_epoch == 0
         save = state.step % self.save_every == 0 or last
+        if (epoch_end or save) and self.vote.stop_now(stop.requested.is_set(), settle=True):
+            return True  # a stop was asked for: no evaluation, and one checkpoint, on the way out
         with self.window.paused(epoch_end or last or save):  # evaluation and checkpoints are not training time
             if epoch_end or last:
                 self.record_eval(self.evaluate(f"Eval (step {state.step})"))
@@ -261,6 +281,7 @@ class Loop:
                 self.save()
         if self.on_step is not None:
             self.on_step(state.step, seconds)
+        return self.vote.stop_now(stop.requested.is_set())
 
     def next_batches(self, feed: Prefetcher):
         """The step's batches; a stream that stops parsing mid-run saves what was trained before it raises."""
@@ -272,12 +293,17 @@ class Loop:
             raise MlmtuneError(f"{e}{saved}") from None
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint; every rank takes part in gathering what it holds (under FSDP)."""
+        """Rank 0 writes the checkpoint; every rank takes part in gathering what it holds (under FSDP). A step
+        saved already (a stop asked for right after a save) is not written again: every rank knows it alike."""
+        where = ckpt.checkpoints_dir(Path(self.cfg.output_dir)) / f"step-{self.state.step:07d}"
+        if self.saved_at == self.state.step:
+            return where
         model, optimizer_state = self.engine.checkpoint(self.state)
         if self.engine.dist.main:
-            return ckpt.save_checkpoint(Path(self.cfg.output_dir), model, optimizer_state, self.state,
-                                        self.cfg.save_total_limit)
-        return ckpt.checkpoints_dir(Path(self.cfg.output_dir)) / f"step-{self.state.step:07d}"
+            where = ckpt.save_checkpoint(Path(self.cfg.output_dir), model, optimizer_state, self.state,
+                                         self.cfg.save_total_limit)
+        self.saved_at = self.state.step
+        return where
 
     def record_eval(self, result: EvalResult | None) -> None:
         if result is None:

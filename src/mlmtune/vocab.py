@@ -47,6 +47,10 @@ class Grown:
 
 def choose_words(value: str, numbers: bool, train_texts: list[str] | None, tokenizer) -> list[str]:
     """The words of `--add-tokens N|FILE`: the N that save the most tokens in `train_texts`, or a FILE's."""
+    if not getattr(tokenizer, "is_fast", False):  # its normalizer and word spans are the fast tokenizer's
+        raise MlmtuneError(f"--add-tokens {value} needs a fast tokenizer (a tokenizer.json: its normalizer and words "
+                           f"say how a new word is spelled), and this one is slow ({type(tokenizer).__name__}): use a "
+                           f"model folder with a tokenizer.json, or leave --add-tokens out")
     if not value.strip().isdigit():
         return read_words(value, tokenizer)
     if train_texts is None:
