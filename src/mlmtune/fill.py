@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlmtune.inference_config import MAX_PIECES
 from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
 from mlmtune.forward import logits_where, pad_rows
+from mlmtune.inference_config import MAX_PIECES
 from mlmtune.model import load_model, max_positions
 from mlmtune.scoring import NO_TURN
 

@@ -17,10 +17,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mlmtune.inference_config import MAX_PIECES  # a beam search over more pieces than this is not a request's work
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill import FillMask
 from mlmtune.fill_words import JOINT_MAX_MASKS, target_pieces, work_rows
+from mlmtune.inference_config import MAX_PIECES  # a beam search over more pieces than this is not a request's work
 from mlmtune.scoring import METRICS, Scorer
 
 
