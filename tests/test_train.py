@@ -264,3 +264,33 @@ def test_auto_precision_is_bf16_only_where_onednn_runs_it_fast(monkeypatch, avx5
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
     assert resolve_precision("auto", torch.device("cpu")) == picked
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: always
+
+
+@pytest.mark.numerics
+def test_a_model_declared_bf16_trains_from_fp32_master_weights(configs, tiny_model_dir, tmp_path):
+    """transformers 5 loads a model in its config's dtype (EuroBERT declares bfloat16): training must still keep fp32
+    master weights and AdamW state. Two twins hold the same (bf16-representable) weights, one declared bfloat16 and
+    one float32: trained the same way they must give the same losses, which bf16 weights would not."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # values both dtypes hold exactly
+    twins = {}
+    for dtype in ("float32", "bfloat16"):
+        folder = tmp_path / dtype
+        shutil.copytree(tiny_model_dir, folder)
+        model.to(getattr(torch, dtype)).save_pretrained(folder)
+        assert json.loads((folder / "config.json").read_text())["dtype"] == dtype
+        twins[dtype] = train(configs(tmp_path / f"run-{dtype}", model=str(folder), max_steps=3, save_steps=100),
+                             progress=False).metrics
+    fp32, bf16 = twins["float32"], twins["bfloat16"]
+    assert [e["loss"] for e in bf16["train_loss"]] == pytest.approx([e["loss"] for e in fp32["train_loss"]], rel=1e-6)
+    assert bf16["eval_loss_before"] == pytest.approx(fp32["eval_loss_before"], rel=1e-6)
+    assert bf16["eval_loss_after"] == pytest.approx(fp32["eval_loss_after"], rel=1e-6)
+    saved = load_file(str(tmp_path / "run-bfloat16" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the output is an fp32 checkpoint
