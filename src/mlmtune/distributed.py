@@ -237,7 +237,10 @@ def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
     # the buffers (position ids) never change: no broadcast before every forward. torch 2.13 renamed the flag.
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None, **no_buffer_sync)
+    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not copies of them (one
+    # gradient-sized buffer less, and no copy back after every all-reduce)
+    return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def require_ranks(d: Dist, flag: str) -> None:

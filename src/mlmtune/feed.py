@@ -61,6 +61,7 @@ class StepBatches:
         self.global_batch = batch_size * world  # blocks per micro-batch over all ranks
         self.micro_per_epoch = self.steps_per_epoch = None  # a stream has no epochs
         self.stream_micro = 0  # global micro-batches read from the stream so far (its blocks' places)
+        self.order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its order of blocks)
         if blocks is not None:  # the trainer's own epoch arithmetic, so both count the same steps
             self.micro_per_epoch, self.steps_per_epoch = epoch_length(len(blocks), self.global_batch, accumulation)
 
@@ -92,7 +93,9 @@ class StepBatches:
                 self.stream_micro += 1
             return out
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.blocks), self.seed, epoch)
+        if self.order[0] != epoch:  # drawn once per epoch, not at every step
+            self.order = (epoch, epoch_order(len(self.blocks), self.seed, epoch))
+        order = self.order[1]
         first = in_epoch * self.accumulation
         for i in range(first, min(first + self.accumulation, self.micro_per_epoch)):
             rows = order[i * self.global_batch : (i + 1) * self.global_batch][mine]
