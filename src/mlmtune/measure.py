@@ -15,7 +15,7 @@ from mlmtune.cloze import cloze_accuracy
 from mlmtune.config import TrainConfig
 from mlmtune.evaluate import EvalResult, perplexity_of
 from mlmtune.general import GENERAL_SEED, general_entry, general_masker, tokenizer_free
-from mlmtune.masking import Masker, iter_eval_masks, rank_shares
+from mlmtune.masking import Masker, iter_eval_masks, rank_shares, regroup
 from mlmtune.run import Engine, Run
 
 
@@ -47,9 +47,10 @@ def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Cal
 def ranks_perplexity(cfg: TrainConfig, engine: Engine, blocks, masker: Masker, seed: int, progress: bool,
                      desc: str) -> EvalResult:
     """Perplexity of the engine's current weights on `blocks`, each masked chunk shared evenly over the ranks
-    and the sums added up token-weighted."""
+    and the sums added up token-weighted. The chunks are regrouped to one eval batch per rank (eval batch x world
+    rows), so that more ranks do not mean smaller forward passes."""
     d, eval_bs = engine.dist, cfg.eval_batch_size or cfg.batch_size
-    chunks = iter_eval_masks(blocks, masker, seed)
+    chunks = regroup(iter_eval_masks(blocks, masker, seed), eval_bs * d.world)
     if not d.enabled:
         return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc, total=len(blocks))
     return perplexity_of(engine.eval_model(), rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress,
