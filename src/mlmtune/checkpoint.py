@@ -205,6 +205,9 @@ def check_global_batch(state: TrainState, current: dict[str, Any], world: int, w
                 ": keep it, or start another --output-dir")
         raise MlmtuneError(f"--resume: {where} was trained with a global batch of {old} blocks ({old_parts}); this "
                            f"run's is {new} ({new_parts}){hint}")
+    if state.world_size != world and saved.get("data", {}).get("streaming"):
+        raise MlmtuneError(f"--resume: {state.world_size} process(es) streamed {where.name}, each reading its own "
+                           f"share of the records; resume a --streaming run on {state.world_size} process(es)")
     if state.world_size != world:
         say(f"--resume: {state.world_size} process(es) trained {where.name}, {world} continue it, with the same global "
             f"batch of {old} blocks")

@@ -72,24 +72,24 @@ class StepBatches:
         fast-forwarded to that step."""
         stream = None
         if blocks is None:
-            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size * d.world).batches(
+            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size, rank=d.rank, world=d.world).batches(
                 start=first_step * cfg.gradient_accumulation_steps, progress=progress)
         made = cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
         made.stream_micro = first_step * cfg.gradient_accumulation_steps
         return made
 
     def blocks_of(self, step: int, words: bool = False, share: bool = True) -> list[tuple[torch.Tensor, Any, list]]:
-        """The step's micro-batches before masking, this rank's share of each (all of it with share=False): (ids,
-        word starts or None, each block's mask key). A stream is read on."""
+        """The step's micro-batches before masking, this rank's share of each (all of it with share=False, for blocks
+        in memory): (ids, word starts or None, each block's mask key). A stream is read on (its share only)."""
         words = words or self.masker.needs_words
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if share else slice(None)
         out = []
-        if self.stream is not None:
+        if self.stream is not None:  # this rank's share already: each rank reads and tokenizes its own records
             for _ in range(self.accumulation):
                 ids, starts = next(self.stream)
-                first = self.stream_micro * self.global_batch
-                keys = [mask_key(self.seed, 0, first + j) for j in range(len(ids))][mine]
-                out.append((ids[mine], None if starts is None else starts[mine], keys))
+                first = self.stream_micro * self.global_batch + self.rank * self.batch_size  # this share's place
+                keys = [mask_key(self.seed, 0, first + j) for j in range(len(ids))]
+                out.append((ids, starts, keys))
                 self.stream_micro += 1
             return out
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
