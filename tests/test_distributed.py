@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,7 +213,9 @@ def test_todays_encoders_on_two_processes_match_one(request, family, sharding, e
     _torchrun([*common, *sharding, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert m2["world_size"] == 2 and m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]
+    assert m2["world_size"] == 2 and m2["rank_weights_disagree"] == []
+    # DDP's replicas are bit-identical; FSDP's digests are of each rank's own shards
+    assert (m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]) == (not sharding)
     assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
     assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
     assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-4)
@@ -382,3 +385,60 @@ def test_a_sentence_encoder_under_fsdp_is_checked_and_kept_as_on_one_process(no_
     assert m2["embedding_mrr10_after"] == pytest.approx(m1["embedding_mrr10_after"], abs=1e-6)
     for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
         assert (tmp_path / "fsdp" / name).read_bytes() == (encoder / name).read_bytes()
+
+
+def _digest_worker(rank: int, store: str, out: str) -> None:
+    """One of two gloo ranks: for each mesh (none: DDP's replicas; HSDP over two one-rank nodes; FSDP on one node)
+    a tiny model sharded on it (FSDP2), rank 1's first local shard nudged or not, and the digests and the disagreeing
+    groups written to `out`."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mlmtune import distributed
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    d = distributed.Dist(rank=rank, world=2)
+    meshes = {"ddp": None, "hsdp": init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")),
+              "fsdp": init_device_mesh("cpu", (2,))}
+    results = {}
+    for name, mesh in meshes.items():
+        for perturb in (False, True):
+            torch.manual_seed(0)  # the same start on both ranks
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+            if mesh is not None:
+                for layer in model:
+                    fully_shard(layer, mesh=mesh)
+            if perturb and rank == 1:
+                with torch.no_grad():
+                    w = model[0].weight
+                    (w.to_local() if hasattr(w, "to_local") else w)[0, 0] += 1e-3
+            digests = distributed.weights_digests(d, model)
+            groups = distributed.replica_groups(d, model)
+            results[f"{name}-{perturb}"] = {"digests": digests, "groups": groups,
+                                            "disagree": distributed.disagreeing(digests, groups)}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    tdist.destroy_process_group()
+
+
+def test_the_weight_digest_compares_shards_and_catches_a_perturbed_one(tmp_path):
+    """The digest is of each rank's own shards, not of the gathered tensors (which every rank would hash alike):
+    a shard nudged on rank 1 is caught wherever another rank must hold the same bytes (DDP's replicas, HSDP's
+    nodes), and FSDP's distinct shards on one node are not mistaken for a disagreement."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "digests.json"
+    mp.spawn(_digest_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    r = json.loads(out.read_text())
+    for mesh in ("ddp", "hsdp"):  # whole replicas / each node holds every shard: ranks 0 and 1 must agree
+        assert r[f"{mesh}-False"]["groups"] == [[0, 1]]
+        assert r[f"{mesh}-False"]["digests"][0] == r[f"{mesh}-False"]["digests"][1]
+        assert r[f"{mesh}-False"]["disagree"] == []
+        assert r[f"{mesh}-True"]["digests"][0] != r[f"{mesh}-True"]["digests"][1]
+        assert r[f"{mesh}-True"]["disagree"] == [[0, 1]]
+    # FSDP on one node: two different halves of each tensor, nothing that must agree
+    assert r["fsdp-False"]["groups"] == [[0], [1]]
+    assert r["fsdp-False"]["digests"][0] != r["fsdp-False"]["digests"][1] and r["fsdp-False"]["disagree"] == []
+    assert r["fsdp-True"]["digests"][0] == r["fsdp-False"]["digests"][0]  # rank 0's shard is untouched
+    assert r["fsdp-True"]["digests"][1] != r["fsdp-False"]["digests"][1]  # rank 1's own shard shows the change

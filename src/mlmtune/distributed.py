@@ -326,11 +326,13 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
 
 
 def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
-    """A short sha256 of each rank's parameters, in rank order: all equal when the replicas are in sync."""
+    """A short sha256 of the weights each rank holds, in rank order: its whole replica (one process, DDP), or under
+    --fsdp its own shards (each DTensor's local part; gathering the full tensors would give every rank the same
+    bytes, so a rank whose shard went wrong could never show). `replica_groups` says which ranks must agree."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # a shard (--fsdp): the whole tensor, from all ranks
+        p = p.to_local() if hasattr(p, "to_local") else p  # a DTensor (--fsdp): this rank's shard only
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     mine = h.hexdigest()[:16]
     if not d.enabled:
@@ -338,6 +340,24 @@ def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
     every: list[str | None] = [None] * d.world
     dist.all_gather_object(every, mine)
     return [str(x) for x in every]
+
+
+def replica_groups(d: Dist, model: torch.nn.Module) -> list[list[int]]:
+    """The sets of ranks that must hold the same weights: every rank under DDP; under --fsdp the ranks holding the
+    same shards, which are the nodes' ranks at the same place on an HSDP mesh (replicated across nodes), and each
+    rank alone on one node (its shards are its own: nothing to compare)."""
+    mesh = next((p.device_mesh for p in model.state_dict().values() if hasattr(p, "device_mesh")), None)
+    if mesh is None:
+        return [list(range(d.world))]
+    ranks = mesh.mesh  # (ranks,) or (nodes, ranks per node)
+    if ranks.ndim == 1:
+        return [[int(r)] for r in ranks.tolist()]
+    return [[int(r) for r in ranks[:, j].tolist()] for j in range(ranks.shape[1])]
+
+
+def disagreeing(digests: list[str], groups: list[list[int]]) -> list[list[int]]:
+    """The groups of `replica_groups` whose ranks' digests differ (none when the replicas are in sync)."""
+    return [g for g in groups if len({digests[r] for r in g}) > 1]
 
 
 def barrier(d: Dist) -> None:

@@ -346,13 +346,17 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
-        "rank_weights_sha256": distributed.weights_digests(d, run.model),
+        "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
         "precision": engine.precision,
         **engine.metrics(),
     }
-    if len(set(metrics["rank_weights_sha256"])) > 1:
-        say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
-            f"the model saved is rank 0's")
+    metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
+                                                               distributed.replica_groups(d, run.model))
+    if metrics["rank_weights_disagree"]:
+        groups = "; ".join(", ".join(f"rank {r} {metrics['rank_weights_sha256'][r]}" for r in g)
+                           for g in metrics["rank_weights_disagree"])
+        say(f"warning: ranks that must hold the same weights ended with different ones ({groups}); the model saved "
+            f"is what rank 0 gathered")
     if d.main:  # the tokenizer-free figures, the downstream probe and the embedding check, with the full model
         metrics.update(vocabulary_metrics(run, full_model, engine.device))
         if run.downstream is not None:
