@@ -40,10 +40,11 @@ _NAME = re.compile(r"^step-(\d+)$")
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "warmup_steps", "max_grad_norm", "seed",
                "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers",
-               "freeze_layers", "downstream")
+               "freeze_layers", "downstream", "eval_precision")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
-                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig())}
+                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig()),
+                   "eval_precision": "fp32"}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,

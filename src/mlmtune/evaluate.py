@@ -8,6 +8,7 @@ with few masked tokens).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from mlmtune.blocks import Blocks, TooFewTokens, build_blocks
 from mlmtune.cloze import cloze_accuracy, held_out_cases
 from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
-from mlmtune.device import resolve_device
+from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.downstream import RunProbe, eval_entry
 from mlmtune.embedding import embedding_check
 from mlmtune.errors import MlmtuneError, say
@@ -61,7 +62,7 @@ def _perplexity(loss: float) -> float:
 
 @torch.no_grad()  # not inference_mode: FSDP's root keeps the weights it gathers, which must stay ordinary tensors
 def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, desc: str = "Evaluating",
-                  total: int | None = None, reduce=None) -> EvalResult:
+                  total: int | None = None, reduce=None, autocast: torch.dtype | None = None) -> EvalResult:
     """Perplexity = exp(token-weighted mean NLL) over masked blocks.
 
     Args:
@@ -71,6 +72,8 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
         batch_size: blocks per forward pass (does not change the result).
         total: number of blocks, for the progress bar.
         reduce: sums [nll, count] over the ranks of a distributed run (None: one process).
+        autocast: run the forward passes under this autocast dtype (bf16, fp16; None: fp32). The weights stay as
+            they are, and the loss is summed in fp32 (float64 over batches) either way.
 
     Returns:
         EvalResult(loss, perplexity, masked_tokens).
@@ -83,8 +86,9 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
     for inputs, labels in chunks:
         for start in range(0, len(inputs), batch_size):
             # labels stay on the CPU, where their positions are found; the sums stay on the device
-            nll, n = masked_nll_sum(model, inputs[start : start + batch_size], labels[start : start + batch_size],
-                                    device=device)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                nll, n = masked_nll_sum(model, inputs[start : start + batch_size],
+                                        labels[start : start + batch_size], device=device)
             sums.append(nll.double())
             count += n
             bar.update(len(inputs[start : start + batch_size]))
@@ -147,6 +151,16 @@ def _recorded_run(model: str) -> dict | None:
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("data"), dict) else None
 
 
+def _recorded_eval_precision(model: str) -> str:
+    """What a training run's evaluations ran in (its metrics.json), fp32 when it does not say (older runs)."""
+    try:
+        found = json.loads((Path(model).expanduser() / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "fp32"
+    precision = found.get("eval_precision") if isinstance(found, dict) else None
+    return precision if precision in WEIGHT_DTYPES else "fp32"
+
+
 def _same_source(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return False
@@ -165,6 +179,7 @@ class EvalPlan:
     mlm_probability: float
     masking: str
     which: str  # a sentence saying which records
+    precision: str = "fp32"  # the forward passes' arithmetic: fp32, or bf16 / fp16 autocast
 
 
 def eval_plan(cfg: EvalConfig) -> EvalPlan:
@@ -175,6 +190,9 @@ def eval_plan(cfg: EvalConfig) -> EvalPlan:
       and masking, so `perplexity_after` is reproduced.
     - On any other dataset without --test-size: all of it.
     - With --test-size: the held-out fraction drawn with --seed.
+
+    The perplexities run under --precision's autocast; by default the training run's own evaluation precision on
+    its held-out split (recorded in its metrics.json), else fp32.
     """
     data = cfg.data
     recorded = _recorded_run(cfg.model)
@@ -185,17 +203,18 @@ def eval_plan(cfg: EvalConfig) -> EvalPlan:
         seed = int(recorded.get("seed", cfg.seed))
         mlm = float(recorded.get("mlm_probability", cfg.mlm_probability))
         masking = str(recorded.get("masking", "token"))
+        precision = cfg.precision or _recorded_eval_precision(cfg.model)
         if data.streaming:
             return EvalPlan(data, seed, mlm, masking,
-                            f"the training run's held-out records (the first {data.eval_records:,})")
+                            f"the training run's held-out records (the first {data.eval_records:,})", precision)
         return EvalPlan(data, seed, mlm, masking, f"the training run's held-out split ({data.held_out:.0%} of the "
                         f"records, seed {seed}, block size {data.block_size}, mlm probability {mlm:g}, {masking} "
-                        f"masking)")
+                        f"masking, {precision} evaluation)", precision)
     if data.test_size is None:
         return EvalPlan(dataclasses.replace(data, test_size=0.0), cfg.seed, cfg.mlm_probability, cfg.masking,
-                        "all of it")
+                        "all of it", cfg.precision or "fp32")
     return EvalPlan(data, cfg.seed, cfg.mlm_probability, cfg.masking,
-                    f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})")
+                    f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})", cfg.precision or "fp32")
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -231,7 +250,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         split = load_texts(data, seed)
         return list(split["test" if "test" in split else "train"]["text"])
 
-    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which, "masking": plan.masking}
+    autocast = None if plan.precision == "fp32" else WEIGHT_DTYPES[plan.precision]
+    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which, "masking": plan.masking,
+                 "eval_precision": plan.precision}
     try:
         check_block_size(data.block_size, model, tokenizer)
         if data.streaming:
@@ -243,7 +264,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         eval_blocks = Blocks(blocks[split])
         masker = Masker.from_tokenizer(tokenizer, plan.mlm_probability, plan.masking)
         result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, seed), cfg.batch_size,
-                               progress=progress, total=len(eval_blocks))
+                               progress=progress, total=len(eval_blocks), autocast=autocast)
         out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,
                    eval_masked_tokens=result.masked_tokens, eval_blocks=len(eval_blocks))
     except MlmtuneError as e:  # no blocks to score: pseudo-perplexity needs none
@@ -287,6 +308,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if source:
         blocks = general_blocks(source, model, tokenizer)
         result = perplexity_of(model, iter_eval_masks(blocks, general_masker(tokenizer), GENERAL_SEED),
-                               cfg.batch_size, progress=progress, desc="General check", total=len(blocks))
+                               cfg.batch_size, progress=progress, desc="General check", total=len(blocks),
+                               autocast=autocast)
         out.update(general_entry(result, source, blocks))
     return out

@@ -27,9 +27,9 @@ def eval_entry(result: EvalResult) -> dict[str, Any]:
 
 
 def evaluator(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], EvalResult | None]:
-    """fp32 perplexity of the engine's current weights on the eval split, with the masks `iter_eval_masks`
-    draws from the seed in the run's scheme (and in the token scheme too, when the run's is another); None
-    without an eval split."""
+    """Perplexity of the engine's current weights on the eval split (under `engine.eval_autocast`), with the masks
+    `iter_eval_masks` draws from the seed in the run's scheme (and in the token scheme too, when the run's is
+    another); None without an eval split."""
     token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
 
     def evaluate(desc: str) -> EvalResult | None:
@@ -52,10 +52,12 @@ def ranks_perplexity(cfg: TrainConfig, engine: Engine, blocks, masker: Masker, s
     d, eval_bs = engine.dist, cfg.eval_batch_size or cfg.batch_size
     chunks = regroup(iter_eval_masks(blocks, masker, seed), eval_bs * d.world)
     if not d.enabled:
-        return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc, total=len(blocks))
+        return perplexity_of(engine.eval_model(), chunks, eval_bs, progress=progress, desc=desc, total=len(blocks),
+                             autocast=engine.eval_autocast)
     return perplexity_of(engine.eval_model(), rank_shares(chunks, d.rank, d.world), eval_bs, progress=progress,
                          desc=desc, total=-(-len(blocks) // d.world),
-                         reduce=lambda v: distributed.all_reduce_sum(d, v, engine.device))
+                         reduce=lambda v: distributed.all_reduce_sum(d, v, engine.device),
+                         autocast=engine.eval_autocast)
 
 
 def general_check(cfg: TrainConfig, run: Run, engine: Engine, progress: bool) -> Callable[[str], dict | None]:

@@ -150,13 +150,20 @@ class TorchEngine:
         # what checkpoints read and write: under FSDP the full (gathered) state, keyed by parameter name
         self.full_optimizer = self.fsdp.optimizer(self.optimizer) if self.fsdp else self.optimizer
 
+    @property
+    def eval_autocast(self) -> torch.dtype | None:
+        """--eval-precision train: the steps' autocast (None under fp32); fp32: None."""
+        return None if self.cfg.eval_precision == "fp32" else self.precision_.autocast
+
     def describe(self) -> str:
         d = self.dist
         sharding = "" if not self.fsdp else (" (FSDP)" if self.fsdp.nodes == 1 else
                                              f" (HSDP: sharded within each of {self.fsdp.nodes} nodes)")
         ranks = (f"; {d.world} processes{sharding}, {self.cfg.batch_size} blocks each per micro-batch" if d.enabled
                  else "")
-        return f"Training precision: {self.precision_.describe()}; evaluation in fp32{ranks}"
+        evaluation = ("in fp32" if self.eval_autocast is None else
+                      f"under {PRECISION_NAMES[self.eval_autocast]} autocast (--eval-precision fp32 for true fp32)")
+        return f"Training precision: {self.precision_.describe()}; evaluation {evaluation}{ranks}"
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
         ckpt.load_weights(path, self.fsdp or self.model)

@@ -27,6 +27,7 @@ from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
 from mlmtune.budget import resolve_steps
 from mlmtune.config import TrainConfig
+from mlmtune.device import PRECISION_NAMES
 from mlmtune.downstream import downstream_line, downstream_metrics
 from mlmtune.embedding import embedding_line, embedding_metrics
 from mlmtune.errors import MlmtuneError, say
@@ -348,6 +349,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
         "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
         "precision": engine.precision,
+        "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
         **engine.metrics(),
     }
     metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
