@@ -442,3 +442,77 @@ def test_the_weight_digest_compares_shards_and_catches_a_perturbed_one(tmp_path)
     assert r["fsdp-False"]["digests"][0] != r["fsdp-False"]["digests"][1] and r["fsdp-False"]["disagree"] == []
     assert r["fsdp-True"]["digests"][0] == r["fsdp-False"]["digests"][0]  # rank 0's shard is untouched
     assert r["fsdp-True"]["digests"][1] != r["fsdp-False"]["digests"][1]  # rank 1's own shard shows the change
+
+
+@pytest.mark.slow  # a torchrun job and one process, in bf16
+def test_fsdp_in_bf16_gathers_bf16_weights_and_trains_as_one_process(no_dropout_model, eli5_like, tmp_path):
+    """--fsdp --precision bf16: the shards are gathered in bf16 and the gradients reduced in fp32 (FSDP2's
+    MixedPrecisionPolicy), evaluation runs under the same policy; the run ends where one bf16 process with the whole
+    global batch ends, to bf16's rounding, and its fp32 master weights and checkpoints stay fp32."""
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--precision", "bf16"]
+    common[common.index("fp32") - 1 : common.index("fp32") + 1] = []  # the first --precision fp32 out
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6", "--output-dir",
+          str(tmp_path / "one")], tmp_path)
+    two = _torchrun([*common, "--fsdp", "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    assert "2 processes (FSDP, bf16 all-gathers, fp32 gradient reduction)" in two.stderr
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1["eval_precision"] == m2["eval_precision"] == "bf16"
+    assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-4)  # 1.3e-6 measured
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-3)  # 1.3e-4; training moved it 0.14
+    weights = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+_SLOW_RANK = '''
+import json, sys, time
+import torch.distributed as dist
+from mlmtune.config import TrainConfig
+from mlmtune.options import resolve
+from mlmtune.train import train
+
+flags, pause = json.loads(sys.argv[1]), float(sys.argv[2])
+
+def slow_rank_1(step, seconds):  # a straggler: rank 1 takes `pause` longer over every step
+    if pause and dist.get_rank() == 1:
+        time.sleep(pause)
+
+train(resolve(TrainConfig, {}, flags), progress=False, on_step=slow_rank_1)
+'''
+
+
+@pytest.mark.slow  # a torchrun job of a 12 s budget and another that resumes it
+def test_a_time_budget_on_two_processes_replans_for_the_slowest_rank_and_resumes_exactly(configs, tmp_path):
+    """The probe times one device without communication (rank 0, at full speed); rank 1 is 0.3 s slower a step.
+    After its first steps the run measures every rank, takes the slowest, and plans again: far fewer steps, which
+    fit the budget at the slow rank's pace. A run resumed from a checkpoint after the re-plan keeps its total and
+    its schedule: it ends with the uninterrupted run's weights."""
+    script = tmp_path / "slow_rank.py"
+    script.write_text(_SLOW_RANK)
+    flags = configs.flags(tmp_path / "run", max_steps=None, time_budget="12s", save_steps=10, batch_size=3)
+
+    def launch(flags: dict, pause: float) -> subprocess.CompletedProcess:
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), json.dumps(flags),
+                     str(pause)], tmp_path)
+
+    run = launch(flags, 0.3)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    plan = m["time_budget_plan"]
+    assert plan["replanned_at"] == 5 and "the slowest of 2 processes takes" in run.stderr
+    assert plan["measured_step_seconds"] >= 0.3 > 3 * plan["step_seconds"]  # the straggler, not the probe
+    steps = m["train_steps"]
+    assert 5 < steps < plan["planned_steps"] / 2
+    assert (steps - 5) * 0.3 <= 12  # what is left of the budget at the slow rank's pace, at least
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000010"
+    assert steps > 10 and json.loads((checkpoint / "state.json").read_text())["config"]["max_steps"] == steps
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, part / "checkpoints" / checkpoint.name)
+    launch({**flags, "output_dir": str(part), "resume": True}, 0.0)  # no straggler now: the plan holds anyway
+    m2 = json.loads((part / "metrics.json").read_text())
+    assert m2["train_steps"] == steps and m2["time_budget_plan"]["replanned_at"] == 5
+    w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -16,6 +16,7 @@ exactly the batches, masks, dropout and learning rates an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
-from mlmtune.budget import resolve_steps
+from mlmtune.budget import REPLAN_STEPS, REPLAN_WARM, replan, resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES
 from mlmtune.downstream import downstream_line, downstream_metrics
@@ -98,8 +99,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     dashboard.require(cfg.report_to)
     run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)
     engine.attach(run.model)
-    cfg = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
-                        lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
+    cfg, budget = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
+                                lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
     evaluate, general = evaluator(cfg, run, engine, progress), general_check(cfg, run, engine, progress)
@@ -107,6 +108,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     state, resumed = start_or_resume(cfg, out, engine, evaluate, general, cloze)
     if not resumed:  # scored as loaded, before the vocabulary grew
         state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
+        state.budget = budget  # a resumed run keeps its own (and whether it was re-planned)
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
@@ -228,6 +230,7 @@ class Loop:
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
+        self.full_steps, self.replan_clock = 0, 0.0  # full steps in this process, and when the timed ones began
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -248,6 +251,12 @@ class Loop:
                         engine.set_phase(False)
                         say(f"step {state.step}: head warm-up done, training the whole model")
                     self.step(feed, stop, head_only)
+                    if not head_only and self.replan_budget():  # the total changed: the feed makes the new steps
+                        feed.close()
+                        feed = Prefetcher(StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer,
+                                                              self.run.masker, state.step, engine.dist,
+                                                              self.progress),
+                                          state.step, self.total, pin_memory=engine.pin_memory)
                     if vote.stop_now(stop.requested.is_set()):  # every rank, after the same step
                         raise KeyboardInterrupt
                 vote.close()
@@ -265,6 +274,37 @@ class Loop:
         finally:
             feed.close()
             self.bar.close()
+
+    def replan_budget(self) -> bool:
+        """--time-budget on several ranks: after REPLAN_WARM + REPLAN_STEPS full steps of this process, the
+        total steps made again from the slowest rank's measured step time (`budget.replan`); True when it changed.
+        The new count goes into the config the checkpoints carry, so --resume keeps it."""
+        state, engine, plan = self.state, self.engine, self.state.budget
+        if not engine.dist.enabled or plan is None or plan.get("replanned_at") is not None:
+            return False
+        self.full_steps += 1
+        if self.full_steps == REPLAN_WARM:
+            engine.sync()
+            self.replan_clock = time.perf_counter()
+        if self.full_steps < REPLAN_WARM + REPLAN_STEPS:
+            return False
+        engine.sync()
+        mine = (time.perf_counter() - self.replan_clock) / REPLAN_STEPS
+        slowest = distributed.all_reduce_max(engine.dist, mine, engine.device)
+        self.window.count_time()
+        total = replan(plan, state.step, slowest, state.train_seconds, self.cfg.head_warmup_steps)
+        plan["replanned_at"], plan["measured_step_seconds"] = state.step, slowest
+        say(f"--time-budget {self.cfg.time_budget}: the slowest of {engine.dist.world} processes takes "
+            f"{slowest:.2f}s a step (the probe, on one device without communication: {plan['step_seconds']:.2f}s): "
+            f"{total} steps in all instead of {self.total}")
+        if total == self.total:
+            return False
+        self.cfg = dataclasses.replace(self.cfg, max_steps=total)
+        state.config = to_dict(self.cfg)  # what checkpoints carry and --resume compares
+        self.steps_per_epoch, self.total, self.save_every = step_plan(self.cfg, self.run.n_train, engine.dist.world)
+        self.bar.total = self.total
+        self.bar.refresh()
+        return True
 
     def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> None:
         """One optimizer step and what follows it (log line, evaluation, checkpoint)."""
@@ -348,6 +388,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
         "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
+        **({"time_budget_plan": state.budget} if state.budget else {}),
         "precision": engine.precision,
         "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
         **engine.metrics(),
