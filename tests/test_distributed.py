@@ -516,3 +516,62 @@ def test_a_time_budget_on_two_processes_replans_for_the_slowest_rank_and_resumes
     assert m2["train_steps"] == steps and m2["time_budget_plan"]["replanned_at"] == 5
     w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+_RECORDING_STREAM = '''
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from mlmtune import stream
+from mlmtune.config import TrainConfig
+from mlmtune.options import resolve
+from mlmtune.train import train
+
+flags, log = json.loads(sys.argv[1]), Path(sys.argv[2])
+blocks = stream.stream_blocks
+
+def recording(texts, *args, **kwargs):  # the texts this rank's training stream tokenizes, one JSON line each
+    def seen():
+        with (log / f"rank{dist.get_rank()}.jsonl").open("a") as f:
+            for text in texts:
+                f.write(json.dumps(text) + "\\n")
+                yield text
+    return blocks(seen(), *args, **kwargs)
+
+stream.stream_blocks = recording
+train(resolve(TrainConfig, {}, flags), progress=False)
+'''
+
+
+@pytest.mark.slow  # two torchrun jobs
+def test_a_stream_on_two_processes_tokenizes_each_record_once_and_resumes_exactly(configs, docs_texts, tmp_path):
+    """--streaming under torchrun: each rank tokenizes its own records, none of the other's, and together the
+    corpus after the held-out records; the run resumed from its step-4 checkpoint ends bit-identical."""
+    corpus = tmp_path / "corpus.txt"
+    texts = [t.replace("\n", " ") for t in docs_texts[:400] if t.strip()]
+    corpus.write_text("\n".join(texts) + "\n")
+    script = tmp_path / "recording.py"
+    script.write_text(_RECORDING_STREAM)
+    flags = configs.flags(tmp_path / "run", dataset=str(corpus), text_field="text", streaming=True, eval_records=60,
+                          batch_size=2, max_steps=8, save_steps=4)
+
+    def launch(flags: dict, log) -> subprocess.CompletedProcess:
+        log.mkdir()
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), json.dumps(flags),
+                     str(log)], tmp_path)
+
+    launch(flags, tmp_path / "log")
+    seen = [[json.loads(x) for x in (tmp_path / "log" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])  # no record tokenized by both ranks
+    assert sorted(seen[0] + seen[1]) == sorted(texts[60:])  # every training record once (8 steps: one pass)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["train_steps"] == 8 and m["rank_weights_disagree"] == [] and m["eval_loss_after"] < m["eval_loss_before"]
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    step4 = tmp_path / "run" / "checkpoints" / "step-0000004"
+    shutil.copytree(step4, part / "checkpoints" / step4.name)
+    launch({**flags, "output_dir": str(part), "resume": True}, tmp_path / "log2")
+    w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
