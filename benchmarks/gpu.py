@@ -218,7 +218,8 @@ def child_eval(model_dir: str, n_blocks: int, batch: int, block: int) -> dict:
     for k in range(6):  # bf16 training steps of `batch` blocks; the first two pay one-time costs
         sync()
         t = time.perf_counter()
-        inputs, labels = masker(blocks[k * batch : (k + 1) * batch], torch.Generator().manual_seed(k))
+        rows = torch.arange(k * batch, (k + 1) * batch) % len(blocks)
+        inputs, labels = masker(blocks[rows], torch.Generator().manual_seed(k))
         n = int((labels != -100).sum())
         backward_masked(step, [(inputs, labels)], n, device, torch.bfloat16)
         optimizer.step()
