@@ -123,6 +123,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step)
     try:
         loop.train()
+        cfg = loop.cfg  # with the step count a time budget's re-plan chose: what the output folder's config says
         general_after = general("General check (after)")
         if general_after:
             dash.general(state.step, general_after["general_loss"], general_after["general_perplexity"])
