@@ -183,6 +183,39 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: 
     return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr), record
 
 
+class Replanner:
+    """--time-budget on several ranks: times this process's full steps REPLAN_WARM + 1 to REPLAN_WARM +
+    REPLAN_STEPS (after a sync at each end) and, once, turns the slowest rank's time into a new total (`replan`).
+    Nothing to do on one process, without a budget, or when the run's plan was made again already."""
+
+    def __init__(self, record: dict | None, d: distributed.Dist, sync: Callable[[], None], device: torch.device):
+        self.record = record if d.enabled and record and record.get("replanned_at") is None else None
+        self.d, self.sync, self.device = d, sync, device
+        self.full_steps, self.clock = 0, 0.0
+
+    def after_full_step(self, step: int, spent: Callable[[], float], head_warmup_steps: int) -> int | None:
+        """The new total steps, at the step that re-plans (every rank calls it after each full step); else None.
+
+        Args:
+            spent: the run's training seconds so far (counted up to now when called).
+        """
+        if self.record is None:
+            return None
+        self.full_steps += 1
+        if self.full_steps == REPLAN_WARM:
+            self.sync()
+            self.clock = time.perf_counter()
+        if self.full_steps < REPLAN_WARM + REPLAN_STEPS:
+            return None
+        self.sync()
+        mine = (time.perf_counter() - self.clock) / REPLAN_STEPS
+        slowest = distributed.all_reduce_max(self.d, mine, self.device)
+        total = replan(self.record, step, slowest, spent(), head_warmup_steps)
+        self.record["replanned_at"], self.record["measured_step_seconds"] = step, slowest
+        self.record = None  # once
+        return total
+
+
 def replan(record: dict, step: int, step_seconds: float, train_seconds: float, head_warmup_steps: int) -> int:
     """The total steps that fit what is left of the budget, at `step_seconds` a step from `step` on.
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
-from mlmtune.budget import REPLAN_STEPS, REPLAN_WARM, replan, resolve_steps
+from mlmtune.budget import Replanner, resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES
 from mlmtune.downstream import downstream_line, downstream_metrics
@@ -231,7 +231,7 @@ class Loop:
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
-        self.full_steps, self.replan_clock = 0, 0.0  # full steps in this process, and when the timed ones began
+        self.replanner = Replanner(state.budget, engine.dist, engine.sync, engine.device)
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -277,27 +277,22 @@ class Loop:
             self.bar.close()
 
     def replan_budget(self) -> bool:
-        """--time-budget on several ranks: after REPLAN_WARM + REPLAN_STEPS full steps of this process, the
-        total steps made again from the slowest rank's measured step time (`budget.replan`); True when it changed.
-        The new count goes into the config the checkpoints carry, so --resume keeps it."""
-        state, engine, plan = self.state, self.engine, self.state.budget
-        if not engine.dist.enabled or plan is None or plan.get("replanned_at") is not None:
+        """--time-budget on several ranks: the total steps made again once, from the slowest rank's measured step
+        time (`budget.Replanner`); True when it changed. The new count goes into the config the checkpoints carry,
+        so --resume keeps it."""
+        state, engine = self.state, self.engine
+
+        def spent() -> float:  # the training time so far, this window's included
+            self.window.count_time()
+            return state.train_seconds
+
+        total = self.replanner.after_full_step(state.step, spent, self.cfg.head_warmup_steps)
+        if total is None:
             return False
-        self.full_steps += 1
-        if self.full_steps == REPLAN_WARM:
-            engine.sync()
-            self.replan_clock = time.perf_counter()
-        if self.full_steps < REPLAN_WARM + REPLAN_STEPS:
-            return False
-        engine.sync()
-        mine = (time.perf_counter() - self.replan_clock) / REPLAN_STEPS
-        slowest = distributed.all_reduce_max(engine.dist, mine, engine.device)
-        self.window.count_time()
-        total = replan(plan, state.step, slowest, state.train_seconds, self.cfg.head_warmup_steps)
-        plan["replanned_at"], plan["measured_step_seconds"] = state.step, slowest
+        plan = state.budget
         say(f"--time-budget {self.cfg.time_budget}: the slowest of {engine.dist.world} processes takes "
-            f"{slowest:.2f}s a step (the probe, on one device without communication: {plan['step_seconds']:.2f}s): "
-            f"{total} steps in all instead of {self.total}")
+            f"{plan['measured_step_seconds']:.2f}s a step (the probe, on one device without communication: "
+            f"{plan['step_seconds']:.2f}s): {total} steps in all instead of {self.total}")
         if total == self.total:
             return False
         self.cfg = dataclasses.replace(self.cfg, max_steps=total)
