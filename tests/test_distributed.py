@@ -422,6 +422,7 @@ def _digest_worker(rank: int, store: str, out: str) -> None:
     tdist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes (about 10 s, mostly imports)
 def test_the_weight_digest_compares_shards_and_catches_a_perturbed_one(tmp_path):
     """The digest is of each rank's own shards, not of the gathered tensors (which every rank would hash alike):
     a shard nudged on rank 1 is caught wherever another rank must hold the same bytes (DDP's replicas, HSDP's
