@@ -16,6 +16,11 @@ matmul peak measured in the same run and against the GPU's datasheet bf16 dense 
 x matmul parameters per token plus attention; the sparse head counted at the masked 15% only for
 mlmtune, whose head runs only there). Fill: 1,000 sentences with one mask, top-5, mlmtune's
 `FillMask` (batch 64) against the pipeline (batch 1 and 64); the top-5 tokens must be identical.
+Evaluation (issue #28): the fixed-mask perplexity of `--eval-blocks` blocks (2,048) in true fp32 and under
+bf16 autocast (`--eval-precision`'s two choices), each timed after a warm-up, against a bf16 training step
+of the same blocks: what the autocast default saves at every epoch end, and how far its loss is from
+fp32's. The multi-GPU parts of #28 (bf16 all-gathers under FSDP, the re-planned time budget, DDP's
+bucket views, each rank's share of a stream) need 2 GPUs or more and are not run here.
 Writes benchmarks/results/MACHINE/gpu.json (or gpu_smoke.json; `--results DIR` puts it elsewhere).
 
 What the GPU machine needs: PyTorch, transformers and accelerate (the usual CUDA images have
@@ -176,6 +181,63 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_:
             "precision": result.metrics["precision"], "epoch_fraction": steps * batch / result.metrics["train_blocks"]}
 
 
+def child_eval(model_dir: str, n_blocks: int, batch: int, block: int) -> dict:
+    """Fixed-mask perplexity of n_blocks docs blocks in fp32 and under bf16 autocast, and a bf16 training step's
+    seconds per block, all on the same device."""
+    import torch
+
+    from mlmtune.corpora import python_docs_texts
+    from mlmtune.device import resolve_device
+    from mlmtune.perplexity import perplexity_of
+    from mlmtune.forward import MaskedLMLoss, backward_masked
+    from mlmtune.masking import Masker, iter_eval_masks
+    from mlmtune.model import load_model
+
+    device = resolve_device(None)
+    model, tok = load_model(model_dir)
+    model.to(device)
+    ids = tok("\n".join(python_docs_texts()), return_attention_mask=False, verbose=False)["input_ids"]
+    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    blocks = blocks.repeat(-(-n_blocks // len(blocks)), 1)[:n_blocks]  # (n_blocks, block)
+    masker = Masker.from_tokenizer(tok, 0.15)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed_eval(autocast):
+        perplexity_of(model, iter_eval_masks(blocks[: 2 * batch], masker, 0), batch, progress=False,
+                      autocast=autocast)  # warm-up: kernels, allocator
+        sync()
+        t = time.perf_counter()
+        r = perplexity_of(model, iter_eval_masks(blocks, masker, 0), batch, progress=False, autocast=autocast)
+        sync()
+        return r, time.perf_counter() - t
+
+    fp32, t_fp32 = timed_eval(None)
+    bf16, t_bf16 = timed_eval(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    step = MaskedLMLoss(model.train())
+    times = []
+    for k in range(6):  # bf16 training steps of `batch` blocks; the first two pay one-time costs
+        sync()
+        t = time.perf_counter()
+        rows = torch.arange(k * batch, (k + 1) * batch) % len(blocks)
+        inputs, labels = masker(blocks[rows], torch.Generator().manual_seed(k))
+        n = int((labels != -100).sum())
+        backward_masked(step, [(inputs, labels)], n, device, torch.bfloat16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    train_block_s = sorted(times[2:])[len(times[2:]) // 2] / batch
+    return {"blocks": len(blocks), "batch": batch, "device": device.type, "fp32_s": t_fp32, "bf16_autocast_s": t_bf16,
+            "speedup": t_fp32 / t_bf16, "fp32_loss": fp32.loss, "bf16_loss": bf16.loss,
+            "loss_rel_diff": abs(bf16.loss - fp32.loss) / fp32.loss, "masked_tokens": fp32.masked_tokens,
+            "fp32_eval_in_train_steps": t_fp32 / (train_block_s * len(blocks)),
+            "bf16_eval_in_train_steps": t_bf16 / (train_block_s * len(blocks))}
+
+
 def child_fill(model_dir: str, n: int) -> dict:
     import torch
     from transformers import AutoTokenizer, pipeline
@@ -225,7 +287,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out (compilation happens there)")
     parser.add_argument("--tokenizer", default="builtin:all-minilm-l6-v2")
     parser.add_argument("--block-size", type=int, default=BLOCK, help="tokens per block, on both sides")
-    parser.add_argument("--child", choices=["trainer", "mlmtune", "fill"])
+    parser.add_argument("--child", choices=["trainer", "mlmtune", "fill", "eval"])
+    parser.add_argument("--eval-blocks", type=int, default=2048, help="blocks the evaluation check scores")
     parser.add_argument("--model-dir")
     parser.add_argument("--corpus")
     parser.add_argument("--batch", type=int, default=8)
@@ -243,6 +306,8 @@ def main() -> None:
         elif args.child == "mlmtune":
             r = child_mlmtune(args.model_dir, args.corpus, args.steps, args.batch, args.compile, args.out,
                               args.block_size)
+        elif args.child == "eval":
+            r = child_eval(args.model_dir, args.eval_blocks, args.batch, args.block_size)
         else:
             r = child_fill(args.model_dir, args.texts)
         print(json.dumps(r))
@@ -298,6 +363,9 @@ def main() -> None:
             if r["batch"] == batch:
                 r["vs_best_trainer"] = r["tokens_per_s"] / best["tokens_per_s"]
     fill = run_child(me, "--child", "fill", "--model-dir", str(model_dir), "--texts", str(texts))
+    evaluation = run_child(me, "--child", "eval", "--model-dir", str(model_dir), "--batch", str(max(batches)),
+                           "--block-size", str(args.block_size), "--eval-blocks",
+                           str(8 if args.smoke else args.eval_blocks))
 
     print(table(rows, [("batch", "batch", ""), ("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("vs_best_trainer", "x best Trainer", ".2f"), ("gpu_memory_gb", "peak GPU GB", ".2f"),
@@ -308,11 +376,17 @@ def main() -> None:
           f"{fill['pipeline_batch64_s']:.2f} s (batch 64); mlmtune {fill['mlmtune_s']:.2f} s "
           f"({fill['pipeline_s'] / fill['mlmtune_s']:.1f}x, {fill['mlmtune_precision']}); identical top-5 "
           f"{fill['identical_top5']}/{fill['texts']}, largest score difference {fill['max_score_diff']:.1e}")
+    e = evaluation
+    print(f"evaluation, {e['blocks']} blocks at batch {e['batch']}: fp32 {e['fp32_s']:.2f} s (as long as "
+          f"{e['fp32_eval_in_train_steps']:.2f}x their bf16 training), bf16 autocast {e['bf16_autocast_s']:.2f} s "
+          f"({e['speedup']:.1f}x faster; {e['bf16_eval_in_train_steps']:.2f}x); loss {e['fp32_loss']:.4f} fp32, "
+          f"{e['bf16_loss']:.4f} bf16 (relative difference {e['loss_rel_diff']:.1e})")
     path = write_json("gpu_smoke" if args.smoke else "gpu", {
         "steps": steps, "skip": skip, "block": args.block_size, "timing": "median interval between step ends, "
         "after a GPU sync, data included, on both sides", "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
         "model": f"RoBERTa {cfg.num_hidden_layers}x{cfg.hidden_size}, "
-        f"vocab {cfg.vocab_size} (random init)", "bf16_matmul_peak_tflops": peak / 1e12, "rows": rows, "fill": fill},
+        f"vocab {cfg.vocab_size} (random init)", "bf16_matmul_peak_tflops": peak / 1e12, "rows": rows, "fill": fill,
+        "evaluation": evaluation},
         args.results)
     print(f"wrote {path}")
 

@@ -31,7 +31,7 @@ mode, corpus, cache = sys.argv[1:4]
 if mode == "stream":
     from mlmtune.stream import BlockStream
     data = DataConfig(dataset=corpus, streaming=True, eval_records=0)
-    stream = BlockStream(data, tok, seed=0, global_batch=16, buffer_size=1000)
+    stream = BlockStream(data, tok, seed=0, batch_size=16, buffer_size=1000)
     n = 0
     for ids, _ in stream.batches():
         n += len(ids)

@@ -101,7 +101,7 @@ def test_a_new_head_gets_a_warmup_by_default(headless_dir, configs, tmp_path):
     def planned(model_dir, **over):
         cfg = configs(tmp_path / "unused", model=str(model_dir), **over)
         model, _ = load_model(cfg.model)
-        return budget.resolve_steps(cfg, Dist(), model, 100, torch.device("cpu"), probe=None)
+        return budget.resolve_steps(cfg, Dist(), model, 100, torch.device("cpu"), probe=None)[0]
 
     cfg = planned(headless_dir, max_steps=10)
     assert cfg.head_warmup_steps == 1 and cfg.head_learning_rate == budget.DEFAULT_HEAD_LR  # 10% of 10 steps

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,7 +213,9 @@ def test_todays_encoders_on_two_processes_match_one(request, family, sharding, e
     _torchrun([*common, *sharding, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert m2["world_size"] == 2 and m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]
+    assert m2["world_size"] == 2 and m2["rank_weights_disagree"] == []
+    # DDP's replicas are bit-identical; FSDP's digests are of each rank's own shards
+    assert (m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]) == (not sharding)
     assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
     assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
     assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-4)
@@ -429,3 +432,197 @@ def test_ranks_started_by_environment_variables_meet_and_train(configs, tmp_path
         assert p.returncode == 0, err[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and all(t > 0 for t in metrics["rank_train_tokens"])
+
+
+def _digest_worker(rank: int, store: str, out: str) -> None:
+    """One of two gloo ranks: for each mesh (none: DDP's replicas; HSDP over two one-rank nodes; FSDP on one node)
+    a tiny model sharded on it (FSDP2), rank 1's first local shard nudged or not, and the digests and the disagreeing
+    groups written to `out`."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mlmtune import distributed
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    d = distributed.Dist(rank=rank, world=2)
+    meshes = {"ddp": None, "hsdp": init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")),
+              "fsdp": init_device_mesh("cpu", (2,))}
+    results = {}
+    for name, mesh in meshes.items():
+        for perturb in (False, True):
+            torch.manual_seed(0)  # the same start on both ranks
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+            if mesh is not None:
+                for layer in model:
+                    fully_shard(layer, mesh=mesh)
+            if perturb and rank == 1:
+                with torch.no_grad():
+                    w = model[0].weight
+                    (w.to_local() if hasattr(w, "to_local") else w)[0, 0] += 1e-3
+            digests = distributed.weights_digests(d, model)
+            groups = distributed.replica_groups(d, model)
+            results[f"{name}-{perturb}"] = {"digests": digests, "groups": groups,
+                                            "disagree": distributed.disagreeing(digests, groups)}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes (about 10 s, mostly imports)
+def test_the_weight_digest_compares_shards_and_catches_a_perturbed_one(tmp_path):
+    """The digest is of each rank's own shards, not of the gathered tensors (which every rank would hash alike):
+    a shard nudged on rank 1 is caught wherever another rank must hold the same bytes (DDP's replicas, HSDP's
+    nodes), and FSDP's distinct shards on one node are not mistaken for a disagreement."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "digests.json"
+    mp.spawn(_digest_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    r = json.loads(out.read_text())
+    for mesh in ("ddp", "hsdp"):  # whole replicas / each node holds every shard: ranks 0 and 1 must agree
+        assert r[f"{mesh}-False"]["groups"] == [[0, 1]]
+        assert r[f"{mesh}-False"]["digests"][0] == r[f"{mesh}-False"]["digests"][1]
+        assert r[f"{mesh}-False"]["disagree"] == []
+        assert r[f"{mesh}-True"]["digests"][0] != r[f"{mesh}-True"]["digests"][1]
+        assert r[f"{mesh}-True"]["disagree"] == [[0, 1]]
+    # FSDP on one node: two different halves of each tensor, nothing that must agree
+    assert r["fsdp-False"]["groups"] == [[0], [1]]
+    assert r["fsdp-False"]["digests"][0] != r["fsdp-False"]["digests"][1] and r["fsdp-False"]["disagree"] == []
+    assert r["fsdp-True"]["digests"][0] == r["fsdp-False"]["digests"][0]  # rank 0's shard is untouched
+    assert r["fsdp-True"]["digests"][1] != r["fsdp-False"]["digests"][1]  # rank 1's own shard shows the change
+
+
+@pytest.mark.slow  # a torchrun job and one process, in bf16
+def test_fsdp_in_bf16_gathers_bf16_weights_and_trains_as_one_process(no_dropout_model, eli5_like, tmp_path):
+    """--fsdp --precision bf16: the shards are gathered in bf16 and the gradients reduced in fp32 (FSDP2's
+    MixedPrecisionPolicy), evaluation runs under the same policy; the run ends where one bf16 process with the whole
+    global batch ends, to bf16's rounding, and its fp32 master weights and checkpoints stay fp32."""
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--precision", "bf16"]
+    common[common.index("fp32") - 1 : common.index("fp32") + 1] = []  # the first --precision fp32 out
+    _run([sys.executable, "-m", "mlmtune", "train", *common, "--batch-size", "6", "--output-dir",
+          str(tmp_path / "one")], tmp_path)
+    two = _torchrun([*common, "--fsdp", "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    assert "2 processes (FSDP, bf16 all-gathers, fp32 gradient reduction)" in two.stderr
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1["eval_precision"] == m2["eval_precision"] == "bf16"
+    assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-4)  # 1.3e-6 measured
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-3)  # 1.3e-4; training moved it 0.14
+    weights = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+_SLOW_RANK = '''
+import json, sys, time
+import torch.distributed as dist
+from mlmtune.config import TrainConfig
+from mlmtune.options import resolve
+from mlmtune.train import train
+
+flags, pause = json.loads(sys.argv[1]), float(sys.argv[2])
+
+def slow_rank_1(step, seconds):  # a straggler: rank 1 takes `pause` longer over every step
+    if pause and dist.get_rank() == 1:
+        time.sleep(pause)
+
+train(resolve(TrainConfig, {}, flags), progress=False, on_step=slow_rank_1)
+'''
+
+
+@pytest.mark.slow  # a torchrun job of a 12 s budget and another that resumes it
+def test_a_time_budget_on_two_processes_replans_for_the_slowest_rank_and_resumes_exactly(configs, tmp_path):
+    """The probe times one device without communication (rank 0, at full speed); rank 1 is 0.3 s slower a step.
+    After its first steps the run measures every rank, takes the slowest, and plans again: far fewer steps, which
+    fit the budget at the slow rank's pace. A run resumed from a checkpoint after the re-plan keeps its total and
+    its schedule: it ends with the uninterrupted run's weights."""
+    script = tmp_path / "slow_rank.py"
+    script.write_text(_SLOW_RANK)
+    flags = configs.flags(tmp_path / "run", max_steps=None, time_budget="12s", save_steps=10, batch_size=3)
+
+    def launch(flags: dict, pause: float) -> subprocess.CompletedProcess:
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), json.dumps(flags),
+                     str(pause)], tmp_path)
+
+    run = launch(flags, 0.3)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    plan = m["time_budget_plan"]
+    assert plan["replanned_at"] == 5 and "the slowest of 2 processes takes" in run.stderr
+    assert plan["measured_step_seconds"] >= 0.3 > 3 * plan["step_seconds"]  # the straggler, not the probe
+    steps = m["train_steps"]
+    assert 5 < steps < plan["planned_steps"] / 2
+    assert (steps - 5) * 0.3 <= 12  # what is left of the budget at the slow rank's pace, at least
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "mlmtune_config.yaml").read_text())["max_steps"] == steps
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000010"
+    assert steps > 10 and json.loads((checkpoint / "state.json").read_text())["config"]["max_steps"] == steps
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, part / "checkpoints" / checkpoint.name)
+    launch({**flags, "output_dir": str(part), "resume": True}, 0.0)  # no straggler now: the plan holds anyway
+    m2 = json.loads((part / "metrics.json").read_text())
+    assert m2["train_steps"] == steps and m2["time_budget_plan"]["replanned_at"] == 5
+    w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+_RECORDING_STREAM = '''
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from mlmtune import stream
+from mlmtune.config import TrainConfig
+from mlmtune.options import resolve
+from mlmtune.train import train
+
+flags, log = json.loads(sys.argv[1]), Path(sys.argv[2])
+blocks = stream.stream_blocks
+
+def recording(texts, *args, **kwargs):  # the texts this rank's training stream tokenizes, one JSON line each
+    def seen():
+        with (log / f"rank{dist.get_rank()}.jsonl").open("a") as f:
+            for text in texts:
+                f.write(json.dumps(text) + "\\n")
+                yield text
+    return blocks(seen(), *args, **kwargs)
+
+stream.stream_blocks = recording
+train(resolve(TrainConfig, {}, flags), progress=False)
+'''
+
+
+@pytest.mark.slow  # two torchrun jobs
+def test_a_stream_on_two_processes_tokenizes_each_record_once_and_resumes_exactly(configs, docs_texts, tmp_path):
+    """--streaming under torchrun: each rank tokenizes its own records, none of the other's, and together the
+    corpus after the held-out records; the run resumed from its step-4 checkpoint ends bit-identical."""
+    corpus = tmp_path / "corpus.txt"
+    texts = [t.replace("\n", " ") for t in docs_texts[:400] if t.strip()]
+    corpus.write_text("\n".join(texts) + "\n")
+    script = tmp_path / "recording.py"
+    script.write_text(_RECORDING_STREAM)
+    flags = configs.flags(tmp_path / "run", dataset=str(corpus), text_field="text", streaming=True, eval_records=60,
+                          batch_size=2, max_steps=8, save_steps=4)
+
+    def launch(flags: dict, log) -> subprocess.CompletedProcess:
+        log.mkdir()
+        return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), json.dumps(flags),
+                     str(log)], tmp_path)
+
+    launch(flags, tmp_path / "log")
+    seen = [[json.loads(x) for x in (tmp_path / "log" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])  # no record tokenized by both ranks
+    assert sorted(seen[0] + seen[1]) == sorted(texts[60:])  # every training record once (8 steps: one pass)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["train_steps"] == 8 and m["rank_weights_disagree"] == [] and m["eval_loss_after"] < m["eval_loss_before"]
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    step4 = tmp_path / "run" / "checkpoints" / "step-0000004"
+    shutil.copytree(step4, part / "checkpoints" / step4.name)
+    launch({**flags, "output_dir": str(part), "resume": True}, tmp_path / "log2")
+    w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)

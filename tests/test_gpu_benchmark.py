@@ -31,6 +31,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert all(0 < r["epoch_fraction"] < 1 for r in result["rows"])
     fill = result["fill"]
     assert fill["identical_top5"] == fill["texts"] == 20  # mlmtune's fill gives the pipeline's top-5
+    e = result["evaluation"]  # both evaluation precisions scored the same masks
+    assert e["blocks"] == 8 and e["masked_tokens"] > 0 and e["loss_rel_diff"] < 0.05
 
 
 @pytest.mark.slow  # two minutes of child processes: torchrun jobs, a resume

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks, iter_eval_masks, rank_shares
+from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks, iter_eval_masks, rank_shares, regroup
 
 
 def _within(observed: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -91,6 +91,30 @@ def test_rank_shares_cover_the_masks_once_with_equal_pass_counts(tiny):
             x, y = shares[rank][k]
             keep = min(per, max(0, n - rank * per))
             assert (y[keep:] == IGNORE_INDEX).all()  # the top-up rows count for nothing
+            real_x.append(x[:keep])
+            real_y.append(y[:keep])
+    assert torch.cat(real_x).equal(whole_x) and torch.cat(real_y).equal(whole_y)
+
+
+def test_eval_pieces_give_each_of_many_ranks_a_full_eval_batch(tiny):
+    """32 ranks, eval batch 4: the 256-row mask chunks regrouped into 128-row pieces give every rank 4 rows per
+    forward pass (not 256 / 32 = 8 of a chunk, nor fewer for the 44-row tail), and the ranks' real rows are still
+    `fixed_eval_masks`' rows, in order, each once: regrouping moves no mask."""
+    _, tok = tiny
+    masker = Masker.from_tokenizer(tok, 0.15)
+    blocks = _batch(tok, rows=300)
+    whole_x, whole_y = fixed_eval_masks(blocks, masker, seed=5)
+    pieces = list(regroup(iter_eval_masks(blocks, masker, seed=5), 4 * 32))
+    assert [len(x) for x, _ in pieces] == [128, 128, 44]
+    shares = [list(rank_shares(pieces, rank, 32)) for rank in range(32)]
+    assert all([len(x) for x, _ in s] == [4, 4, 2] for s in shares)
+    real_x, real_y = [], []
+    for k, n in enumerate([128, 128, 44]):
+        per = -(-n // 32)
+        for rank in range(32):
+            x, y = shares[rank][k]
+            keep = min(per, max(0, n - rank * per))
+            assert (y[keep:] == IGNORE_INDEX).all()
             real_x.append(x[:keep])
             real_y.append(y[:keep])
     assert torch.cat(real_x).equal(whole_x) and torch.cat(real_y).equal(whole_y)

@@ -71,3 +71,31 @@ def test_streaming_trains_and_resumes_to_the_same_weights(configs, tmp_path, cor
 def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, corpus):
     with pytest.raises(MlmtuneError, match="--streaming needs --max-steps"):
         resolve(TrainConfig, {}, {"model": str(tiny_model_dir), "dataset": str(corpus), "streaming": True})
+
+
+@pytest.mark.parametrize("files", [1, 2])  # one file: every other record; two: a file each (datasets' two ways)
+def test_each_rank_tokenizes_only_its_own_share_of_the_stream(tiny, docs_texts, tmp_path, files):
+    """Two ranks' streams: the texts each rank's tokenizer saw are disjoint, and together they are the corpus after
+    the held-out records, each once (no rank tokenizes the other's records, as every rank did before)."""
+    from mlmtune.stream import BlockStream
+
+    _, tok = tiny
+    texts = [t.replace("\n", " ") for t in docs_texts[:300] if t.strip()]
+    per = -(-len(texts) // files)
+    for f in range(files):
+        (tmp_path / f"part{f}.txt").write_text("\n".join(texts[f * per : (f + 1) * per]) + "\n")
+    data = DataConfig(dataset=str(tmp_path), streaming=True, eval_records=0, block_size=32)
+    seen: dict[int, list[str]] = {}
+    for rank in range(2):
+        calls = seen.setdefault(rank, [])
+
+        def recording(batch, *args, _calls=calls, **kwargs):
+            _calls.extend(batch)
+            return tok(batch, *args, **kwargs)
+
+        recording.is_fast = True
+        stream = BlockStream(data, recording, seed=3, batch_size=2, rank=rank, world=2).batches()
+        ids, _ = next(stream)  # fewer than 1000 records: the first batch tokenizes the rank's whole first epoch
+        assert ids.shape == (2, 32)
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(texts)

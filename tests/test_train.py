@@ -264,3 +264,84 @@ def test_auto_precision_is_bf16_only_where_onednn_runs_it_fast(monkeypatch, avx5
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
     assert resolve_precision("auto", torch.device("cpu")) == picked
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16  # asked for: always
+
+
+@pytest.mark.numerics
+def test_a_model_declared_bf16_trains_from_fp32_master_weights(configs, tiny_model_dir, tmp_path):
+    """transformers 5 loads a model in its config's dtype (EuroBERT declares bfloat16): training must still keep fp32
+    master weights and AdamW state. Two twins hold the same (bf16-representable) weights, one declared bfloat16 and
+    one float32: trained the same way they must give the same losses, which bf16 weights would not."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # values both dtypes hold exactly
+    twins = {}
+    for dtype in ("float32", "bfloat16"):
+        folder = tmp_path / dtype
+        shutil.copytree(tiny_model_dir, folder)
+        model.to(getattr(torch, dtype)).save_pretrained(folder)
+        assert json.loads((folder / "config.json").read_text())["dtype"] == dtype
+        twins[dtype] = train(configs(tmp_path / f"run-{dtype}", model=str(folder), max_steps=3, save_steps=100),
+                             progress=False).metrics
+    fp32, bf16 = twins["float32"], twins["bfloat16"]
+    assert [e["loss"] for e in bf16["train_loss"]] == pytest.approx([e["loss"] for e in fp32["train_loss"]], rel=1e-6)
+    assert bf16["eval_loss_before"] == pytest.approx(fp32["eval_loss_before"], rel=1e-6)
+    assert bf16["eval_loss_after"] == pytest.approx(fp32["eval_loss_after"], rel=1e-6)
+    saved = load_file(str(tmp_path / "run-bfloat16" / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the output is an fp32 checkpoint
+
+
+def _dense_eval_loss(model_folder, configs, out, autocast):
+    """`_fixed_mask_loss` under an autocast dtype (None: fp32): plain transformers' dense forward and loss."""
+    with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        return _fixed_mask_loss(model_folder, configs, out)
+
+
+@pytest.mark.numerics
+def test_evaluation_runs_under_the_training_autocast_unless_asked_for_fp32(configs, tiny_model_dir, tmp_path):
+    """--precision bf16: the evaluations run under bf16 autocast (from fp32 weights), before and after alike, and
+    match transformers' dense forward under the same autocast; --eval-precision fp32 matches its fp32 forward.
+    `mlmtune eval` on the output follows the run's precision, so it reproduces the after figure."""
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+
+    from mlmtune.config import EvalConfig
+    from mlmtune.evaluate import run_eval
+    from mlmtune.options import resolve
+
+    # the tiny model's near-uniform predictions hide bf16's rounding in the mean loss; embeddings 30x larger give
+    # it sharp logits (the decoder is tied to them), whose bf16 rounding moves the loss
+    sharp = tmp_path / "sharp"
+    shutil.copytree(tiny_model_dir, sharp)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(30)
+    model.save_pretrained(sharp)
+    fp32_ref = _dense_eval_loss(sharp, configs, tmp_path / "x", None)
+    bf16_ref = _dense_eval_loss(sharp, configs, tmp_path / "x", torch.bfloat16)
+    gap = abs(bf16_ref - fp32_ref)
+    assert gap > 1e-3  # bf16 moves the loss: the checks below can tell the two apart
+
+    fast = train(configs(tmp_path / "bf16", model=str(sharp), precision="bf16", max_steps=1, save_steps=100),
+                 progress=False).metrics
+    assert fast["eval_precision"] == "bf16" and fast["precision"] == "bf16"
+    assert abs(fast["eval_loss_before"] - bf16_ref) < gap / 4
+    assert "both in bf16 autocast" in (tmp_path / "bf16" / "README.md").read_text()
+
+    exact = train(configs(tmp_path / "fp32", model=str(sharp), precision="bf16", eval_precision="fp32", max_steps=1,
+                          save_steps=100), progress=False).metrics
+    assert exact["eval_precision"] == "fp32" and exact["eval_loss_before"] == pytest.approx(fp32_ref, rel=1e-5)
+
+    flags = {"model": str(tmp_path / "bf16"), "dataset": configs.base["dataset"], "text_field": "answers.text",
+             "cache_dir": configs.base["cache_dir"]}
+    again = run_eval(resolve(EvalConfig, {}, flags), progress=False)
+    assert again["eval_precision"] == "bf16" and again["eval_loss"] == pytest.approx(fast["eval_loss_after"], rel=1e-6)
+    in_fp32 = run_eval(resolve(EvalConfig, {}, {**flags, "precision": "fp32"}), progress=False)
+    assert in_fp32["eval_loss"] == pytest.approx(_dense_eval_loss(tmp_path / "bf16", configs, tmp_path / "x", None),
+                                                 rel=1e-5)

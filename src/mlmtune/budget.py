@@ -1,8 +1,15 @@
 """Step counts that are measured, not given: `--time-budget` and the automatic head warm-up.
 
-A time budget (`--time-budget 3m`) turns into a step count once, at the start of a run: a short
+A time budget (`--time-budget 3m`) turns into a step count at the start of a run: a short
 probe times a few steps on a copy of the model (each engine brings its own probe), and the count
 is saved with the run's config, so `--resume` continues the same schedule on any machine.
+
+The probe times one device without communication. On several processes the count is made again
+once, after the first REPLAN_WARM + REPLAN_STEPS steps of the run: from the measured seconds per
+step of the slowest rank (all-reduce MAX), gradient all-reduce and stragglers included (`replan`).
+The new count goes into the config that checkpoints carry, so a run resumed from a checkpoint made
+after the re-plan keeps its total steps and learning-rate schedule exactly; one resumed from before
+it measures again at the same point.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ AUTO_HEAD_SHARE = 0.1  # of a run's steps that train a new head alone, when no c
 DEFAULT_HEAD_LR = 1e-3  # Adam's usual rate for fitting a linear probe, whatever --learning-rate the encoder gets
 
 Probe = Callable[[bool], float]  # seconds per optimizer step, full (False) or head-only (True)
+
+# On several processes: after this many steps of a run (which pay one-time costs), the next REPLAN_STEPS are timed
+REPLAN_WARM = 2
+REPLAN_STEPS = 3
 
 
 def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3, head_only: bool = False,
@@ -138,7 +149,7 @@ def plan_budget(cfg: TrainConfig, new_head: bool, probe: Probe) -> BudgetPlan:
 
 
 def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: int | None, device: torch.device,
-                  probe: Callable[[], Probe]) -> TrainConfig:
+                  probe: Callable[[], Probe]) -> tuple[TrainConfig, dict | None]:
     """Turn --time-budget, an automatic --head-warmup-steps and its learning rate into numbers, once per run.
 
     A resumed run takes the counts its checkpoints were made with; a new one measures (rank 0 probes,
@@ -147,20 +158,28 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: 
     Args:
         n_train_blocks: the training split's blocks (None for a stream).
         probe: makes the engine's probe (only called when there is a budget to plan).
+
+    Returns:
+        The config, and for a budget planned now what `replan` needs (the budget, the probe's seconds, the cap
+        --max-steps set), which the run's state keeps; None otherwise.
     """
     new_head = has_new_head(model)
     head = cfg.head_warmup_steps
     max_steps = cfg.max_steps
+    record = None
     saved = ckpt.newest_config(Path(cfg.output_dir)) if cfg.resume and cfg.time_budget is not None else None
     if saved is not None and saved.get("time_budget") == cfg.time_budget:
         max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
     elif cfg.time_budget is not None:
-        counts = [0, 0]
+        counts = [0, 0, 0.0, 0.0]
         if d.main:
             plan = plan_budget(cfg, new_head, probe())
             say(plan.describe(cfg.time_budget))
-            counts = [plan.max_steps, plan.head_warmup_steps]
-        max_steps, head = (int(c) for c in distributed.all_reduce_sum(d, counts, device))
+            counts = [plan.max_steps, plan.head_warmup_steps, plan.probe_seconds, plan.full_step_seconds]
+        planned, head, probe_seconds, step_seconds = distributed.all_reduce_sum(d, counts, device)
+        max_steps, head = int(planned), int(head)
+        record = {"seconds": parse_duration(cfg.time_budget), "probe_seconds": probe_seconds, "cap": cfg.max_steps,
+                  "planned_steps": max_steps, "step_seconds": step_seconds, "replanned_at": None}
     elif head is None:
         total = cfg.max_steps if n_train_blocks is None else steps_for(cfg, n_train_blocks, d.world)[1]
         head = round(AUTO_HEAD_SHARE * total) if new_head else 0
@@ -168,4 +187,57 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: 
             say(f"The model has no masked-LM head: the first {head} of {total} steps train the new head alone "
                 f"(--head-warmup-steps sets this)")
     head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
-    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr)
+    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr), record
+
+
+class Replanner:
+    """--time-budget on several ranks: times this process's full steps REPLAN_WARM + 1 to REPLAN_WARM +
+    REPLAN_STEPS (after a sync at each end) and, once, turns the slowest rank's time into a new total (`replan`).
+    Nothing to do on one process, without a budget, or when the run's plan was made again already."""
+
+    def __init__(self, record: dict | None, d: distributed.Dist, sync: Callable[[], None], device: torch.device):
+        self.record = record if d.enabled and record and record.get("replanned_at") is None else None
+        self.d, self.sync, self.device = d, sync, device
+        self.full_steps, self.clock = 0, 0.0
+
+    def after_full_step(self, step: int, spent: Callable[[], float], head_warmup_steps: int) -> int | None:
+        """The new total steps, at the step that re-plans (every rank calls it after each full step); else None.
+
+        Args:
+            spent: the run's training seconds so far (counted up to now when called).
+        """
+        if self.record is None:
+            return None
+        self.full_steps += 1
+        if self.full_steps == REPLAN_WARM:
+            self.sync()
+            self.clock = time.perf_counter()
+        if self.full_steps < REPLAN_WARM + REPLAN_STEPS:
+            return None
+        self.sync()
+        mine = (time.perf_counter() - self.clock) / REPLAN_STEPS
+        slowest = distributed.all_reduce_max(self.d, mine, self.device)
+        total = replan(self.record, step, slowest, spent(), head_warmup_steps)
+        self.record["replanned_at"], self.record["measured_step_seconds"] = step, slowest
+        self.record = None  # once
+        return total
+
+
+def replan(record: dict, step: int, step_seconds: float, train_seconds: float, head_warmup_steps: int) -> int:
+    """The total steps that fit what is left of the budget, at `step_seconds` a step from `step` on.
+
+    Args:
+        record: `resolve_steps`' record (budget seconds, the probe's seconds, --max-steps' cap).
+        step: steps taken so far.
+        step_seconds: measured seconds per step, the slowest rank's.
+        train_seconds: training time spent so far (the run's, summed over resumes).
+        head_warmup_steps: the head-only steps, which stay as planned (at least one full step follows them).
+
+    Example:
+        >>> replan({"seconds": 60.0, "probe_seconds": 4.0, "cap": None}, 5, 0.5, 6.0, 0)
+        105
+    """
+    left = record["seconds"] - record["probe_seconds"] - train_seconds
+    total = step + max(int(left / step_seconds), 1)
+    total = max(total, head_warmup_steps + 1)
+    return min(total, record["cap"]) if record["cap"] else total

@@ -70,6 +70,11 @@ def _token_rows(metrics: dict[str, Any]) -> str:
             f"{_fmt(metrics.get('token_perplexity_after'))} |\n")
 
 
+def _eval_precision(metrics: dict[str, Any]) -> str:
+    p = metrics.get("eval_precision") or "fp32"
+    return "fp32" if p == "fp32" else f"{p} autocast (from fp32 weights)"
+
+
 def summary_lines(m: dict[str, Any]) -> list[str]:
     """The run's last lines: how the eval split's perplexity moved, the general corpus', and the vocabulary's."""
     lines = []
@@ -257,7 +262,7 @@ A masked language model fine-tuned from `{cfg.model}` with
 ## Perplexity
 
 Perplexity = exp(mean loss over masked tokens) on the held-out split, with eval masks drawn once
-from the seed, so both numbers score the same predictions.
+from the seed, so both numbers score the same predictions, both in {_eval_precision(metrics)}.
 
 | | eval loss | perplexity |
 | --- | --- | --- |

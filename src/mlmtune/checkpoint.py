@@ -40,10 +40,11 @@ _NAME = re.compile(r"^step-(\d+)$")
 RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
                "warmup_steps", "max_grad_norm", "seed",
                "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers",
-               "freeze_layers", "downstream")
+               "freeze_layers", "downstream", "eval_precision")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
-                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig())}
+                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig()),
+                   "eval_precision": "fp32"}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -92,6 +93,7 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
     grad_scaler: dict[str, Any] | None = None  # fp16's loss scale and growth tracker
     world_size: int | None = None  # processes that trained it (None: a checkpoint from before this was kept)
+    budget: dict[str, Any] | None = None  # --time-budget's plan, for the re-plan on several ranks (`budget.replan`)
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -205,6 +207,9 @@ def check_global_batch(state: TrainState, current: dict[str, Any], world: int, w
                 ": keep it, or start another --output-dir")
         raise MlmtuneError(f"--resume: {where} was trained with a global batch of {old} blocks ({old_parts}); this "
                            f"run's is {new} ({new_parts}){hint}")
+    if state.world_size != world and saved.get("data", {}).get("streaming"):
+        raise MlmtuneError(f"--resume: {state.world_size} process(es) streamed {where.name}, each reading its own "
+                           f"share of the records; resume a --streaming run on {state.world_size} process(es)")
     if state.world_size != world:
         say(f"--resume: {state.world_size} process(es) trained {where.name}, {world} continue it, with the same global "
             f"batch of {old} blocks")

@@ -194,7 +194,8 @@ def cmd_eval(args) -> int:
         print(f"perplexity: skipped ({result['perplexity_skipped']})")
     else:
         print(f"perplexity {result['perplexity']:,.3f} (eval loss {result['eval_loss']:.4f} over "
-              f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks)")
+              f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks, "
+              f"{result['eval_precision']})")
     if "pseudo_perplexity" in result:
         print(f"pseudo-perplexity {result['pseudo_perplexity']:,.3f} (over {result['pseudo_tokens']:,} tokens "
               f"of {result['pseudo_texts']:,} texts)")

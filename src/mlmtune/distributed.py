@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mlmtune.errors import MlmtuneError, speak_as
@@ -287,6 +287,15 @@ def all_reduce_sum(d: Dist, values: list[float], device: torch.device) -> list[f
     return t.tolist()
 
 
+def all_reduce_max(d: Dist, value: float, device: torch.device) -> float:
+    """The largest of one number over all ranks."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
     """The module under DistributedDataParallel on several ranks (as it is, on one). Build it again
     after changing which parameters train: DDP registers its gradient hooks on the trainable ones."""
@@ -295,7 +304,10 @@ def wrap(d: Dist, module: torch.nn.Module) -> torch.nn.Module:
     # the buffers (position ids) never change: no broadcast before every forward. torch 2.13 renamed the flag.
     newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None, **no_buffer_sync)
+    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not copies of them (one
+    # gradient-sized buffer less, and no copy back after every all-reduce)
+    return DistributedDataParallel(module, device_ids=[d.gpu] if d.gpu is not None else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def require_ranks(d: Dist, flag: str) -> None:
@@ -317,16 +329,25 @@ class FSDP:
 
     def __init__(self, d: Dist, model: torch.nn.Module):
         """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
-        self.d, self.model, self.nodes = d, model, 1
+        self.d, self.model, self.nodes, self.param_dtype = d, model, 1, None
         self.copy = copy.deepcopy(model) if d.main else None
 
-    def shard(self, device: torch.device | None = None) -> torch.nn.Module:
+    def shard(self, device: torch.device | None = None, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward. On several
         nodes the mesh is 2-D: the shards stay within a node and are replicated across nodes (HSDP), so no
-        gather crosses the slow links; the gradients are averaged across nodes once per step."""
+        gather crosses the slow links; the gradients are averaged across nodes once per step.
+
+        Args:
+            param_dtype: gather the weights in this dtype for the forward and backward (bf16: half the all-gather
+                traffic and memory; FSDP2's `MixedPrecisionPolicy`), the gradients reduced in fp32 and the shards,
+                which the optimizer updates, kept fp32. None: gathered as they are (fp32).
+        """
         mesh = hybrid_mesh(self.d, device or torch.device("cpu"))
         self.nodes = 1 if mesh is None else mesh.size(0)
+        self.param_dtype = param_dtype
         kwargs: dict[str, Any] = {} if mesh is None else {"mesh": mesh}
+        if param_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in encoder_layers(self.model):
             fully_shard(layer, **kwargs)
         return fully_shard(MaskedLMLoss(self.model), **kwargs)
@@ -381,11 +402,13 @@ def broadcast_parameters(d: Dist, model: torch.nn.Module) -> None:
 
 
 def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
-    """A short sha256 of each rank's parameters, in rank order: all equal when the replicas are in sync."""
+    """A short sha256 of the weights each rank holds, in rank order: its whole replica (one process, DDP), or under
+    --fsdp its own shards (each DTensor's local part; gathering the full tensors would give every rank the same
+    bytes, so a rank whose shard went wrong could never show). `replica_groups` says which ranks must agree."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p  # a shard (--fsdp): the whole tensor, from all ranks
+        p = p.to_local() if hasattr(p, "to_local") else p  # a DTensor (--fsdp): this rank's shard only
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     mine = h.hexdigest()[:16]
     if not d.enabled:
@@ -393,6 +416,24 @@ def weights_digests(d: Dist, model: torch.nn.Module) -> list[str]:
     every: list[str | None] = [None] * d.world
     dist.all_gather_object(every, mine)
     return [str(x) for x in every]
+
+
+def replica_groups(d: Dist, model: torch.nn.Module) -> list[list[int]]:
+    """The sets of ranks that must hold the same weights: every rank under DDP; under --fsdp the ranks holding the
+    same shards, which are the nodes' ranks at the same place on an HSDP mesh (replicated across nodes), and each
+    rank alone on one node (its shards are its own: nothing to compare)."""
+    mesh = next((p.device_mesh for p in model.state_dict().values() if hasattr(p, "device_mesh")), None)
+    if mesh is None:
+        return [list(range(d.world))]
+    ranks = mesh.mesh  # (ranks,) or (nodes, ranks per node)
+    if ranks.ndim == 1:
+        return [[int(r)] for r in ranks.tolist()]
+    return [[int(r) for r in ranks[:, j].tolist()] for j in range(ranks.shape[1])]
+
+
+def disagreeing(digests: list[str], groups: list[list[int]]) -> list[list[int]]:
+    """The groups of `replica_groups` whose ranks' digests differ (none when the replicas are in sync)."""
+    return [g for g in groups if len({digests[r] for r in g}) > 1]
 
 
 def barrier(d: Dist) -> None:

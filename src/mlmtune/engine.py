@@ -25,6 +25,7 @@ class Engine(Protocol):
     dist: distributed.Dist
     device: torch.device  # where the PyTorch model evaluates
     precision: str  # what the steps compute in: fp32, bf16 or fp16
+    eval_autocast: torch.dtype | None  # what the evaluations run under (None: fp32), set by start()
     pin_memory: bool  # batches are pinned for asynchronous copies to a GPU
 
     @classmethod

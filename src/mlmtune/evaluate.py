@@ -7,6 +7,7 @@ check.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from mlmtune.blocks import Blocks, TooFewTokens, build_blocks
 from mlmtune.cloze import held_out_cases
 from mlmtune.config import CONFIG_FILENAME, DataConfig, EvalConfig
 from mlmtune.data import load_texts
-from mlmtune.device import resolve_device
+from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.distributed import Dist
 from mlmtune.downstream import RunProbe
 from mlmtune.embedding import embedding_check
@@ -50,6 +51,16 @@ def _recorded_run(model: str) -> dict | None:
     return recorded if isinstance(recorded, dict) and isinstance(recorded.get("data"), dict) else None
 
 
+def _recorded_eval_precision(model: str) -> str:
+    """What a training run's evaluations ran in (its metrics.json), fp32 when it does not say (older runs)."""
+    try:
+        found = json.loads((Path(model).expanduser() / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "fp32"
+    precision = found.get("eval_precision") if isinstance(found, dict) else None
+    return precision if precision in WEIGHT_DTYPES else "fp32"
+
+
 def _same_source(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return False
@@ -68,6 +79,7 @@ class EvalPlan:
     mlm_probability: float
     masking: str
     which: str  # a sentence saying which records
+    precision: str = "fp32"  # the forward passes' arithmetic: fp32, or bf16 / fp16 autocast
 
 
 def eval_plan(cfg: EvalConfig) -> EvalPlan:
@@ -78,6 +90,9 @@ def eval_plan(cfg: EvalConfig) -> EvalPlan:
       and masking, so `perplexity_after` is reproduced.
     - On any other dataset without --test-size: all of it.
     - With --test-size: the held-out fraction drawn with --seed.
+
+    The perplexities run under --precision's autocast; by default the training run's own evaluation precision on
+    its held-out split (recorded in its metrics.json), else fp32.
     """
     data = cfg.data
     recorded = _recorded_run(cfg.model)
@@ -88,17 +103,18 @@ def eval_plan(cfg: EvalConfig) -> EvalPlan:
         seed = int(recorded.get("seed", cfg.seed))
         mlm = float(recorded.get("mlm_probability", cfg.mlm_probability))
         masking = str(recorded.get("masking", "token"))
+        precision = cfg.precision or _recorded_eval_precision(cfg.model)
         if data.streaming:
             return EvalPlan(data, seed, mlm, masking,
-                            f"the training run's held-out records (the first {data.eval_records:,})")
+                            f"the training run's held-out records (the first {data.eval_records:,})", precision)
         return EvalPlan(data, seed, mlm, masking, f"the training run's held-out split ({data.held_out:.0%} of the "
                         f"records, seed {seed}, block size {data.block_size}, mlm probability {mlm:g}, {masking} "
-                        f"masking)")
+                        f"masking, {precision} evaluation)", precision)
     if data.test_size is None:
         return EvalPlan(dataclasses.replace(data, test_size=0.0), cfg.seed, cfg.mlm_probability, cfg.masking,
-                        "all of it")
+                        "all of it", cfg.precision or "fp32")
     return EvalPlan(data, cfg.seed, cfg.mlm_probability, cfg.masking,
-                    f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})")
+                    f"a held-out {data.test_size:.0%} of the records (seed {cfg.seed})", cfg.precision or "fp32")
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -134,7 +150,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         split = load_texts(data, seed)
         return list(split["test" if "test" in split else "train"]["text"])
 
-    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which, "masking": plan.masking}
+    autocast = None if plan.precision == "fp32" else WEIGHT_DTYPES[plan.precision]
+    out: dict = {"model": cfg.model, "dataset": data.dataset, "scored": which, "masking": plan.masking,
+                 "eval_precision": plan.precision}
     try:
         check_block_size(data.block_size, model, tokenizer)
         if data.streaming:
@@ -146,7 +164,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         eval_blocks = Blocks(blocks[split])
         masker = Masker.from_tokenizer(tokenizer, plan.mlm_probability, plan.masking)
         result = perplexity_of(model, iter_eval_masks(eval_blocks, masker, seed), cfg.batch_size,
-                               progress=progress, total=len(eval_blocks))
+                               progress=progress, total=len(eval_blocks), autocast=autocast)
         out.update(eval_texts=stats.texts.get(split), eval_loss=result.loss, perplexity=result.perplexity,
                    eval_masked_tokens=result.masked_tokens, eval_blocks=len(eval_blocks))
     except MlmtuneError as e:  # no blocks to score: pseudo-perplexity needs none
@@ -167,7 +185,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         out.update(nll_per_word=free["nll_per_word"], bits_per_char=free["bits_per_char"],
                    tokenizer_free_texts=free["texts"], tokenizer_free_words=free["words"],
                    tokenizer_free_left_out=free["left_out"])
-    checks = measurements(tokenizer, Scoring(Dist(), model.device, cfg.batch_size, progress),
+    checks = measurements(tokenizer, Scoring(Dist(), model.device, cfg.batch_size, progress, autocast),
                           *_measured(cfg, data, seed, prepared, model, tokenizer))
     for m in checks:  # what a training run measures before and after, measured once
         out.update(m.flat(m.score(model, m.name.capitalize())))

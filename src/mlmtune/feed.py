@@ -61,6 +61,7 @@ class StepBatches:
         self.global_batch = batch_size * world  # blocks per micro-batch over all ranks
         self.micro_per_epoch = self.steps_per_epoch = None  # a stream has no epochs
         self.stream_micro = 0  # global micro-batches read from the stream so far (its blocks' places)
+        self.order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its order of blocks)
         if blocks is not None:  # the trainer's own epoch arithmetic, so both count the same steps
             self.micro_per_epoch, self.steps_per_epoch = epoch_length(len(blocks), self.global_batch, accumulation)
 
@@ -71,28 +72,30 @@ class StepBatches:
         fast-forwarded to that step."""
         stream = None
         if blocks is None:
-            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size * d.world).batches(
+            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size, rank=d.rank, world=d.world).batches(
                 start=first_step * cfg.gradient_accumulation_steps, progress=progress)
         made = cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
         made.stream_micro = first_step * cfg.gradient_accumulation_steps
         return made
 
     def blocks_of(self, step: int, words: bool = False, share: bool = True) -> list[tuple[torch.Tensor, Any, list]]:
-        """The step's micro-batches before masking, this rank's share of each (all of it with share=False): (ids,
-        word starts or None, each block's mask key). A stream is read on."""
+        """The step's micro-batches before masking, this rank's share of each (all of it with share=False, for blocks
+        in memory): (ids, word starts or None, each block's mask key). A stream is read on (its share only)."""
         words = words or self.masker.needs_words
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if share else slice(None)
         out = []
-        if self.stream is not None:
+        if self.stream is not None:  # this rank's share already: each rank reads and tokenizes its own records
             for _ in range(self.accumulation):
                 ids, starts = next(self.stream)
-                first = self.stream_micro * self.global_batch
-                keys = [mask_key(self.seed, 0, first + j) for j in range(len(ids))][mine]
-                out.append((ids[mine], None if starts is None else starts[mine], keys))
+                first = self.stream_micro * self.global_batch + self.rank * self.batch_size  # this share's place
+                keys = [mask_key(self.seed, 0, first + j) for j in range(len(ids))]
+                out.append((ids, starts, keys))
                 self.stream_micro += 1
             return out
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.blocks), self.seed, epoch)
+        if self.order[0] != epoch:  # drawn once per epoch, not at every step
+            self.order = (epoch, epoch_order(len(self.blocks), self.seed, epoch))
+        order = self.order[1]
         first = in_epoch * self.accumulation
         for i in range(first, min(first + self.accumulation, self.micro_per_epoch)):
             rows = order[i * self.global_batch : (i + 1) * self.global_batch][mine]

@@ -230,6 +230,26 @@ def iter_eval_masks(blocks, masker: Masker, seed: int, chunk: int = 256):
         yield masker(ids, generator, starts)
 
 
+def regroup(chunks, rows: int):
+    """The same masked rows, in order, cut into pieces of `rows` rows (the last may be shorter).
+
+    The masks are drawn per 256-block chunk (`iter_eval_masks`), whatever the number of ranks; regrouping into
+    eval batch x world rows gives each rank a full eval batch per forward pass (at 32 ranks a 256-row chunk would
+    give each only 8) without changing a single mask.
+    """
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n = 0
+    for inputs, labels in chunks:
+        held.append((inputs, labels))
+        n += len(inputs)
+        while n >= rows:
+            x, y = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+            yield x[:rows], y[:rows]
+            held, n = [(x[rows:], y[rows:])], n - rows
+    if n:
+        yield torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+
+
 def rank_shares(chunks, rank: int, world: int):
     """This rank's even share of every masked chunk: together the ranks score exactly the chunks' masks.
 

@@ -21,7 +21,7 @@ from mlmtune.downstream import RunProbe, downstream_line, downstream_metrics, ev
 from mlmtune.embedding import EmbeddingCheck, embedding_line, embedding_metrics
 from mlmtune.engine import Engine
 from mlmtune.forgetting import GENERAL_SEED, general_entry, general_masker, tokenizer_free
-from mlmtune.masking import Masker, iter_eval_masks, rank_shares
+from mlmtune.masking import Masker, iter_eval_masks, rank_shares, regroup
 from mlmtune.perplexity import EvalResult, perplexity_of
 from mlmtune.run import Run
 
@@ -34,9 +34,9 @@ def eval_entry(result: EvalResult) -> dict[str, Any]:
 
 
 def evaluator(cfg: TrainConfig, run: Run, engine: Engine, scoring: Scoring) -> Callable[[str], EvalResult | None]:
-    """fp32 perplexity of the engine's current weights on the eval split, with the masks `iter_eval_masks`
-    draws from the seed in the run's scheme (and in the token scheme too, when the run's is another); None
-    without an eval split."""
+    """Perplexity of the engine's current weights on the eval split (under `scoring.autocast`), with the masks
+    `iter_eval_masks` draws from the seed in the run's scheme (and in the token scheme too, when the run's is
+    another); None without an eval split."""
     token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
 
     def evaluate(desc: str) -> EvalResult | None:
@@ -55,28 +55,32 @@ def evaluator(cfg: TrainConfig, run: Run, engine: Engine, scoring: Scoring) -> C
 @dataclass(frozen=True)
 class Scoring:
     """How a measurement runs: on which ranks (each masked chunk shared evenly over them, the sums added up), on
-    which device, in batches of how many rows. A training run's is its engine's; `mlmtune eval`'s one process."""
+    which device, in batches of how many rows, under which autocast (None: fp32). A training run's is its engine's;
+    `mlmtune eval`'s one process."""
 
     dist: distributed.Dist
     device: torch.device
     batch_size: int
     progress: bool = True
+    autocast: torch.dtype | None = None
 
     @classmethod
     def of(cls, cfg: TrainConfig, engine: Engine, progress: bool) -> Scoring:
-        return cls(engine.dist, engine.device, cfg.eval_batch_size or cfg.batch_size, progress)
+        return cls(engine.dist, engine.device, cfg.eval_batch_size or cfg.batch_size, progress, engine.eval_autocast)
 
 
 def ranks_perplexity(scoring: Scoring, model, blocks, masker: Masker, seed: int, desc: str) -> EvalResult:
     """Perplexity of `model` (the engine's current weights) on `blocks`, each masked chunk shared evenly over the
-    ranks and the sums added up token-weighted."""
-    d, chunks = scoring.dist, iter_eval_masks(blocks, masker, seed)
+    ranks and the sums added up token-weighted. The chunks are regrouped to one eval batch per rank (eval batch x
+    world rows), so that more ranks do not mean smaller forward passes."""
+    d = scoring.dist
+    chunks = regroup(iter_eval_masks(blocks, masker, seed), scoring.batch_size * d.world)
     if not d.enabled:
         return perplexity_of(model, chunks, scoring.batch_size, progress=scoring.progress, desc=desc,
-                             total=len(blocks))
+                             total=len(blocks), autocast=scoring.autocast)
     return perplexity_of(model, rank_shares(chunks, d.rank, d.world), scoring.batch_size, progress=scoring.progress,
                          desc=desc, total=-(-len(blocks) // d.world),
-                         reduce=lambda v: distributed.all_reduce_sum(d, v, scoring.device))
+                         reduce=lambda v: distributed.all_reduce_sum(d, v, scoring.device), autocast=scoring.autocast)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import importlib.util
 import pickle
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -108,13 +109,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, path, local, "tokenizer of model")
 
 
-def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model with a masked-LM head, and its tokenizer.
+def load_model(name: str, safetensors_only: bool = False,
+               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model with a masked-LM head, and its tokenizer, its weights in fp32.
+
+    transformers 5 loads a model in the dtype its config declares (EuroBERT's says bfloat16): training would then
+    keep bf16 master weights and bf16 AdamW moments, and evaluation "in fp32" would not be. So the weights are
+    loaded as `dtype` (fp32) whatever the config says; autocast (training) or an explicit cast (fill, serve
+    --precision) chooses the arithmetic afterwards.
 
     Args:
         name: a local model folder, a Hub id (e.g. `distilbert/distilroberta-base`), or
             `builtin:all-minilm-l6-v2`.
         safetensors_only: refuse pickle weights (`pytorch_model.bin`), as a server should.
+        dtype: the weights' dtype (fp32: the master weights that training and evaluation need).
 
     Returns:
         (model, tokenizer), the model in eval mode on the CPU.
@@ -129,7 +137,7 @@ def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedMod
         raise MlmtuneError(f"the tokenizer of {name} has no mask token, so it cannot do masked-LM")
     with _quiet_transformers():
         model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
-                                       use_safetensors=True if safetensors_only else None)
+                                       use_safetensors=True if safetensors_only else None, dtype=dtype)
     # the weights the folder did not have were initialised here: a new head (see `has_new_head`)
     model.mlmtune_new_weights = sorted(info.get("missing_keys", ()))
     check_vocabulary(model, tokenizer, name)

@@ -35,7 +35,7 @@ def _perplexity(loss: float) -> float:
 
 @torch.no_grad()  # not inference_mode: FSDP's root keeps the weights it gathers, which must stay ordinary tensors
 def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, desc: str = "Evaluating",
-                  total: int | None = None, reduce=None) -> EvalResult:
+                  total: int | None = None, reduce=None, autocast: torch.dtype | None = None) -> EvalResult:
     """Perplexity = exp(token-weighted mean NLL) over masked blocks.
 
     Args:
@@ -45,6 +45,8 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
         batch_size: blocks per forward pass (does not change the result).
         total: number of blocks, for the progress bar.
         reduce: sums [nll, count] over the ranks of a distributed run (None: one process).
+        autocast: run the forward passes under this autocast dtype (bf16, fp16; None: fp32). The weights stay as
+            they are, and the loss is summed in fp32 (float64 over batches) either way.
 
     Returns:
         EvalResult(loss, perplexity, masked_tokens).
@@ -57,8 +59,9 @@ def perplexity_of(model, chunks, batch_size: int = 16, progress: bool = True, de
     for inputs, labels in chunks:
         for start in range(0, len(inputs), batch_size):
             # labels stay on the CPU, where their positions are found; the sums stay on the device
-            nll, n = masked_nll_sum(model, inputs[start : start + batch_size], labels[start : start + batch_size],
-                                    device=device)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                nll, n = masked_nll_sum(model, inputs[start : start + batch_size],
+                                        labels[start : start + batch_size], device=device)
             sums.append(nll.double())
             count += n
             bar.update(len(inputs[start : start + batch_size]))

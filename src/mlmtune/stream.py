@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
 from tqdm.auto import tqdm
 
@@ -126,19 +127,28 @@ def stream_blocks(texts, tokenizer, block_size: int, batch: int = 1000):
 
 
 class BlockStream:
-    """Global micro-batches of blocks from a record stream, epoch after epoch.
+    """Micro-batches of blocks from a record stream, epoch after epoch: one process's share of each.
 
     The first `data.eval_records` records are held out (see `held_out_texts`); the rest are
     shuffled through a buffer seeded by (seed, epoch), so the batches are reproducible and a
-    resumed run can fast-forward to where it stopped.
+    resumed run can fast-forward to where it stopped. On several processes each rank reads only
+    its share of the shuffled records (`datasets.distributed.split_dataset_by_node`: whole files when
+    they split evenly over the ranks, else every world-th record) and tokenizes and cuts only those
+    into blocks: no rank tokenizes the whole global batch. A block then holds records of one rank's
+    share only, so which blocks a step sees depends on the number of processes (not on anything
+    else): a stream resumes on as many processes as it started on.
     """
 
-    def __init__(self, data: DataConfig, tokenizer, seed: int, global_batch: int, buffer_size: int = 10_000):
-        self.data, self.tokenizer, self.global_batch = data, tokenizer, global_batch
+    def __init__(self, data: DataConfig, tokenizer, seed: int, batch_size: int, buffer_size: int = 10_000,
+                 rank: int = 0, world: int = 1):
+        self.data, self.tokenizer, self.batch_size = data, tokenizer, batch_size
         self.records = stream_records(data).skip(data.eval_records).shuffle(seed=seed, buffer_size=buffer_size)
+        if world > 1:  # the same shuffle on every rank, then each keeps its own records
+            self.records = split_dataset_by_node(self.records, rank=rank, world_size=world)
+        self.world = world
 
     def batches(self, start: int = 0, progress: bool = True):
-        """Yield ((global_batch, T) ids, their word starts or None), skipping the first `start` (what a resumed
+        """Yield ((batch_size, T) ids, their word starts or None), skipping the first `start` (what a resumed
         run did)."""
         produced, epoch = 0, 0
         bar = tqdm(total=start, desc="Fast-forwarding the stream", disable=not (progress and start), leave=False)
@@ -150,7 +160,7 @@ class BlockStream:
             for block in stream_blocks(texts, self.tokenizer, self.data.block_size):
                 any_block = True
                 batch.append(block)
-                if len(batch) == self.global_batch:
+                if len(batch) == self.batch_size:
                     if produced >= start:
                         bar.close()
                         ids = torch.stack([b[0] for b in batch])
@@ -160,8 +170,9 @@ class BlockStream:
                     produced += 1
                     batch = []
             if not any_block:
+                share = f" in each of {self.world} processes' shares" if self.world > 1 else ""
                 raise MlmtuneError(f"the stream holds fewer tokens than one block of {self.data.block_size} "
-                                   f"after the {self.data.eval_records} held-out records")
+                                   f"after the {self.data.eval_records} held-out records{share}")
             epoch += 1  # the stream is read again, in another order; a partial last batch is dropped
 
 

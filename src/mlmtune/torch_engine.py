@@ -143,20 +143,33 @@ class TorchEngine:
         if cfg.compile:  # after the budget's probe, which times eager steps on a copy
             compile_encoder(self.model)
         self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
-        self.root = self.fsdp.shard(self.device) if self.fsdp else None  # before the optimizer: it holds the shards
+        # bf16 training gathers bf16 weights (FSDP2's policy is fixed per module, so evaluation runs on them too:
+        # with --eval-precision fp32 the shards are gathered in fp32 and autocast casts them, as before)
+        bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.eval_precision != "fp32"
+        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None) if self.fsdp
+                     else None)  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            fused=True)
         # what checkpoints read and write: under FSDP the full (gathered) state, keyed by parameter name
         self.full_optimizer = self.fsdp.optimizer(self.optimizer) if self.fsdp else self.optimizer
 
+    @property
+    def eval_autocast(self) -> torch.dtype | None:
+        """--eval-precision train: the steps' autocast (None under fp32); fp32: None."""
+        return None if self.cfg.eval_precision == "fp32" else self.precision_.autocast
+
     def describe(self) -> str:
         d = self.dist
-        sharding = "" if not self.fsdp else (" (FSDP)" if self.fsdp.nodes == 1 else
-                                             f" (HSDP: sharded within each of {self.fsdp.nodes} nodes)")
+        sharding = "" if not self.fsdp else (" (FSDP" if self.fsdp.nodes == 1 else
+                                             f" (HSDP: sharded within each of {self.fsdp.nodes} nodes")
+        if self.fsdp:
+            sharding += ", bf16 all-gathers, fp32 gradient reduction)" if self.fsdp.param_dtype else ")"
         ranks = (f"; {d.world} processes{sharding}, {self.cfg.batch_size} blocks each per micro-batch" if d.enabled
                  else "")
-        return f"Training precision: {self.precision_.describe()}; evaluation in fp32{ranks}"
+        evaluation = ("in fp32" if self.eval_autocast is None else
+                      f"under {PRECISION_NAMES[self.eval_autocast]} autocast (--eval-precision fp32 for true fp32)")
+        return f"Training precision: {self.precision_.describe()}; evaluation {evaluation}{ranks}"
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
         ckpt.load_weights(path, self.fsdp or self.model)

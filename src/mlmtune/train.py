@@ -16,6 +16,7 @@ exactly the batches, masks, dropout and learning rates an uninterrupted run woul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import dashboard, distributed
-from mlmtune.budget import resolve_steps
+from mlmtune.budget import Replanner, resolve_steps
 from mlmtune.config import TrainConfig
+from mlmtune.device import PRECISION_NAMES
 from mlmtune.engine import Engine, engine_class
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.feed import Prefetcher, StepBatches
@@ -90,8 +92,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     dashboard.require(cfg.report_to)
     run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)
     engine.attach(run.model)
-    cfg = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
-                        lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
+    cfg, budget = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
+                                lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
     scoring = Scoring.of(cfg, engine, progress)
@@ -100,6 +102,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     state, resumed = start_or_resume(cfg, out, engine, evaluate, checks)
     if not resumed:  # the probes scored the model as loaded, before its vocabulary grew (`load_run`)
         state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
+        state.budget = budget  # a resumed run keeps its own (and whether it was re-planned)
     dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
@@ -109,6 +112,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     loop = Loop(cfg, run, engine, state, evaluate, dash, progress, on_step, stop)
     try:
         loop.train()
+        cfg = loop.cfg  # with the step count a time budget's re-plan chose: what the output folder's config says
         stop.end_steps(lambda: state.step)  # the last step's checkpoint is saved: a signal now leaves at once
         return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks, dash)
     finally:
@@ -202,6 +206,7 @@ class Loop:
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
+        self.replanner = Replanner(state.budget, engine.dist, engine.sync, engine.device)
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -227,6 +232,11 @@ class Loop:
                     say(f"step {state.step}: head warm-up done, training the whole model")
                 if self.step(feed, stop, head_only):  # every rank, after the same step
                     raise KeyboardInterrupt
+                if not head_only and self.replan_budget():  # the total changed: the feed makes the new steps
+                    feed.close()
+                    feed = Prefetcher(StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer,
+                                                          self.run.masker, state.step, engine.dist, self.progress),
+                                      state.step, self.total, pin_memory=engine.pin_memory)
             self.vote.close()
         except KeyboardInterrupt:
             self.bar.close()
@@ -242,6 +252,32 @@ class Loop:
         finally:
             feed.close()
             self.bar.close()
+
+    def replan_budget(self) -> bool:
+        """--time-budget on several ranks: the total steps made again once, from the slowest rank's measured step
+        time (`budget.Replanner`); True when it changed. The new count goes into the config the checkpoints carry,
+        so --resume keeps it."""
+        state, engine = self.state, self.engine
+
+        def spent() -> float:  # the training time so far, this window's included
+            self.window.count_time()
+            return state.train_seconds
+
+        total = self.replanner.after_full_step(state.step, spent, self.cfg.head_warmup_steps)
+        if total is None:
+            return False
+        plan = state.budget
+        say(f"--time-budget {self.cfg.time_budget}: the slowest of {engine.dist.world} processes takes "
+            f"{plan['measured_step_seconds']:.2f}s a step (the probe, on one device without communication: "
+            f"{plan['step_seconds']:.2f}s): {total} steps in all instead of {self.total}")
+        if total == self.total:
+            return False
+        self.cfg = dataclasses.replace(self.cfg, max_steps=total)
+        state.config = to_dict(self.cfg)  # what checkpoints carry and --resume compares
+        self.steps_per_epoch, self.total, self.save_every = step_plan(self.cfg, self.run.n_train, engine.dist.world)
+        self.bar.total = self.total
+        self.bar.refresh()
+        return True
 
     def step(self, feed: Prefetcher, stop: Stop, head_only: bool) -> bool:
         """One optimizer step and what follows it (log line, evaluation, checkpoint); True when the ranks agreed
@@ -336,13 +372,19 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
-        "rank_weights_sha256": distributed.weights_digests(d, run.model),
+        "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
+        **({"time_budget_plan": state.budget} if state.budget else {}),
         "precision": engine.precision,
+        "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
         **engine.metrics(),
     }
-    if len(set(metrics["rank_weights_sha256"])) > 1:
-        say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
-            f"the model saved is rank 0's")
+    metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
+                                                               distributed.replica_groups(d, run.model))
+    if metrics["rank_weights_disagree"]:
+        groups = "; ".join(", ".join(f"rank {r} {metrics['rank_weights_sha256'][r]}" for r in g)
+                           for g in metrics["rank_weights_disagree"])
+        say(f"warning: ranks that must hold the same weights ended with different ones ({groups}); the model saved "
+            f"is what rank 0 gathered")
     if d.main:  # the tokenizer-free figures, with the full model
         metrics.update(vocabulary_metrics(run, full_model, engine.device))
         if run.sentence is not None:

@@ -204,6 +204,8 @@ class KerasEngine:
         self.segments = uses_segments(tokenizer)
         self.seed_step = dropout_seeder(self.model, cfg.seed)
 
+    eval_autocast = None  # the PyTorch twin evaluates in fp32, whatever --eval-precision says
+
     def describe(self) -> str:
         return (f"Training with Keras {keras.__version__} (keras-hub, TensorFlow {tf.__version__}) in "
                 f"{self.precision}; evaluation in fp32 with PyTorch")
