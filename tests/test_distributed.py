@@ -173,10 +173,14 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     _assert_same_updates(one_process, tmp_path / "fsdp")
     _same_probe(m1, m2)  # rank 0 probed the gathered full model, not its shard
     step6 = tmp_path / "fsdp" / "checkpoints" / "step-0000006"
-    # a full checkpoint, not a shard: the one-process run's tensors, to the same bound on the encoder's first two
-    # steps (the new head is not in the start)
-    c1, c2 = _step6(one_process), _step6(tmp_path / "fsdp")
-    assert c1.keys() == c2.keys() and all(c1[k].shape == c2[k].shape for k in c1)
+    # each rank's shards (DCP), nothing gathered; read whole here, they hold the one-process run's tensors, to the
+    # same bound on the encoder's first two steps (the new head is not in the start)
+    assert not (step6 / "model.safetensors").exists()
+    assert sorted(p.name for p in (step6 / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    c1, c2 = _step6(one_process), _dcp_weights(step6 / "dcp", tmp_path / "step6.pt")
+    assert c1.keys() <= c2.keys()  # and the tied decoder, which the full files store once
+    c2 = {k: c2[k] for k in c1}
+    assert all(c1[k].shape == c2[k].shape for k in c1)
     start = {f"roberta.{k}": v for k, v in load_file(str(no_dropout_model / "model.safetensors")).items()}
     assert_same_updates(c2, c1, start, RANKS_BOUND)
 
@@ -192,6 +196,19 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     assert m3["eval_loss_after"] == pytest.approx(m2["eval_loss_after"], rel=1e-6)
     assert m3["downstream_runs_before"] == m2["downstream_runs_before"]  # kept in the checkpoint, not probed again
     assert "Before training, downstream" not in resumed.stderr
+    # the output is an ordinary Hugging Face folder, written from the gathered weights
+    from transformers import AutoModelForMaskedLM
+
+    loaded = AutoModelForMaskedLM.from_pretrained(part).state_dict()
+    assert all(torch.equal(loaded[k], w3[k]) for k in w3)
+
+
+def _dcp_weights(folder, scratch) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's full weights, read in one process by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    return torch.load(scratch, weights_only=True)["model"]
 
 
 @pytest.mark.slow  # the generic DDP and FSDP paths are the RoBERTa tests above; these add the new families

@@ -24,12 +24,15 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -201,6 +204,21 @@ def from_main(d: Dist, fn: Callable[[], T]) -> T:
     return value
 
 
+def agree(d: Dist, fn: Callable[[], T], what: str) -> T:
+    """`fn()` on every rank, then agreement before any collective that needs its result: when it raised on any rank,
+    an MlmtuneError naming the ranks and their reasons is raised on every rank (no rank goes on to a collective the
+    others never join, which would wait for COLLECTIVE_TIMEOUT)."""
+    try:
+        result, mine = fn(), ""
+    except Exception as e:  # safetensors, pickle, torch and the OS each have their own error types for a bad file
+        result, mine = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    failed = [(rank, why) for rank, why in enumerate(gather_strings(d, mine)) if why]
+    if failed:
+        where = "" if not d.enabled else f" on rank(s) {', '.join(str(r) for r, _ in failed)}"
+        raise MlmtuneError(f"{what}{where}: {failed[0][1]}")
+    return result
+
+
 def gather_strings(d: Dist, mine: str) -> list[str]:
     """Each rank's string, in rank order, on every rank."""
     if not d.enabled:
@@ -286,6 +304,20 @@ class FSDP:
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
         return FullOptimizerState(self.model, optimizer)
+
+    def save_shards(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """Every rank writes its own shards of the weights and of AdamW's state into `folder`
+        (torch.distributed.checkpoint: one file per rank and a `.metadata`); nothing is gathered."""
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+    def load_shards(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """A checkpoint of `save_shards` back into this rank's shards (resharded if the ranks changed). A collective:
+        check the files first on every rank (`checkpoint.check_shards`, `agree`)."""
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)  # the shapes and shards to fill
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def hybrid_mesh(d: Dist, device: torch.device):

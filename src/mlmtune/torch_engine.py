@@ -159,9 +159,30 @@ class TorchEngine:
         return f"Training precision: {self.precision_.describe()}; evaluation in fp32{ranks}"
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
-        ckpt.load_weights(path, self.fsdp or self.model)
-        self.full_optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+        """A checkpoint into the engine. Under FSDP loading is a collective: every rank first checks (the shards) or
+        reads (full files) on its own and the ranks agree (`distributed.agree`), so a rank that cannot read fails
+        all of them at once instead of leaving the others in the collective until its timeout."""
+        if self.fsdp and (path / ckpt.SHARDS).is_dir():
+            distributed.agree(self.dist, lambda: ckpt.check_shards(path / ckpt.SHARDS), "a shard cannot be read")
+            self.fsdp.load_shards(self.optimizer, path / ckpt.SHARDS)
+        elif self.fsdp:  # full files, as checkpoints under --fsdp were written before the shards
+            weights, optimizer = distributed.agree(
+                self.dist, lambda: (ckpt.load_file(path / "model.safetensors"), ckpt.load_optimizer_state(path)),
+                "the checkpoint cannot be read")
+            self.fsdp.load_full_state_dict(weights)
+            self.full_optimizer.load_state_dict(optimizer)
+        else:
+            ckpt.load_weights(path, self.model)
+            self.full_optimizer.load_state_dict(ckpt.load_optimizer_state(path))
         self.precision_.resume(state)
+
+    def shard_writer(self, state: ckpt.TrainState):
+        """Under FSDP, what writes this rank's shards of a checkpoint (`checkpoint.save_sharded_checkpoint`); else
+        None: rank 0 writes full files."""
+        if not self.fsdp:
+            return None
+        state.grad_scaler = self.precision_.scaler_state()
+        return lambda folder: self.fsdp.save_shards(self.optimizer, folder)
 
     def set_phase(self, head_only: bool) -> None:
         freeze_encoder(self.model, head_only, self.cfg.freeze_layers)

@@ -310,12 +310,16 @@ class Loop:
             raise MlmtuneError(f"{e}{saved}") from None
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint; every rank takes part in gathering what it holds (under FSDP)."""
+        """Rank 0 writes the checkpoint; under FSDP every rank writes its own shards (nothing is gathered)."""
+        out = Path(self.cfg.output_dir)
+        write_shards = self.engine.shard_writer(self.state)
+        if write_shards is not None:
+            return ckpt.save_sharded_checkpoint(out, self.engine.dist, write_shards, self.state,
+                                                self.cfg.save_total_limit)
         model, optimizer_state = self.engine.checkpoint(self.state)
         if self.engine.dist.main:
-            return ckpt.save_checkpoint(Path(self.cfg.output_dir), model, optimizer_state, self.state,
-                                        self.cfg.save_total_limit)
-        return ckpt.checkpoints_dir(Path(self.cfg.output_dir)) / f"step-{self.state.step:07d}"
+            return ckpt.save_checkpoint(out, model, optimizer_state, self.state, self.cfg.save_total_limit)
+        return ckpt.checkpoints_dir(out) / f"step-{self.state.step:07d}"
 
     def record_eval(self, result: EvalResult | None) -> None:
         if result is None:
