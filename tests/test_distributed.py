@@ -399,3 +399,38 @@ def test_a_sentence_encoder_under_fsdp_is_checked_and_kept_as_on_one_process(no_
     assert m2["embedding_mrr10_after"] == pytest.approx(m1["embedding_mrr10_after"], abs=1e-6)
     for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
         assert (tmp_path / "fsdp" / name).read_bytes() == (encoder / name).read_bytes()
+
+
+@pytest.mark.slow  # a torchrun job, then two resumes that must fail at once
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_shard_fails_every_rank_at_once(no_dropout_model, eli5_like, tmp_path, damage):
+    """Loading shards is a collective: a missing or short shard file is found by every rank before it, and both
+    ranks stop with one line, in seconds (the collective timeout is 30 minutes; this run gets 120 s)."""
+    import time
+
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3", "--fsdp",
+              "--max-steps", "6", "--general-eval", "none", "--cloze-words", "none"]
+    _torchrun([*common, "--output-dir", str(tmp_path / "run")], tmp_path)
+    shard = tmp_path / "run" / "checkpoints" / "step-0000006" / "dcp" / "__1_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    logs = tmp_path / "logs"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs),
+                        "--redirects", "3", "-m", "mlmtune", "train", *common, "--output-dir",
+                        str(tmp_path / "run"), "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode != 0 and time.monotonic() - t0 < 120
+    for rank in (0, 1):
+        err = next(logs.rglob(f"{rank}/stderr.log")).read_text()
+        assert "Traceback" not in err
+        last = [line for line in err.splitlines() if line.startswith("mlmtune: error:")]
+        assert len(last) == 1, err[-2000:]
+        assert "none of the 1 checkpoints" in last[0]
+    err0 = next(logs.rglob("0/stderr.log")).read_text()
+    assert f"shard {shard} is {damage}" in err0 and "on rank(s) 0, 1" in err0

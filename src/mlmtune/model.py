@@ -108,13 +108,15 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, path, local, "tokenizer of model")
 
 
-def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name: str, safetensors_only: bool = False,
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model with a masked-LM head, and its tokenizer.
 
     Args:
         name: a local model folder, a Hub id (e.g. `distilbert/distilroberta-base`), or
             `builtin:all-minilm-l6-v2`.
         safetensors_only: refuse pickle weights (`pytorch_model.bin`), as a server should.
+        attn_implementation: sdpa, eager, flash_attention_2, ... (None: transformers' choice).
 
     Returns:
         (model, tokenizer), the model in eval mode on the CPU.
@@ -128,8 +130,17 @@ def load_model(name: str, safetensors_only: bool = False) -> tuple[PreTrainedMod
     if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
         raise MlmtuneError(f"the tokenizer of {name} has no mask token, so it cannot do masked-LM")
     with _quiet_transformers():
-        model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
-                                       use_safetensors=True if safetensors_only else None)
+        try:
+            model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
+                                           use_safetensors=True if safetensors_only else None,
+                                           attn_implementation=attn_implementation)
+        except ImportError as e:  # flash_attention_2 without the flash-attn package, and the like
+            raise MlmtuneError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
+        except MlmtuneError as e:
+            if attn_implementation and attn_implementation in str(e):  # transformers' "does not support ..."
+                raise MlmtuneError(f"--attn-implementation {attn_implementation} is not available for {name}: "
+                                   f"{str(e).split(': ', 1)[-1]}") from None
+            raise
     # the weights the folder did not have were initialised here: a new head (see `has_new_head`)
     model.mlmtune_new_weights = sorted(info.get("missing_keys", ()))
     check_vocabulary(model, tokenizer, name)

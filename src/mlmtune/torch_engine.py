@@ -135,6 +135,11 @@ class TorchEngine:
     def attach(self, model) -> None:
         self.model = model
         self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.fsdp else None  # rank 0's CPU copy, for writing
+        if self.cfg.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
+            if not model.supports_gradient_checkpointing:
+                raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+            # non-reentrant: works with DDP's and FSDP's hooks, with frozen inputs, and keeps dropout's RNG
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)
         distributed.broadcast_parameters(self.dist, model)  # a new head is random: every rank starts from rank 0's
 

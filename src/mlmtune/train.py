@@ -55,6 +55,7 @@ from mlmtune.run import (
 )
 from mlmtune.schedule import learning_rate_at, step_plan
 from mlmtune.stopping import Stop, StopNow, Vote
+from mlmtune.throughput import device_figures, flops_per_token, log_figures
 
 __all__ = ["TrainResult", "train"]
 
@@ -227,6 +228,7 @@ class Loop:
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
+        self.flops = flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability)  # for the MFU
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -288,7 +290,8 @@ class Loop:
         if log_step:  # the one host sync (and, on several ranks, the one collective) of the window
             mean, tokens_per_second = self.window.flush(engine.dist, engine.device)
             state.train_loss.append({"step": state.step, "loss": mean})
-            self.bar.set_postfix(loss=f"{mean:.4f}")
+            self.bar.set_postfix(loss=f"{mean:.4f}", **log_figures(engine.device, engine.precision, self.flops,
+                                                                    tokens_per_second, engine.dist.world))
             self.dash.train(state.step, mean, learning_rate_at(cfg, self.total, state.step), tokens_per_second)
         epoch_end = state.step % self.steps_per_epoch == 0
         save = state.step % self.save_every == 0 or last
@@ -354,6 +357,10 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "precision": engine.precision,
         **engine.metrics(),
     }
+    # MFU on a CUDA device of known peak, peak memory (a CPU's: the process's resident memory, labelled so)
+    metrics.update(device_figures(engine.device, engine.precision,
+                                  flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability),
+                                  metrics["train_tokens_per_second"], d.world))
     if len(set(metrics["rank_weights_sha256"])) > 1:
         say(f"warning: the ranks ended with different weights ({', '.join(metrics['rank_weights_sha256'])}); "
             f"the model saved is rank 0's")
