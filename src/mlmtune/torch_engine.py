@@ -138,8 +138,11 @@ class TorchEngine:
         if self.cfg.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
             if not model.supports_gradient_checkpointing:
                 raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-            # non-reentrant: works with DDP's and FSDP's hooks, with frozen inputs, and keeps dropout's RNG
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant: works with DDP's and FSDP's hooks, with frozen inputs, and replays dropout's RNG
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # load_model hands the model over in eval mode: the steps train it with dropout (and with the checkpointing
+        # above, which transformers applies only in training mode); evaluations switch to eval mode and back
+        model.train()
         model.to(self.device)
         distributed.broadcast_parameters(self.dist, model)  # a new head is random: every rank starts from rank 0's
 
