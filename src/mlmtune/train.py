@@ -347,6 +347,8 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
         after = {"step": state.step, **eval_entry(evaluate("Eval (after)"))}
     full_model = engine.output_model()  # under FSDP every rank takes part in gathering it
+    if full_model is not None:
+        full_model.eval()  # training is over: the checks below and the saved model run without dropout
     metrics = {
         **run_metrics(cfg, run, state, after),
         **checks,  # the general check's and the cloze's metrics
