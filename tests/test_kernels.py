@@ -53,20 +53,29 @@ def test_eager_and_sdpa_attention_train_alike(configs, tmp_path, tiny_model_dir)
     from mlmtune.train import train
 
     assert load_model(str(tiny_model_dir), attn_implementation="eager")[0].config._attn_implementation == "eager"
-    runs = {impl: train(configs(tmp_path / impl, max_steps=3, save_steps=100, attn_implementation=impl),
-                        progress=False).metrics for impl in ("eager", "sdpa")}
+    runs = {
+        impl: train(
+            configs(tmp_path / impl, max_steps=3, save_steps=100, attn_implementation=impl), progress=False
+        ).metrics
+        for impl in ("eager", "sdpa")
+    }
     eager, sdpa = ([r["loss"] for r in runs[i]["train_loss"]] for i in ("eager", "sdpa"))
     assert sdpa == pytest.approx(eager, rel=1e-5)
     assert runs["sdpa"]["eval_loss_after"] == pytest.approx(runs["eager"]["eval_loss_after"], rel=1e-5)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("fast", "--attn-implementation must be one of sdpa, eager, flash_attention_2, flash_attention_3, "
-             "flex_attention, got 'fast'"),
-    ("flash_attention_2", "--attn-implementation flash_attention_2"),
-])
-def test_an_attention_kernel_that_is_not_here_is_one_line_before_training(configs, tmp_path, capsys, value,
-                                                                          message):
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "fast",
+            "--attn-implementation must be one of sdpa, eager, flash_attention_2, flash_attention_3, "
+            "flex_attention, got 'fast'",
+        ),
+        ("flash_attention_2", "--attn-implementation flash_attention_2"),
+    ],
+)
+def test_an_attention_kernel_that_is_not_here_is_one_line_before_training(configs, tmp_path, capsys, value, message):
     from mlmtune.cli import main
 
     flags = configs.flags(tmp_path / "run", attn_implementation=value)
@@ -77,6 +86,7 @@ def test_an_attention_kernel_that_is_not_here_is_one_line_before_training(config
         pytest.importorskip("torch")
         try:
             import flash_attn  # noqa: F401
+
             pytest.skip("flash-attn is installed here")
         except ImportError:
             pass
@@ -95,8 +105,11 @@ def test_tokens_per_second_and_memory_are_measured_and_no_mfu_on_a_cpu(configs, 
     seconds: list[float] = []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()
-    result = train(configs(tmp_path / "run", max_steps=6, save_steps=100), progress=False,
-                   on_step=lambda step, s: seconds.append(s))
+    result = train(
+        configs(tmp_path / "run", max_steps=6, save_steps=100),
+        progress=False,
+        on_step=lambda step, s: seconds.append(s),
+    )
     wall = time.perf_counter() - t0
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     m = result.metrics
@@ -107,8 +120,9 @@ def test_tokens_per_second_and_memory_are_measured_and_no_mfu_on_a_cpu(configs, 
     assert m["train_tokens_per_second"] > tokens / wall  # the run's wall time holds evaluations and the save too
     assert "mfu" not in m and "peak_gpu_memory_gb" not in m
     assert rss_before - 0.01 <= m["process_peak_rss_gb"] <= rss_after + 0.01
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["process_peak_rss_gb"] == m[
-        "process_peak_rss_gb"]
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["process_peak_rss_gb"] == m["process_peak_rss_gb"]
+    )
 
 
 def test_model_flops_per_token_by_hand(tiny_model_dir):
@@ -136,3 +150,43 @@ def test_mfu_uses_the_datasheet_peak_of_the_named_gpu():
     assert datasheet_peak("NVIDIA H200", "fp32") == 494e12
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert datasheet_peak("NVIDIA GeForce RTX 3090", "bf16") is None
+
+
+def test_fill_score_and_serve_default_to_bf16_on_a_fast_gpu_and_fp32_on_a_cpu(monkeypatch):
+    from mlmtune import device as device_mod
+    from mlmtune.config_use import FillConfig, ScoreConfig, ServeConfig
+
+    assert FillConfig().precision == ScoreConfig().precision == ServeConfig().precision == "auto"
+    assert device_mod.inference_precision("auto", torch.device("cpu")) == "fp32"
+    assert device_mod.inference_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(device_mod, "fast_bf16", lambda d: True)  # an Ampere or newer GPU
+    assert device_mod.inference_precision("auto", torch.device("cuda")) == "bf16"
+    assert device_mod.inference_precision("auto", torch.device("cpu")) == "fp32"  # a CPU's results stay fp32's
+    monkeypatch.setattr(device_mod, "fast_bf16", lambda d: False)  # a V100 or T4
+    assert device_mod.inference_precision("auto", torch.device("cuda")) == "fp32"
+
+
+def test_score_precision_casts_the_weights_and_auto_on_a_cpu_is_fp32(tiny_model_dir):
+    """`score --precision bf16` scores with bf16 weights, close to fp32 (hand check: log-softmax of the model's own
+    fp32 logits at the masked token); auto on a CPU is the fp32 score exactly."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mlmtune.scoring import Scorer
+
+    text = "The interpreter reads a module."
+    auto, bf16 = (Scorer.from_pretrained(str(tiny_model_dir), precision=p) for p in ("auto", "bf16"))
+    assert next(auto.model.parameters()).dtype == torch.float32
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    a = auto.score_encoded([text], auto.encode([text]), "original")[0]
+    b = bf16.score_encoded([text], bf16.encode([text]), "original")[0]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    total = 0.0
+    with torch.no_grad():
+        for i in range(1, len(ids) - 1):  # each token but the special ones, masked in turn
+            masked = ids.clone()
+            masked[i] = tok.mask_token_id
+            total += model(masked[None]).logits[0, i].log_softmax(-1)[ids[i]].item()
+    assert a.pll == pytest.approx(total, rel=1e-5)
+    assert b.pll == pytest.approx(total, rel=0.05) and b.pll != a.pll

@@ -68,8 +68,9 @@ def _tied(model: torch.nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def device_figures(device: torch.device, precision: str, flops: float, tokens_per_second: float | None,
-                   world: int = 1) -> dict[str, Any]:
+def device_figures(
+    device: torch.device, precision: str, flops: float, tokens_per_second: float | None, world: int = 1
+) -> dict[str, Any]:
     """metrics.json's device figures: MFU (CUDA devices in the table only; `tokens_per_second` is the whole job's,
     shared by `world` devices) and peak memory (this rank's)."""
     if device.type != "cuda":
@@ -78,8 +79,10 @@ def device_figures(device: torch.device, precision: str, flops: float, tokens_pe
         return {"process_peak_rss_gb": round(rss / 2**30, 3)}
     name = torch.cuda.get_device_name(device)
     peak = datasheet_peak(name, precision)
-    figures: dict[str, Any] = {"gpu": name, "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30,
-                                                                       3)}
+    figures: dict[str, Any] = {
+        "gpu": name,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+    }
     if peak is None:
         figures["mfu"] = None
         figures["mfu_note"] = f"unknown: {name} is not in mlmtune's table of datasheet peaks"
@@ -90,8 +93,9 @@ def device_figures(device: torch.device, precision: str, flops: float, tokens_pe
     return figures
 
 
-def log_figures(device: torch.device, precision: str, flops: float, tokens_per_second: float | None,
-                world: int = 1) -> dict[str, str]:
+def log_figures(
+    device: torch.device, precision: str, flops: float, tokens_per_second: float | None, world: int = 1
+) -> dict[str, str]:
     """The same, short, for the progress bar's log line: tokens/s, and on CUDA the MFU and peak memory."""
     out = {} if tokens_per_second is None else {"tok/s": f"{tokens_per_second:,.0f}"}
     if device.type == "cuda":
