@@ -434,3 +434,23 @@ def test_a_damaged_shard_fails_every_rank_at_once(no_dropout_model, eli5_like, t
         assert "none of the 1 checkpoints" in last[0]
     err0 = next(logs.rglob("0/stderr.log")).read_text()
     assert f"shard {shard} is {damage}" in err0 and "on rank(s) 0, 1" in err0
+
+
+@pytest.mark.slow  # two torchrun jobs (one compiles with inductor: ~1 minute on 2 cores)
+@pytest.mark.numerics
+def test_gradient_checkpointing_and_compile_under_fsdp(no_dropout_model, one_process, eli5_like, tmp_path):
+    """--gradient-checkpointing under DDP and FSDP makes the one-process run's updates (the recomputed layers are
+    the same sums); --compile under FSDP, each layer compiled before it is sharded, trains close to it (inductor
+    sums in its own order)."""
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3",
+              "--gradient-checkpointing", "--general-eval", "none", "--cloze-words", "none"]
+    m1 = json.loads((one_process / "metrics.json").read_text())
+    _torchrun([*common, "--output-dir", str(tmp_path / "ddp")], tmp_path)
+    _assert_same_updates(one_process, tmp_path / "ddp")
+    compiled = _torchrun([*common, "--fsdp", "--compile", "--output-dir", str(tmp_path / "fsdp")], tmp_path)
+    assert "2 processes (FSDP)" in compiled.stderr
+    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    moved = m1["eval_loss_before"] - m1["eval_loss_after"]
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
+    assert abs(m2["eval_loss_after"] - m1["eval_loss_after"]) < 0.05 * moved
+    assert m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]

@@ -163,49 +163,71 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, state: Train
 SHARDS = "dcp"  # under --fsdp a checkpoint's weights and optimizer state: each rank's shards (DCP), in this subfolder
 
 
-def save_sharded_checkpoint(output_dir: Path, d: Dist, write_shards: Callable[[Path], None], state: TrainState,
-                            keep: int) -> Path:
+def save_sharded_checkpoint(output_dir: Path, d: Dist, write_shards: Callable[[Path], Any], state: TrainState,
+                            keep: int) -> PendingSave:
     """--fsdp: every rank writes its shards (`write_shards(folder)`, torch.distributed.checkpoint) into a temporary
-    folder whose name all ranks know; rank 0 adds the loop state and renames it into place once every rank has
-    written. Nothing is gathered, so no rank needs the whole model's memory. Every rank joins.
+    folder whose name all ranks know; `PendingSave.finish` then has rank 0 add the loop state and rename it into
+    place once every rank has written. Nothing is gathered, so no rank needs the whole model's memory. Every rank
+    joins. `write_shards` may return a future (DCP's async_save: the shards were copied to host memory, the files
+    are written in the background while training goes on), which `finish` waits for.
 
     Raises:
         MlmtuneError: on every rank, when the write failed on any; earlier checkpoints are untouched.
     """
     root = checkpoints_dir(output_dir)
-    final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-{final.name}-shards"  # one name for every rank (removed as a partial save if left)
+    pending = PendingSave(output_dir, d, root / f"step-{state.step:07d}", json.dumps(state.__dict__, indent=1), keep)
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-
-    def fail(e: MlmtuneError) -> MlmtuneError:
-        previous = list_checkpoints(output_dir)
-        kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
-        return MlmtuneError(f"saving checkpoint {final.name} failed ({e}); {kept}")
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+        pending.tmp.mkdir()
 
     try:
         distributed.main_first(d, lambda: _guard_write(prepare, root) if d.main else None)
-        distributed.agree(d, lambda: write_shards(tmp / SHARDS), "writing the shards failed")
+        pending.handle = distributed.agree(d, lambda: write_shards(pending.tmp / SHARDS), "writing the shards failed")
+    except MlmtuneError as e:
+        raise pending.failed(e) from None
+    return pending
+
+
+class PendingSave:
+    """A sharded checkpoint on its way: its shards written (or being written in the background); `finish`
+    publishes it."""
+
+    def __init__(self, output_dir: Path, d: Dist, final: Path, state_json: str, keep: int):
+        self.output_dir, self.d, self.final, self.state_json, self.keep = output_dir, d, final, state_json, keep
+        self.tmp = final.parent / f".tmp-{final.name}-shards"  # one name for every rank (a partial save if left)
+        self.handle: Any = None  # async_save's future, or None when the shards are already written
+
+    def failed(self, e: MlmtuneError) -> MlmtuneError:
+        if self.d.main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        previous = list_checkpoints(self.output_dir)
+        kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
+        return MlmtuneError(f"saving checkpoint {self.final.name} failed ({e}); {kept}")
+
+    def finish(self) -> Path:
+        """Every rank: wait for its shards, agree that all were written, then rank 0 writes the state and renames
+        the folder into place (and drops the checkpoints beyond `keep`)."""
+        d, final, tmp = self.d, self.final, self.tmp
 
         def publish() -> None:
-            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+            (tmp / STATE_FILE).write_text(self.state_json)
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
 
-        distributed.main_first(d, lambda: _guard_write(publish, root) if d.main else None)
-    except MlmtuneError as e:
+        try:
+            if self.handle is not None:
+                distributed.agree(d, self.handle.result, "writing the shards failed")
+            distributed.main_first(d, lambda: _guard_write(publish, final.parent) if d.main else None)
+        except MlmtuneError as e:
+            raise self.failed(e) from None
         if d.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise fail(e) from None
-    if d.main:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+            for old in list_checkpoints(self.output_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
 
 
 def _guard_write(fn: Callable[[], None], folder: Path) -> None:

@@ -286,8 +286,9 @@ class TrainConfig:
     its LOCAL_RANK GPU. The quickstart's fills use it too."""
     compile: bool = False
     """torch.compile the encoder (the gather and the head at the masked positions stay eager: their sizes change
-    every batch). On a GPU it fuses the encoder's elementwise work (LayerNorm, GELU, dropout, residual adds); the
-    first steps pay the compile time. Off by default: it did not pay on a CPU, and it is not measured on a GPU yet."""
+    every batch; with --fsdp each encoder layer, before it is sharded). On a GPU it fuses the encoder's elementwise
+    work (LayerNorm, GELU, dropout, residual adds); the first steps pay the compile time. Off by default: it did not
+    pay on a CPU, and it is not measured on a GPU yet (benchmarks/gpu.py measures it)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing: each encoder layer's activations are recomputed in the backward pass instead of
     kept (transformers' gradient_checkpointing_enable, non-reentrant), for long blocks that do not fit otherwise;

@@ -38,7 +38,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mlmtune.errors import MlmtuneError, speak_as
-from mlmtune.forward import MaskedLMLoss, encoder_layers
+from mlmtune.forward import COMPILE_BACKEND, MaskedLMLoss, encoder_layers
 
 T = TypeVar("T")
 
@@ -279,15 +279,24 @@ class FSDP:
         """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
         self.d, self.model, self.nodes = d, model, 1
         self.copy = copy.deepcopy(model) if d.main else None
+        # async checkpoints' own gloo group (every rank creates it, in the same order): their background thread's
+        # collectives never interleave with the training loop's
+        self.save_group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+                           if d.enabled and hasattr(dcp, "async_save") else None)
 
-    def shard(self, device: torch.device | None = None) -> torch.nn.Module:
+    def shard(self, device: torch.device | None = None, compile_layers: bool = False) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward. On several
         nodes the mesh is 2-D: the shards stay within a node and are replicated across nodes (HSDP), so no
-        gather crosses the slow links; the gradients are averaged across nodes once per step."""
+        gather crosses the slow links; the gradients are averaged across nodes once per step.
+
+        `compile_layers` (--compile): each encoder layer is compiled before it is sharded, the way torch documents
+        for FSDP2 (the all-gathers and reduce-scatters stay in FSDP's hooks, outside the compiled graphs)."""
         mesh = hybrid_mesh(self.d, device or torch.device("cpu"))
         self.nodes = 1 if mesh is None else mesh.size(0)
         kwargs: dict[str, Any] = {} if mesh is None else {"mesh": mesh}
         for layer in encoder_layers(self.model):
+            if compile_layers:
+                layer.compile(backend=COMPILE_BACKEND)
             fully_shard(layer, **kwargs)
         return fully_shard(MaskedLMLoss(self.model), **kwargs)
 
@@ -305,11 +314,20 @@ class FSDP:
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
         return FullOptimizerState(self.model, optimizer)
 
-    def save_shards(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    def save_shards(self, optimizer: torch.optim.Optimizer, folder: Path):
         """Every rank writes its own shards of the weights and of AdamW's state into `folder`
-        (torch.distributed.checkpoint: one file per rank and a `.metadata`); nothing is gathered."""
+        (torch.distributed.checkpoint: one file per rank and a `.metadata`); nothing is gathered.
+
+        Asynchronous where torch has `async_save`: the shards are copied to host memory here, and written by a
+        background thread (its collectives on a gloo group of their own, `save_group`) while the next steps train;
+        returns its future. Else written before it returns (None)."""
         model_state, optimizer_state = get_state_dict(self.model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if self.save_group is None:
+            dcp.save(state, checkpoint_id=str(folder))
+            return None
+        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=self.save_group)
+        return getattr(response, "upload_completion", response)  # newer torch: a response holding the future
 
     def load_shards(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """A checkpoint of `save_shards` back into this rank's shards (resharded if the ranks changed). A collective:

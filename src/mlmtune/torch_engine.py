@@ -148,10 +148,11 @@ class TorchEngine:
 
     def start(self, cfg: TrainConfig, tokenizer) -> None:
         self.cfg = cfg
-        if cfg.compile:  # after the budget's probe, which times eager steps on a copy
+        if cfg.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
             compile_encoder(self.model)
         self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
-        self.root = self.fsdp.shard(self.device) if self.fsdp else None  # before the optimizer: it holds the shards
+        # sharded before the optimizer is built: it holds the shards
+        self.root = self.fsdp.shard(self.device, compile_layers=cfg.compile) if self.fsdp else None
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            fused=True)

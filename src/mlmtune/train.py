@@ -228,6 +228,7 @@ class Loop:
         self.bar = tqdm(total=self.total, initial=state.step, desc="Training", disable=not progress,
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
+        self.pending: ckpt.PendingSave | None = None  # a sharded checkpoint written in the background
         self.flops = flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability)  # for the MFU
 
     def train(self) -> None:
@@ -252,6 +253,7 @@ class Loop:
                     if vote.stop_now(stop.requested.is_set()):  # every rank, after the same step
                         raise KeyboardInterrupt
                 vote.close()
+            self.finish_save()  # the last checkpoint is on disk before the run goes on to write its output
         except KeyboardInterrupt:
             self.bar.close()
             self.window.count_time()
@@ -299,7 +301,7 @@ class Loop:
             if epoch_end or last:
                 self.record_eval(self.evaluate(f"Eval (step {state.step})"))
             if save:
-                self.save()
+                self.save(wait=False)  # under FSDP written while the next steps train
         if self.on_step is not None:
             self.on_step(state.step, seconds)
 
@@ -312,17 +314,25 @@ class Loop:
             saved = f"; checkpoint saved in {self.save()}, continue with --resume" if self.state.step else ""
             raise MlmtuneError(f"{e}{saved}") from None
 
-    def save(self) -> Path:
-        """Rank 0 writes the checkpoint; under FSDP every rank writes its own shards (nothing is gathered)."""
+    def save(self, wait: bool = True) -> Path:
+        """Rank 0 writes the checkpoint; under FSDP every rank writes its own shards (nothing is gathered), in the
+        background unless `wait`: the previous one is published first (`finish_save`)."""
         out = Path(self.cfg.output_dir)
         write_shards = self.engine.shard_writer(self.state)
         if write_shards is not None:
-            return ckpt.save_sharded_checkpoint(out, self.engine.dist, write_shards, self.state,
-                                                self.cfg.save_total_limit)
+            self.finish_save()
+            self.pending = ckpt.save_sharded_checkpoint(out, self.engine.dist, write_shards, self.state,
+                                                        self.cfg.save_total_limit)
+            return self.finish_save() if wait else self.pending.final
         model, optimizer_state = self.engine.checkpoint(self.state)
         if self.engine.dist.main:
             return ckpt.save_checkpoint(out, model, optimizer_state, self.state, self.cfg.save_total_limit)
         return ckpt.checkpoints_dir(out) / f"step-{self.state.step:07d}"
+
+    def finish_save(self) -> Path | None:
+        """Publish the sharded checkpoint still being written, if any (every rank)."""
+        pending, self.pending = self.pending, None
+        return pending.finish() if pending is not None else None
 
     def record_eval(self, result: EvalResult | None) -> None:
         if result is None:
