@@ -1,7 +1,9 @@
 """Checkpoints under OUTPUT_DIR/checkpoints: written whole or not at all, found again for --resume.
 
 A checkpoint is a folder `step-0000123` holding the weights (safetensors), the optimizer state
-and `state.json` (step, history, the config it was made with). It is written under a temporary
+and `state.json` (step, history, the config it was made with); under --fsdp the weights and optimizer state
+are each rank's shards instead (`dcp/`, torch.distributed.checkpoint), checked on every rank before the
+collective load (`check_shards`). It is written under a temporary
 name and renamed when complete, so a folder with the final name is always whole; leftovers of an
 interrupted save are ignored and cleaned up. The final model folder is written the same way
 (`write_final`). The learning rate is a function of the step (`schedule.learning_rate_at`), so

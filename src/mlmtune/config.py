@@ -298,8 +298,8 @@ class TrainConfig:
     from_pretrained (default: transformers' choice for the model)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the processes of a torchrun / accelerate job (FSDP2's
-    fully_shard, one unit per encoder layer), for encoders that do not fit on one GPU. Checkpoints and the output
-    stay ordinary full files."""
+    fully_shard, one unit per encoder layer), for encoders that do not fit on one GPU. Checkpoints are each rank's
+    shards (torch.distributed.checkpoint, written in the background); the output is an ordinary model folder."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends
     bit-identical to an uninterrupted one (attention's fused backward and other atomic adds otherwise sum in a

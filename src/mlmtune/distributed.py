@@ -270,9 +270,9 @@ class FSDP:
 
     One unit per encoder layer (its weights are gathered just before it runs and freed after), and the
     rest, the embeddings and the head tied to them, in the root: the training forward, `MaskedLMLoss`,
-    which evaluation also runs through. Checkpoints and the output stay the ordinary full files: rank 0
-    gathers the full weights into a CPU copy of the model to write them (so rank 0 needs the model's
-    size in host memory), and on --resume every rank reads the files and keeps its shard.
+    which evaluation also runs through. Checkpoints are each rank's shards (`save_shards`, DCP); the output
+    stays an ordinary model folder: rank 0 gathers the full weights into a CPU copy of the model to write it
+    (so rank 0 needs the model's size in host memory).
     """
 
     def __init__(self, d: Dist, model: torch.nn.Module):
