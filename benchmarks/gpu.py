@@ -164,7 +164,8 @@ def child_trainer(model_dir: str, corpus: str, steps: int, batch: int, bf16: boo
             "epoch_fraction": steps * batch / len(lm_dataset["train"])}
 
 
-def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_: bool, out: str, block: int) -> dict:
+def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_: bool, out: str, block: int,
+                  checkpointing: bool = False, attn: str | None = None) -> dict:
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
     from mlmtune.train import train
@@ -172,13 +173,19 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_:
     cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
                                     "batch_size": batch, "max_steps": steps, "output_dir": out, "block_size": block,
                                     "cache_dir": out + "-cache", "save_steps": 10**9, "test_size": 0.01,
-                                    "compile": compile_, "general_eval": "none"})
+                                    "compile": compile_, "general_eval": "none", "logging_steps": 1,
+                                    "gradient_checkpointing": checkpointing, "attn_implementation": attn})
     ends, mark = _step_end_times()
     mark()  # on_step is called after each step, once the GPU has finished it
     result = train(cfg, progress=False, on_step=lambda step, seconds: mark())
     # the first interval holds the evaluation before training: --skip leaves it out with the warm-up
+    m = result.metrics
     return {"step_seconds": [b - a for a, b in zip(ends, ends[1:])], "gpu_memory_gb": _gpu_memory(),
-            "precision": result.metrics["precision"], "epoch_fraction": steps * batch / result.metrics["train_blocks"]}
+            "precision": m["precision"], "epoch_fraction": steps * batch / m["train_blocks"],
+            "losses": [r["loss"] for r in m["train_loss"]],  # every step's: the variants must agree
+            # what mlmtune itself reports in metrics.json (its MFU over the whole run, warm-up included)
+            "mfu_reported": m.get("mfu"), "peak_gpu_memory_gb_reported": m.get("peak_gpu_memory_gb"),
+            "tokens_per_s_reported": m.get("train_tokens_per_second")}
 
 
 def child_eval(model_dir: str, n_blocks: int, batch: int, block: int) -> dict:
@@ -188,10 +195,10 @@ def child_eval(model_dir: str, n_blocks: int, batch: int, block: int) -> dict:
 
     from mlmtune.corpora import python_docs_texts
     from mlmtune.device import resolve_device
-    from mlmtune.perplexity import perplexity_of
     from mlmtune.forward import MaskedLMLoss, backward_masked
     from mlmtune.masking import Masker, iter_eval_masks
     from mlmtune.model import load_model
+    from mlmtune.perplexity import perplexity_of
 
     device = resolve_device(None)
     model, tok = load_model(model_dir)
@@ -269,12 +276,17 @@ def child_fill(model_dir: str, n: int) -> dict:
     pipe = pipeline("fill-mask", model=model_dir, device=0 if device == "cuda" else "cpu")
     ref, t_pipe1 = timed(lambda xs: [pipe(x, top_k=5) for x in xs])
     _, t_pipe64 = timed(lambda xs: pipe(xs, top_k=5, batch_size=64))
-    filler = FillMask.from_pretrained(model_dir, batch_size=64, device=device)
+    filler = FillMask.from_pretrained(model_dir, batch_size=64, device=device, precision="fp32")
     ours, t_ours = timed(lambda xs: filler.fill(xs, top_k=5))
     same = sum([p["token"] for p in a] == [p["token"] for p in b] for a, b in zip(ours, ref))
     worst = max(abs(p["score"] - q["score"]) for a, b in zip(ours, ref) for p, q in zip(a, b))
+    # the default, --precision auto: bf16 on a GPU that runs it fast (fp32 on a CPU)
+    auto = FillMask.from_pretrained(model_dir, batch_size=64, device=device)
+    fast, t_auto = timed(lambda xs: auto.fill(xs, top_k=5))
+    top1 = sum(a[0]["token"] == b[0]["token"] for a, b in zip(fast, ref))
     return {"texts": len(texts), "pipeline_s": t_pipe1, "pipeline_batch64_s": t_pipe64, "mlmtune_s": t_ours,
-            "identical_top5": same, "max_score_diff": worst, "mlmtune_precision": filler.precision}
+            "identical_top5": same, "max_score_diff": worst, "mlmtune_precision": filler.precision,
+            "auto_precision": auto.precision, "auto_s": t_auto, "auto_same_top1": top1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +306,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--attn-implementation")
     parser.add_argument("--out")
     parser.add_argument("--texts", type=int, default=1000)
     parser.add_argument("--results", type=Path, help="where gpu.json (gpu_smoke.json) goes (default: "
@@ -305,7 +319,7 @@ def main() -> None:
                               args.block_size)
         elif args.child == "mlmtune":
             r = child_mlmtune(args.model_dir, args.corpus, args.steps, args.batch, args.compile, args.out,
-                              args.block_size)
+                              args.block_size, args.gradient_checkpointing, args.attn_implementation)
         elif args.child == "eval":
             r = child_eval(args.model_dir, args.eval_blocks, args.batch, args.block_size)
         else:
@@ -337,7 +351,12 @@ def main() -> None:
                 ("Trainer bf16=True", ["--child", "trainer", "--bf16"], False),
                 ("Trainer bf16 + torch_compile", ["--child", "trainer", "--bf16", "--compile"], False),
                 ("mlmtune", ["--child", "mlmtune"], True),
-                ("mlmtune --compile", ["--child", "mlmtune", "--compile"], True)]
+                ("mlmtune --compile", ["--child", "mlmtune", "--compile"], True),
+                ("mlmtune --gradient-checkpointing", ["--child", "mlmtune", "--gradient-checkpointing"], True),
+                ("mlmtune --compile --gradient-checkpointing",
+                 ["--child", "mlmtune", "--compile", "--gradient-checkpointing"], True),
+                ("mlmtune --attn-implementation eager", ["--child", "mlmtune", "--attn-implementation", "eager"],
+                 True)]
     if args.smoke:  # compiling on the CPU needs a C++ toolchain and minutes: not a smoke test
         variants = [v for v in variants if "--compile" not in v[1]]
     rows = []
@@ -354,7 +373,9 @@ def main() -> None:
             flops = flops_per_token(cfg, sparse, args.block_size) * tps
             rows.append({"batch": batch, "variant": name, "tokens_per_s": tps, "gpu_memory_gb": r["gpu_memory_gb"],
                          "mfu": flops / peak, "mfu_datasheet": flops / sheet if sheet else None,
-                         "epoch_fraction": r["epoch_fraction"]})
+                         "epoch_fraction": r["epoch_fraction"],
+                         **{k: r[k] for k in ("losses", "mfu_reported", "peak_gpu_memory_gb_reported",
+                                              "tokens_per_s_reported") if k in r}})
             print(f"batch {batch}, {name}: {tps:,.0f} tokens/s", file=sys.stderr)
         compiled = [r for r in rows if r["batch"] == batch and r["variant"] == "Trainer bf16 + torch_compile"]
         best = compiled[0] if compiled else [r for r in rows if r["batch"] == batch and r["variant"] ==
@@ -366,6 +387,7 @@ def main() -> None:
     evaluation = run_child(me, "--child", "eval", "--model-dir", str(model_dir), "--batch", str(max(batches)),
                            "--block-size", str(args.block_size), "--eval-blocks",
                            str(8 if args.smoke else args.eval_blocks))
+    checks = gpu_checks(rows, fill, cuda, sheet is not None)
 
     print(table(rows, [("batch", "batch", ""), ("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("vs_best_trainer", "x best Trainer", ".2f"), ("gpu_memory_gb", "peak GPU GB", ".2f"),
@@ -386,9 +408,53 @@ def main() -> None:
         "after a GPU sync, data included, on both sides", "datasheet_bf16_tflops": sheet / 1e12 if sheet else None,
         "model": f"RoBERTa {cfg.num_hidden_layers}x{cfg.hidden_size}, "
         f"vocab {cfg.vocab_size} (random init)", "bf16_matmul_peak_tflops": peak / 1e12, "rows": rows, "fill": fill,
-        "evaluation": evaluation},
-        args.results)
+        "evaluation": evaluation, "checks": checks}, args.results)
     print(f"wrote {path}")
+    failed = [c for c, ok in checks.items() if not ok]
+    if failed:
+        sys.exit(f"benchmarks/gpu.py: GPU check(s) failed: {', '.join(failed)}")
+
+
+def gpu_checks(rows: list[dict], fill: dict, cuda: bool, known_gpu: bool) -> dict[str, bool]:
+    """What the GPU must show, printed and kept in the JSON (the run exits non-zero when one fails):
+
+    - --gradient-checkpointing trains the same steps (every step's loss within 0.1% of mlmtune's: the recomputed
+      layers replay dropout's draws; the GPU's attention backward does not sum in a fixed order) with less peak
+      memory;
+    - --attn-implementation eager trains the same steps as transformers' default (sdpa), within 1% (dropout on
+      the attention weights draws other numbers in the two kernels);
+    - --compile (with and without checkpointing) trains the same steps, within 1% (inductor's dropout draws its
+      own numbers; on the GPU only);
+    - metrics.json reports the MFU on a GPU in the datasheet table and the peak GPU memory (and no MFU on a CPU);
+    - fill's default precision is bf16 on the GPU (fp32 on a CPU), and its top-1 matches the pipeline's fp32 one
+      on at least 95% of the texts.
+
+    The model starts from random weights (loss near ln(vocab)): the loss bounds check the arithmetic, not learning.
+    """
+    checks: dict[str, bool] = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        of = {r["variant"]: r for r in rows if r["batch"] == batch}
+        base = of["mlmtune"]
+        for name, r in of.items():
+            if name.startswith("mlmtune ") and "losses" in r:
+                bound = 1e-3 if name == "mlmtune --gradient-checkpointing" else 1e-2
+                close = all(abs(a - b) <= bound * abs(b) for a, b in zip(r["losses"], base["losses"]))
+                checks[f"batch {batch}: {name} trains the steps of mlmtune"] = close and len(r["losses"]) == len(
+                    base["losses"])
+        ckpt = of.get("mlmtune --gradient-checkpointing")
+        if cuda and ckpt:
+            checks[f"batch {batch}: checkpointing lowers peak memory"] = ckpt["gpu_memory_gb"] < base["gpu_memory_gb"]
+        if cuda:
+            checks[f"batch {batch}: peak GPU memory reported"] = bool(base.get("peak_gpu_memory_gb_reported"))
+        checks[f"batch {batch}: MFU reported exactly where known"] = (
+            (base.get("mfu_reported") is not None) == (cuda and known_gpu))
+    checks["fill: auto precision is bf16 on the GPU, fp32 on a CPU"] = fill["auto_precision"] == (
+        "bf16" if cuda else "fp32")
+    checks["fill: auto's top-1 matches the pipeline's on 95% of texts"] = fill["auto_same_top1"] >= 0.95 * fill[
+        "texts"]
+    for name, ok in checks.items():
+        print(f"GPU check: {'ok  ' if ok else 'FAIL'} {name}")
+    return checks
 
 
 if __name__ == "__main__":

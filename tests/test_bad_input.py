@@ -145,7 +145,6 @@ def _damage(tiny_model_dir, tmp_path, name: str, data: bytes):
     ("prepared_bad_meta", "is damaged (JSONDecodeError"),
     ("jsonl_unparsable", "cannot parse"),
     ("fsdp_one_process", "--fsdp shards over several processes: launch with torchrun"),
-    ("fsdp_compile", "--fsdp with --compile is not supported yet"),
     ("keras_compile", "--device, --compile, --fsdp and --deterministic are options of --backend torch"),
     ("train_device_not_here", "--device cuda:7: no such CUDA device here"),
     ("accelerate_fsdp_one_process", "--fsdp shards over several processes"),  # accelerate's FSDP config read
@@ -188,9 +187,8 @@ def test_one_line_errors(tiny_model_dir, eli5_like, tmp_path, capsys, monkeypatc
     elif case == "fsdp_one_process":
         args = ["train", "--model", model, "--dataset", str(eli5_like), "--text-field", "answers.text", "--fsdp",
                 *common]
-    elif case in ("fsdp_compile", "keras_compile"):
-        flag = "--fsdp" if case == "fsdp_compile" else "--backend=keras"
-        args = ["train", "--model", model, "--dataset", str(eli5_like), "--compile", flag, *common]
+    elif case == "keras_compile":
+        args = ["train", "--model", model, "--dataset", str(eli5_like), "--compile", "--backend=keras", *common]
     elif case == "accelerate_fsdp_one_process":
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         args = ["train", "--model", model, "--dataset", str(eli5_like), *common]

@@ -174,10 +174,14 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     _assert_same_updates(one_process, tmp_path / "fsdp")
     _same_probe(m1, m2)  # rank 0 probed the gathered full model, not its shard
     step6 = tmp_path / "fsdp" / "checkpoints" / "step-0000006"
-    # a full checkpoint, not a shard: the one-process run's tensors, to the same bound on the encoder's first two
-    # steps (the new head is not in the start)
-    c1, c2 = _step6(one_process), _step6(tmp_path / "fsdp")
-    assert c1.keys() == c2.keys() and all(c1[k].shape == c2[k].shape for k in c1)
+    # each rank's shards (DCP), nothing gathered; read whole here, they hold the one-process run's tensors, to the
+    # same bound on the encoder's first two steps (the new head is not in the start)
+    assert not (step6 / "model.safetensors").exists()
+    assert sorted(p.name for p in (step6 / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    c1, c2 = _step6(one_process), _dcp_weights(step6 / "dcp", tmp_path / "step6.pt")
+    assert c1.keys() <= c2.keys()  # and the tied decoder, which the full files store once
+    c2 = {k: c2[k] for k in c1}
+    assert all(c1[k].shape == c2[k].shape for k in c1)
     start = {f"roberta.{k}": v for k, v in load_file(str(no_dropout_model / "model.safetensors")).items()}
     assert_same_updates(c2, c1, start, RANKS_BOUND)
 
@@ -193,6 +197,19 @@ def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli
     assert m3["eval_loss_after"] == pytest.approx(m2["eval_loss_after"], rel=1e-6)
     assert m3["downstream_runs_before"] == m2["downstream_runs_before"]  # kept in the checkpoint, not probed again
     assert "Before training, downstream" not in resumed.stderr
+    # the output is an ordinary Hugging Face folder, written from the gathered weights
+    from transformers import AutoModelForMaskedLM
+
+    loaded = AutoModelForMaskedLM.from_pretrained(part).state_dict()
+    assert all(torch.equal(loaded[k], w3[k]) for k in w3)
+
+
+def _dcp_weights(folder, scratch) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's full weights, read in one process by torch's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    return torch.load(scratch, weights_only=True)["model"]
 
 
 @pytest.mark.slow  # the generic DDP and FSDP paths are the RoBERTa tests above; these add the new families
@@ -626,3 +643,58 @@ def test_a_stream_on_two_processes_tokenizes_each_record_once_and_resumes_exactl
     launch({**flags, "output_dir": str(part), "resume": True}, tmp_path / "log2")
     w1, w2 = (load_file(str(r / "model.safetensors")) for r in (tmp_path / "run", part))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.slow  # a torchrun job, then two resumes that must fail at once
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_shard_fails_every_rank_at_once(no_dropout_model, eli5_like, tmp_path, damage):
+    """Loading shards is a collective: a missing or short shard file is found by every rank before it, and both
+    ranks stop with one line, in seconds (the collective timeout is 30 minutes; this run gets 120 s)."""
+    import time
+
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3", "--fsdp",
+              "--max-steps", "6", "--general-eval", "none", "--cloze-words", "none"]
+    _torchrun([*common, "--output-dir", str(tmp_path / "run")], tmp_path)
+    shard = tmp_path / "run" / "checkpoints" / "step-0000006" / "dcp" / "__1_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    logs = tmp_path / "logs"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--log-dir", str(logs),
+                        "--redirects", "3", "-m", "mlmtune", "train", *common, "--output-dir",
+                        str(tmp_path / "run"), "--resume"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode != 0 and time.monotonic() - t0 < 120
+    for rank in (0, 1):
+        err = next(logs.rglob(f"{rank}/stderr.log")).read_text()
+        assert "Traceback" not in err
+        last = [line for line in err.splitlines() if line.startswith("mlmtune: error:")]
+        assert len(last) == 1, err[-2000:]
+        assert "none of the 1 checkpoints" in last[0]
+    err0 = next(logs.rglob("0/stderr.log")).read_text()
+    assert f"shard {shard} is {damage}" in err0 and "on rank(s) 0, 1" in err0
+
+
+@pytest.mark.slow  # two torchrun jobs (one compiles with inductor: ~1 minute on 2 cores)
+@pytest.mark.numerics
+def test_gradient_checkpointing_and_compile_under_fsdp(no_dropout_model, one_process, eli5_like, tmp_path):
+    """--gradient-checkpointing under DDP and FSDP makes the one-process run's updates (the recomputed layers are
+    the same sums); --compile under FSDP, each layer compiled before it is sharded, trains close to it (inductor
+    sums in its own order)."""
+    common = [*_common(no_dropout_model, eli5_like, tmp_path / "cache"), "--batch-size", "3",
+              "--gradient-checkpointing", "--general-eval", "none", "--cloze-words", "none"]
+    m1 = json.loads((one_process / "metrics.json").read_text())
+    _torchrun([*common, "--output-dir", str(tmp_path / "ddp")], tmp_path)
+    _assert_same_updates(one_process, tmp_path / "ddp")
+    compiled = _torchrun([*common, "--fsdp", "--compile", "--output-dir", str(tmp_path / "fsdp")], tmp_path)
+    assert "2 processes (FSDP)" in compiled.stderr
+    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    moved = m1["eval_loss_before"] - m1["eval_loss_after"]
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
+    assert abs(m2["eval_loss_after"] - m1["eval_loss_after"]) < 0.05 * moved
+    assert m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]

@@ -24,7 +24,11 @@ def test_gpu_benchmark_smoke(tmp_path):
     result = json.loads((tmp_path / "gpu_smoke.json").read_text())
     assert result["machine"]["cpu_class"] and result["machine"]["date"]  # every figure names its machine
     assert [r["variant"] for r in result["rows"]] == ["Trainer fp32 (the guide as written)", "Trainer bf16=True",
-                                                      "mlmtune"]
+                                                      "mlmtune", "mlmtune --gradient-checkpointing",
+                                                      "mlmtune --attn-implementation eager"]
+    # the GPU checks ran (on a CPU: the variants train alike, no MFU, fill's auto precision is fp32) and passed
+    assert result["checks"] and all(result["checks"].values())
+    assert "batch 2: mlmtune --gradient-checkpointing trains the steps of mlmtune" in result["checks"]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     # both sides timed alike, on full batches only, with the block size given to both
     assert result["block"] == 128 and result["timing"].startswith("median interval between step ends")

@@ -4,6 +4,7 @@ uninterrupted run with the same seed ends."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -213,14 +214,24 @@ def test_real_write_failure_keeps_the_last_good_checkpoint(tiny_model_dir, confi
 
 
 @pytest.mark.numerics
-def test_the_global_batch_may_be_split_otherwise_on_resume_but_not_changed(configs, tmp_path, reference_run,
+def test_the_global_batch_may_be_split_otherwise_on_resume_but_not_changed(configs, tmp_path, tiny_model_dir,
                                                                           monkeypatch):
     """The reference trains 4 blocks a step (4 per process x 1 x 1). Resumed at step 4 as 2 blocks x 2
     accumulation, each step trains on the same blocks with the same masks: it ends on the reference up to the order
     of fp32 sums (RESUMED_BOUND), where one token masked otherwise does not. Resumed with 2 blocks a step, it is
-    refused in one line that names both."""
+    refused in one line that names both. The model has no dropout: dropout draws per forward pass, so two passes
+    of 2 blocks draw other numbers than one of 4 (as other processes do, see test_distributed)."""
+    from conftest import Reference
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer, RobertaForMaskedLM
 
+    model = tmp_path / "no-dropout"
+    RobertaForMaskedLM.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model)
+    configs = functools.partial(configs, model=str(model))
+    ref = train(configs(tmp_path / "reference"), progress=False)
+    reference_run = Reference(ref.output_dir, ref.metrics, load_file(str(ref.output_dir / "model.safetensors")))
     start = load_file(str(reference_run.checkpoint(4) / "model.safetensors"))
     out = reference_run.copy_up_to(4, tmp_path / "split")
     train(configs(out, batch_size=2, gradient_accumulation_steps=2, resume=True), progress=False)

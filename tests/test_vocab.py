@@ -58,7 +58,8 @@ def made_up(tmp_path_factory, tiny_model_dir, configs):
     RobertaForMaskedLM(RobertaConfig(
         vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
         max_position_embeddings=66, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, type_vocab_size=1)).save_pretrained(root / "start")
+        eos_token_id=tok.eos_token_id, type_vocab_size=1, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).save_pretrained(root / "start")  # no dropout: learned in 2000 steps
     tok.save_pretrained(root / "start")
     words = made_up_words()
     (root / "corpus.txt").write_text("\n".join(_corpus(words)))

@@ -1,7 +1,9 @@
 """Checkpoints under OUTPUT_DIR/checkpoints: written whole or not at all, found again for --resume.
 
 A checkpoint is a folder `step-0000123` holding the weights (safetensors), the optimizer state
-and `state.json` (step, history, the config it was made with). It is written under a temporary
+and `state.json` (step, history, the config it was made with); under --fsdp the weights and optimizer state
+are each rank's shards instead (`dcp/`, torch.distributed.checkpoint), checked on every rank before the
+collective load (`check_shards`). It is written under a temporary
 name and renamed when complete, so a folder with the final name is always whole; leftovers of an
 interrupted save are ignored and cleaned up. The final model folder is written the same way
 (`write_final`). The learning rate is a function of the step (`schedule.learning_rate_at`), so
@@ -162,6 +164,110 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, state: Train
     return final
 
 
+SHARDS = "dcp"  # under --fsdp a checkpoint's weights and optimizer state: each rank's shards (DCP), in this subfolder
+
+
+def save_sharded_checkpoint(output_dir: Path, d: Dist, write_shards: Callable[[Path], Any], state: TrainState,
+                            keep: int) -> PendingSave:
+    """--fsdp: every rank writes its shards (`write_shards(folder)`, torch.distributed.checkpoint) into a temporary
+    folder whose name all ranks know; `PendingSave.finish` then has rank 0 add the loop state and rename it into
+    place once every rank has written. Nothing is gathered, so no rank needs the whole model's memory. Every rank
+    joins. `write_shards` may return a future (DCP's async_save: the shards were copied to host memory, the files
+    are written in the background while training goes on), which `finish` waits for.
+
+    Raises:
+        MlmtuneError: on every rank, when the write failed on any; earlier checkpoints are untouched.
+    """
+    root = checkpoints_dir(output_dir)
+    pending = PendingSave(output_dir, d, root / f"step-{state.step:07d}", json.dumps(state.__dict__, indent=1), keep)
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+        pending.tmp.mkdir()
+
+    try:
+        distributed.main_first(d, lambda: _guard_write(prepare, root) if d.main else None)
+        pending.handle = distributed.agree(d, lambda: write_shards(pending.tmp / SHARDS), "writing the shards failed")
+    except MlmtuneError as e:
+        raise pending.failed(e) from None
+    return pending
+
+
+class PendingSave:
+    """A sharded checkpoint on its way: its shards written (or being written in the background); `finish`
+    publishes it."""
+
+    def __init__(self, output_dir: Path, d: Dist, final: Path, state_json: str, keep: int):
+        self.output_dir, self.d, self.final, self.state_json, self.keep = output_dir, d, final, state_json, keep
+        self.tmp = final.parent / f".tmp-{final.name}-shards"  # one name for every rank (a partial save if left)
+        self.handle: Any = None  # async_save's future, or None when the shards are already written
+
+    def failed(self, e: MlmtuneError) -> MlmtuneError:
+        if self.d.main:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        previous = list_checkpoints(self.output_dir)
+        kept = f"the last good checkpoint is {previous[-1]}" if previous else "no earlier checkpoint exists"
+        return MlmtuneError(f"saving checkpoint {self.final.name} failed ({e}); {kept}")
+
+    def finish(self) -> Path:
+        """Every rank: wait for its shards, agree that all were written, then rank 0 writes the state and renames
+        the folder into place (and drops the checkpoints beyond `keep`)."""
+        d, final, tmp = self.d, self.final, self.tmp
+
+        def publish() -> None:
+            (tmp / STATE_FILE).write_text(self.state_json)
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+
+        try:
+            if self.handle is not None:
+                distributed.agree(d, self.handle.result, "writing the shards failed")
+            distributed.main_first(d, lambda: _guard_write(publish, final.parent) if d.main else None)
+        except MlmtuneError as e:
+            raise self.failed(e) from None
+        if d.main:
+            for old in list_checkpoints(self.output_dir)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def _guard_write(fn: Callable[[], None], folder: Path) -> None:
+    try:
+        fn()
+    except WRITE_ERRORS as e:
+        raise MlmtuneError(write_error(e, folder)) from None
+
+
+def check_shards(folder: Path) -> None:
+    """A sharded checkpoint is whole: its `.metadata` reads, and every file it names is there, at least as long as
+    the last byte it points to. Run on every rank before the collective load, so that a missing or truncated shard
+    is an error on all ranks rather than a rank that never joins.
+
+    Raises:
+        MlmtuneError: what is missing or short.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (folder / ".metadata").is_file():
+        raise MlmtuneError(f"{folder}/.metadata is missing")
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # a pickle of its own: any error is a damaged file
+        raise MlmtuneError(f"{folder}/.metadata cannot be read ({type(e).__name__})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise MlmtuneError(f"shard {path} is missing")
+        if path.stat().st_size < size:
+            raise MlmtuneError(f"shard {path} is truncated ({path.stat().st_size:,} of {size:,} bytes)")
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush the files of a folder (and of its subfolders) to disk before it is renamed into place."""
     for f in folder.iterdir():
@@ -272,17 +378,24 @@ def resume_latest(output_dir: Path, config: dict[str, Any], restore: Callable[[P
     if d.main:
         remove_partial_saves(output_dir)
     offers = _offers(candidates, config, d.world) if d.main else None
+
+    def next_offer():
+        offer = next(offers)
+        if offer is None and candidates:  # raised on every rank (from_main): none goes on alone from step 0
+            raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in "
+                               f"{checkpoints_dir(output_dir)} can be read; start again in another --output-dir")
+        return offer
+
     while True:
-        offer = distributed.from_main(d, lambda: next(offers))  # (path, state), or None: nothing (left) to read
+        offer = distributed.from_main(d, next_offer)  # (path, state), or None: no checkpoint
         if offer is None:
-            if d.main and candidates:
-                raise MlmtuneError(f"--resume: none of the {len(candidates)} checkpoints in "
-                                   f"{checkpoints_dir(output_dir)} can be read; start again in another --output-dir")
             return None
         path, state = offer
         try:
             restore(path, state)
             ok = ""
+        except MlmtuneError as e:  # the engine's own agreement (`distributed.agree`): said alike on every rank
+            ok = str(e)
         except Exception as e:  # safetensors, pickle and torch each have their own error types for a bad file
             ok = type(e).__name__
         failed = distributed.gather_strings(d, ok)

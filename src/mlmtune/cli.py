@@ -290,7 +290,7 @@ def cmd_score(args) -> int:
         texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments, one per line on stdin, or --dataset")
-    scorer = Scorer.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device)
+    scorer = Scorer.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device, precision=cfg.precision)
     encodings = scorer.encode(texts, truncate=bool(cfg.data.dataset))
     cut = sum(len(enc["input_ids"]) == scorer.max_length for enc in encodings)
     if cfg.data.dataset and cut:

@@ -23,6 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_PRECISIONS = ("train", "fp32")
 REPORT_TO = ("none", "tensorboard")
 BACKENDS = ("torch", "keras")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 MASKING = ("token", "whole-word", "span")  # the schemes of masking.py
 DEFAULT_TEST_SIZE = 0.2
 PROBE_METHODS = ("linear", "finetune")
@@ -290,12 +291,20 @@ class TrainConfig:
     its LOCAL_RANK GPU. The quickstart's fills use it too."""
     compile: bool = False
     """torch.compile the encoder (the gather and the head at the masked positions stay eager: their sizes change
-    every batch). On a GPU it fuses the encoder's elementwise work (LayerNorm, GELU, dropout, residual adds); the
-    first steps pay the compile time. Off by default: it did not pay on a CPU, and it is not measured on a GPU yet."""
+    every batch; with --fsdp each encoder layer, before it is sharded). On a GPU it fuses the encoder's elementwise
+    work (LayerNorm, GELU, dropout, residual adds); the first steps pay the compile time. Off by default: it did not
+    pay on a CPU, and it is not measured on a GPU yet (benchmarks/gpu.py measures it)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing: each encoder layer's activations are recomputed in the backward pass instead of
+    kept (transformers' gradient_checkpointing_enable, non-reentrant), for long blocks that do not fit otherwise;
+    about a third more compute per step, the same loss. Works with DDP and --fsdp."""
+    attn_implementation: str | None = None
+    """The attention kernels: sdpa, eager, flash_attention_2 or flash_attention_3 (where installed), passed to
+    from_pretrained (default: transformers' choice for the model)."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the processes of a torchrun / accelerate job (FSDP2's
-    fully_shard, one unit per encoder layer), for encoders that do not fit on one GPU. Checkpoints and the output
-    stay ordinary full files."""
+    fully_shard, one unit per encoder layer), for encoders that do not fit on one GPU. Checkpoints are each rank's
+    shards (torch.distributed.checkpoint, written in the background); the output is an ordinary model folder."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms): on a GPU a resumed run then ends
     bit-identical to an uninterrupted one (attention's fused backward and other atomic adds otherwise sum in a
@@ -356,7 +365,11 @@ class TrainConfig:
         _require(self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         _require(self.backend == "torch" or not (self.compile or self.deterministic or self.fsdp or self.device),
                  "--device, --compile, --fsdp and --deterministic are options of --backend torch")
-        _require(not (self.fsdp and self.compile), "--fsdp with --compile is not supported yet; drop one of them")
+        _require(self.attn_implementation is None or self.attn_implementation in ATTN_IMPLEMENTATIONS,
+                 f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                 f"got {self.attn_implementation!r}")
+        _require(self.backend == "torch" or not (self.gradient_checkpointing or self.attn_implementation),
+                 "--gradient-checkpointing and --attn-implementation are options of --backend torch")
         _require(not (self.fsdp and self.precision == "fp16"), "--fsdp with --precision fp16 is not supported yet "
                  "(its gradient scaler is not shared over the shards); use bf16 or fp32")
         _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "

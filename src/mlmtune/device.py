@@ -65,6 +65,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
+def inference_precision(choice: str, device: torch.device) -> str:
+    """fill, score and serve `--precision`: auto is bf16 on a CUDA GPU that runs it fast (Ampere and newer), fp32
+    elsewhere (a CPU's results stay the pipeline's); fp32, bf16 and fp16 are taken as given."""
+    if choice != "auto":
+        return choice
+    return "bf16" if device.type == "cuda" and fast_bf16(device) else "fp32"
+
+
 # fill and serve --precision: the dtype the weights are cast to
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

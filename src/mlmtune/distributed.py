@@ -26,18 +26,21 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mlmtune.errors import MlmtuneError, speak_as
-from mlmtune.forward import MaskedLMLoss, encoder_layers
+from mlmtune.forward import COMPILE_BACKEND, MaskedLMLoss, encoder_layers
 
 T = TypeVar("T")
 
@@ -259,6 +262,21 @@ def from_main(d: Dist, fn: Callable[[], T]) -> T:
     return value
 
 
+def agree(d: Dist, fn: Callable[[], T], what: str) -> T:
+    """`fn()` on every rank, then agreement before any collective that needs its result: when it raised on any rank,
+    an MlmtuneError naming the ranks and their reasons is raised on every rank (no rank goes on to a collective the
+    others never join, which would wait for COLLECTIVE_TIMEOUT)."""
+    try:
+        result, mine = fn(), ""
+    except Exception as e:  # safetensors, pickle, torch and the OS each have their own error types for a bad file
+        result, mine = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    failed = [(rank, why) for rank, why in enumerate(gather_strings(d, mine)) if why]
+    if failed:
+        where = "" if not d.enabled else f" on rank(s) {', '.join(str(r) for r, _ in failed)}"
+        raise MlmtuneError(f"{what}{where}: {failed[0][1]}")
+    return result
+
+
 def gather_strings(d: Dist, mine: str) -> list[str]:
     """Each rank's string, in rank order, on every rank."""
     if not d.enabled:
@@ -322,17 +340,22 @@ class FSDP:
 
     One unit per encoder layer (its weights are gathered just before it runs and freed after), and the
     rest, the embeddings and the head tied to them, in the root: the training forward, `MaskedLMLoss`,
-    which evaluation also runs through. Checkpoints and the output stay the ordinary full files: rank 0
-    gathers the full weights into a CPU copy of the model to write them (so rank 0 needs the model's
-    size in host memory), and on --resume every rank reads the files and keeps its shard.
+    which evaluation also runs through. Checkpoints are each rank's shards (`save_shards`, DCP); the output
+    stays an ordinary model folder: rank 0 gathers the full weights into a CPU copy of the model to write it
+    (so rank 0 needs the model's size in host memory).
     """
 
     def __init__(self, d: Dist, model: torch.nn.Module):
         """Call while the model is still on the CPU: rank 0's copy for writing is taken here."""
         self.d, self.model, self.nodes, self.param_dtype = d, model, 1, None
         self.copy = copy.deepcopy(model) if d.main else None
+        # async checkpoints' own gloo group (every rank creates it, in the same order): their background thread's
+        # collectives never interleave with the training loop's
+        self.save_group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+                           if d.enabled and hasattr(dcp, "async_save") else None)
 
-    def shard(self, device: torch.device | None = None, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    def shard(self, device: torch.device | None = None, param_dtype: torch.dtype | None = None,
+              compile_layers: bool = False) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward. On several
         nodes the mesh is 2-D: the shards stay within a node and are replicated across nodes (HSDP), so no
         gather crosses the slow links; the gradients are averaged across nodes once per step.
@@ -341,6 +364,8 @@ class FSDP:
             param_dtype: gather the weights in this dtype for the forward and backward (bf16: half the all-gather
                 traffic and memory; FSDP2's `MixedPrecisionPolicy`), the gradients reduced in fp32 and the shards,
                 which the optimizer updates, kept fp32. None: gathered as they are (fp32).
+            compile_layers: (--compile) each encoder layer is compiled before it is sharded, the way torch
+                documents for FSDP2 (the all-gathers and reduce-scatters stay in FSDP's hooks, outside the graphs).
         """
         mesh = hybrid_mesh(self.d, device or torch.device("cpu"))
         self.nodes = 1 if mesh is None else mesh.size(0)
@@ -349,6 +374,8 @@ class FSDP:
         if param_dtype is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in encoder_layers(self.model):
+            if compile_layers:
+                layer.compile(backend=COMPILE_BACKEND)
             fully_shard(layer, **kwargs)
         return fully_shard(MaskedLMLoss(self.model), **kwargs)
 
@@ -365,6 +392,29 @@ class FSDP:
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
         return FullOptimizerState(self.model, optimizer)
+
+    def save_shards(self, optimizer: torch.optim.Optimizer, folder: Path):
+        """Every rank writes its own shards of the weights and of AdamW's state into `folder`
+        (torch.distributed.checkpoint: one file per rank and a `.metadata`); nothing is gathered.
+
+        Asynchronous where torch has `async_save`: the shards are copied to host memory here, and written by a
+        background thread (its collectives on a gloo group of their own, `save_group`) while the next steps train;
+        returns its future. Else written before it returns (None)."""
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if self.save_group is None:
+            dcp.save(state, checkpoint_id=str(folder))
+            return None
+        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=self.save_group)
+        return getattr(response, "upload_completion", response)  # newer torch: a response holding the future
+
+    def load_shards(self, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """A checkpoint of `save_shards` back into this rank's shards (resharded if the ranks changed). A collective:
+        check the files first on every rank (`checkpoint.check_shards`, `agree`)."""
+        model_state, optimizer_state = get_state_dict(self.model, optimizer)  # the shapes and shards to fill
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def hybrid_mesh(d: Dist, device: torch.device):

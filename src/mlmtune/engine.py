@@ -5,6 +5,7 @@ of each step, evaluation, checkpoints, metrics, the output folder) is `train.py`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +67,9 @@ class Engine(Protocol):
 
     def eval_model(self) -> torch.nn.Module:
         """The PyTorch model (or sharded root) that evaluation runs, holding the current weights."""
+
+    def shard_writer(self, state: ckpt.TrainState) -> Callable[[Path], None] | None:
+        """What writes this rank's shards of a sharded checkpoint (--fsdp), or None for full files."""
 
     def checkpoint(self, state: ckpt.TrainState) -> tuple[torch.nn.Module | None, dict]:
         """The full model (rank 0; None elsewhere) and the optimizer state to write; every rank calls it."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlmtune.device import WEIGHT_DTYPES, resolve_device
+from mlmtune.device import WEIGHT_DTYPES, inference_precision, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
 from mlmtune.forward import logits_where, pad_rows
@@ -59,10 +59,12 @@ class FillMask:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 32, device: str | torch.device | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "auto"):
         """`precision`: fp32 gives the pipeline's scores (to float32 precision); bf16 or fp16 casts the weights
-        (half the memory, faster on a GPU; softmax and top-k still run in fp32 on the cast logits)."""
+        (half the memory, faster on a GPU; softmax and top-k still run in fp32 on the cast logits); auto is bf16
+        on a GPU that runs it fast, else fp32 (`device.inference_precision`)."""
         self.device = resolve_device(device)
+        precision = inference_precision(precision, self.device)
         self.model = model.to(self.device, dtype=WEIGHT_DTYPES[precision]).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -72,7 +74,7 @@ class FillMask:
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False,
-                        device: str | torch.device | None = None, precision: str = "fp32") -> FillMask:
+                        device: str | torch.device | None = None, precision: str = "auto") -> FillMask:
         t0 = time.perf_counter()
         model, tokenizer = load_model(name, safetensors_only=safetensors_only)
         filler = cls(model, tokenizer, batch_size=batch_size, device=device, precision=precision)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from mlmtune.config import DEFAULT_MODEL, DataConfig
 from mlmtune.errors import MlmtuneError
 
-FILL_PRECISIONS = ("fp32", "bf16", "fp16")
+FILL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 
 def _require(condition: bool, message: str) -> None:
@@ -47,9 +48,10 @@ class FillConfig:
     """Texts per forward pass."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
-    precision: str = "fp32"
-    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
-    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that runs it fast, Ampere and newer; else fp32), fp32 (scores equal the pipeline's), or
+    bf16 / fp16: the weights cast for half the memory and faster GPU passes; scores then differ from the
+    pipeline's in the third digit, and near-ties may swap."""
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
@@ -84,8 +86,12 @@ class ScoreConfig:
     """Masked copies per forward pass."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that runs it fast, Ampere and newer; else fp32), fp32, bf16 or fp16: the weights cast;
+    log-probabilities are taken in fp32 from the cast logits (bf16 moves a text's score in the third digit)."""
 
     def __post_init__(self):
+        _check_fill_precision(self.precision)
         _require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
                  f"got {self.metric!r}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
@@ -104,9 +110,10 @@ class ServeConfig:
     """Port to bind; 0 picks a free one (the server prints it)."""
     device: str | None = None
     """cpu, cuda or cuda:N (default: the GPU when there is one)."""
-    precision: str = "fp32"
-    """fp32 (scores equal the pipeline's), or bf16 / fp16: the weights cast for half the memory and faster GPU
-    passes; scores then differ from the pipeline's in the third digit, and near-ties may swap."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that runs it fast, Ampere and newer; else fp32), fp32 (scores equal the pipeline's), or
+    bf16 / fp16: the weights cast for half the memory and faster GPU passes; scores then differ from the
+    pipeline's in the third digit, and near-ties may swap."""
     max_batch: int = 32
     """Most texts in one forward pass (1 turns batching off)."""
     batch_window_ms: float = 5.0

@@ -110,7 +110,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(name: str, safetensors_only: bool = False,
-               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model with a masked-LM head, and its tokenizer, its weights in fp32.
 
     transformers 5 loads a model in the dtype its config declares (EuroBERT's says bfloat16): training would then
@@ -123,6 +124,7 @@ def load_model(name: str, safetensors_only: bool = False,
             `builtin:all-minilm-l6-v2`.
         safetensors_only: refuse pickle weights (`pytorch_model.bin`), as a server should.
         dtype: the weights' dtype (fp32: the master weights that training and evaluation need).
+        attn_implementation: sdpa, eager, flash_attention_2, ... (None: transformers' choice).
 
     Returns:
         (model, tokenizer), the model in eval mode on the CPU.
@@ -136,8 +138,17 @@ def load_model(name: str, safetensors_only: bool = False,
     if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
         raise MlmtuneError(f"the tokenizer of {name} has no mask token, so it cannot do masked-LM")
     with _quiet_transformers():
-        model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
-                                       use_safetensors=True if safetensors_only else None, dtype=dtype)
+        try:
+            model, info = _from_pretrained(AutoModelForMaskedLM, path, local, "model", output_loading_info=True,
+                                           use_safetensors=True if safetensors_only else None, dtype=dtype,
+                                           attn_implementation=attn_implementation)
+        except ImportError as e:  # flash_attention_2 without the flash-attn package, and the like
+            raise MlmtuneError(f"--attn-implementation {attn_implementation}: {str(e).splitlines()[0]}") from None
+        except MlmtuneError as e:
+            if attn_implementation and attn_implementation in str(e):  # transformers' "does not support ..."
+                raise MlmtuneError(f"--attn-implementation {attn_implementation} is not available for {name}: "
+                                   f"{str(e).split(': ', 1)[-1]}") from None
+            raise
     # the weights the folder did not have were initialised here: a new head (see `has_new_head`)
     model.mlmtune_new_weights = sorted(info.get("missing_keys", ()))
     check_vocabulary(model, tokenizer, name)

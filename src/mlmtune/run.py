@@ -86,7 +86,7 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
         device: where rank 0 scores the tokenizer-free figures before the vocabulary grows.
     """
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mlmtune.device import resolve_device
+from mlmtune.device import WEIGHT_DTYPES, inference_precision, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at_positions, pad_rows
 from mlmtune.model import load_model, max_positions
@@ -95,9 +95,13 @@ class Scorer:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, device: str | torch.device | None = None,
-                 vocab: int | None = None):
+                 vocab: int | None = None, precision: str | None = None):
+        """`precision`: None scores the model in the dtype it has (the training run's model, the server's
+        filler's); auto, fp32, bf16 or fp16 cast its weights (`device.inference_precision`)."""
         self.device = resolve_device(device)
         self.vocab = vocab  # score over the first `vocab` rows only: the model as it was before its vocabulary grew
+        if precision is not None:
+            model = model.to(dtype=WEIGHT_DTYPES[inference_precision(precision, self.device)])
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -107,9 +111,9 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 64, device: str | torch.device | None = None,
-                        safetensors_only: bool = False) -> Scorer:
+                        safetensors_only: bool = False, precision: str = "auto") -> Scorer:
         model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        return cls(model, tokenizer, batch_size=batch_size, device=device)
+        return cls(model, tokenizer, batch_size=batch_size, device=device, precision=precision)
 
     def encode(self, texts: list[str], truncate: bool = False) -> list:
         """Tokenize and check each text: not empty, not longer than the model takes (or, with `truncate`, cut to

@@ -135,19 +135,28 @@ class TorchEngine:
     def attach(self, model) -> None:
         self.model = model
         self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.fsdp else None  # rank 0's CPU copy, for writing
+        if self.cfg.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
+            if not model.supports_gradient_checkpointing:
+                raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+            # non-reentrant: works with DDP's and FSDP's hooks, with frozen inputs, and replays dropout's RNG
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # load_model hands the model over in eval mode: the steps train it with dropout (and with the checkpointing
+        # above, which transformers applies only in training mode); evaluations switch to eval mode and back
+        model.train()
         model.to(self.device)
         distributed.broadcast_parameters(self.dist, model)  # a new head is random: every rank starts from rank 0's
 
     def start(self, cfg: TrainConfig, tokenizer) -> None:
         self.cfg = cfg
-        if cfg.compile:  # after the budget's probe, which times eager steps on a copy
+        if cfg.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
             compile_encoder(self.model)
         self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
         # bf16 training gathers bf16 weights (FSDP2's policy is fixed per module, so evaluation runs on them too:
         # with --eval-precision fp32 the shards are gathered in fp32 and autocast casts them, as before)
         bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.eval_precision != "fp32"
-        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None) if self.fsdp
-                     else None)  # before the optimizer: it holds the shards
+        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None,
+                                     compile_layers=cfg.compile)
+                     if self.fsdp else None)  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
                                            fused=True)
@@ -172,9 +181,30 @@ class TorchEngine:
         return f"Training precision: {self.precision_.describe()}; evaluation {evaluation}{ranks}"
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
-        ckpt.load_weights(path, self.fsdp or self.model)
-        self.full_optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+        """A checkpoint into the engine. Under FSDP loading is a collective: every rank first checks (the shards) or
+        reads (full files) on its own and the ranks agree (`distributed.agree`), so a rank that cannot read fails
+        all of them at once instead of leaving the others in the collective until its timeout."""
+        if self.fsdp and (path / ckpt.SHARDS).is_dir():
+            distributed.agree(self.dist, lambda: ckpt.check_shards(path / ckpt.SHARDS), "a shard cannot be read")
+            self.fsdp.load_shards(self.optimizer, path / ckpt.SHARDS)
+        elif self.fsdp:  # full files, as checkpoints under --fsdp were written before the shards
+            weights, optimizer = distributed.agree(
+                self.dist, lambda: (ckpt.load_file(path / "model.safetensors"), ckpt.load_optimizer_state(path)),
+                "the checkpoint cannot be read")
+            self.fsdp.load_full_state_dict(weights)
+            self.full_optimizer.load_state_dict(optimizer)
+        else:
+            ckpt.load_weights(path, self.model)
+            self.full_optimizer.load_state_dict(ckpt.load_optimizer_state(path))
         self.precision_.resume(state)
+
+    def shard_writer(self, state: ckpt.TrainState):
+        """Under FSDP, what writes this rank's shards of a checkpoint (`checkpoint.save_sharded_checkpoint`); else
+        None: rank 0 writes full files."""
+        if not self.fsdp:
+            return None
+        state.grad_scaler = self.precision_.scaler_state()
+        return lambda folder: self.fsdp.save_shards(self.optimizer, folder)
 
     def set_phase(self, head_only: bool) -> None:
         freeze_encoder(self.model, head_only, self.cfg.freeze_layers)

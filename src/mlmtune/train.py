@@ -40,6 +40,7 @@ from mlmtune.perplexity import EvalResult
 from mlmtune.run import Run, load_run
 from mlmtune.schedule import learning_rate_at, step_plan
 from mlmtune.stopping import LeftEarly, Stop, StopNow, Vote
+from mlmtune.throughput import device_figures, flops_per_token, log_figures
 
 __all__ = ["TrainResult", "train"]
 
@@ -207,6 +208,8 @@ class Loop:
                         dynamic_ncols=True)
         self.my_tokens = 0  # what this rank trained on in this process (shows every rank took part)
         self.replanner = Replanner(state.budget, engine.dist, engine.sync, engine.device)
+        self.pending: ckpt.PendingSave | None = None  # a sharded checkpoint written in the background
+        self.flops = flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability)  # for the MFU
 
     def train(self) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -238,6 +241,7 @@ class Loop:
                                                           self.run.masker, state.step, engine.dist, self.progress),
                                       state.step, self.total, pin_memory=engine.pin_memory)
             self.vote.close()
+            self.finish_save()  # the last checkpoint is on disk before the run goes on to write its output
         except KeyboardInterrupt:
             self.bar.close()
             self.window.count_time()
@@ -304,7 +308,8 @@ class Loop:
         if log_step:  # the one host sync (and, on several ranks, the one collective) of the window
             mean, tokens_per_second = self.window.flush(engine.dist, engine.device)
             state.train_loss.append({"step": state.step, "loss": mean})
-            self.bar.set_postfix(loss=f"{mean:.4f}")
+            self.bar.set_postfix(loss=f"{mean:.4f}", **log_figures(engine.device, engine.precision, self.flops,
+                                                                    tokens_per_second, engine.dist.world))
             self.dash.train(state.step, mean, learning_rate_at(cfg, self.total, state.step), tokens_per_second)
         epoch_end = state.step % self.steps_per_epoch == 0
         save = state.step % self.save_every == 0 or last
@@ -314,7 +319,7 @@ class Loop:
             if epoch_end or last:
                 self.record_eval(self.evaluate(f"Eval (step {state.step})"))
             if save:
-                self.save()
+                self.save(wait=False)  # under FSDP written while the next steps train
         if self.on_step is not None:
             self.on_step(state.step, seconds)
         return self.vote.stop_now(stop.requested.is_set())
@@ -328,18 +333,32 @@ class Loop:
             saved = f"; checkpoint saved in {self.save()}, continue with --resume" if self.state.step else ""
             raise MlmtuneError(f"{e}{saved}") from None
 
-    def save(self) -> Path:
-        """Rank 0 writes the checkpoint; every rank takes part in gathering what it holds (under FSDP). A step
-        saved already (a stop asked for right after a save) is not written again: every rank knows it alike."""
-        where = ckpt.checkpoints_dir(Path(self.cfg.output_dir)) / f"step-{self.state.step:07d}"
+    def save(self, wait: bool = True) -> Path:
+        """Rank 0 writes the checkpoint; under FSDP every rank writes its own shards (nothing is gathered), in the
+        background unless `wait`: the previous one is published first (`finish_save`). A step saved already (a stop
+        asked for right after a save) is not written again: every rank knows it alike."""
+        out = Path(self.cfg.output_dir)
+        where = ckpt.checkpoints_dir(out) / f"step-{self.state.step:07d}"
         if self.saved_at == self.state.step:
+            if wait:
+                self.finish_save()
             return where
+        self.saved_at = self.state.step
+        write_shards = self.engine.shard_writer(self.state)
+        if write_shards is not None:
+            self.finish_save()
+            self.pending = ckpt.save_sharded_checkpoint(out, self.engine.dist, write_shards, self.state,
+                                                        self.cfg.save_total_limit)
+            return self.finish_save() if wait else self.pending.final
         model, optimizer_state = self.engine.checkpoint(self.state)
         if self.engine.dist.main:
-            where = ckpt.save_checkpoint(Path(self.cfg.output_dir), model, optimizer_state, self.state,
-                                         self.cfg.save_total_limit)
-        self.saved_at = self.state.step
+            return ckpt.save_checkpoint(out, model, optimizer_state, self.state, self.cfg.save_total_limit)
         return where
+
+    def finish_save(self) -> Path | None:
+        """Publish the sharded checkpoint still being written, if any (every rank)."""
+        pending, self.pending = self.pending, None
+        return pending.finish() if pending is not None else None
 
     def record_eval(self, result: EvalResult | None) -> None:
         if result is None:
@@ -367,6 +386,8 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     scored = {m.name: m.score(engine.eval_model(), f"{m.name.capitalize()} (after)") for m in checks
               if not m.on_main}
     full_model = engine.output_model()  # under FSDP every rank takes part in gathering it
+    if full_model is not None:
+        full_model.eval()  # training is over: the checks below and the saved model run without dropout
     metrics = {
         **run_metrics(cfg, run, state, after),
         "world_size": d.world,
@@ -378,6 +399,10 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
         **engine.metrics(),
     }
+    # MFU on a CUDA device of known peak, peak memory (a CPU's: the process's resident memory, labelled so)
+    metrics.update(device_figures(engine.device, engine.precision,
+                                  flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability),
+                                  metrics["train_tokens_per_second"], d.world))
     metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
                                                                distributed.replica_groups(d, run.model))
     if metrics["rank_weights_disagree"]:

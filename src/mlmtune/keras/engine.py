@@ -234,6 +234,9 @@ class KerasEngine:
         keras_to_hf(self.model, self.hf_model)
         return self.hf_model
 
+    def shard_writer(self, state: ckpt.TrainState) -> None:
+        return None  # one process: full files
+
     def checkpoint(self, state: ckpt.TrainState) -> tuple[torch.nn.Module, dict]:
         return self.eval_model(), self.opt_state.state_dict()
 
