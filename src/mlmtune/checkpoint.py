@@ -92,6 +92,7 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
     grad_scaler: dict[str, Any] | None = None  # fp16's loss scale and growth tracker
     world_size: int | None = None  # processes that trained it (None: a checkpoint from before this was kept)
+    trackers: dict[str, str] = field(default_factory=dict)  # --report-to's runs (mlflow: its run id), to continue
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
