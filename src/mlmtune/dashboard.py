@@ -8,7 +8,6 @@ the run trains on: a dashboard is never worth the run. A missing package is foun
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ def require(report_to: str) -> None:
 
 def _importable(module: str) -> bool:
     try:
-        importlib.import_module(module)
+        __import__(module)  # an import statement's way, which sees what replaces builtins.__import__
     except ImportError:
         return False
     return True
