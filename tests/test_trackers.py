@@ -195,3 +195,16 @@ def test_a_tracker_not_installed_is_named_before_any_work(configs, tmp_path):
                        env=env, timeout=300)
     assert p.returncode == 1
     assert "error  --report-to trackio needs the trackio package: pip install 'mlmtune[trackio]'" in p.stdout
+
+
+def test_a_config_file_may_list_the_trackers_as_the_trainer_yaml_does(tmp_path):
+    from mlmtune.config import TrainConfig, report_targets
+    from mlmtune.options import load_config_file, resolve
+
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: notes.txt\nreport_to: [tensorboard, mlflow]\n")
+    cfg = resolve(TrainConfig, load_config_file(path), {})
+    assert report_targets(cfg.report_to) == ("tensorboard", "mlflow")
+    path.write_text("dataset: notes.txt\nreport_to: [none, mlflow]\n")
+    with pytest.raises(MlmtuneError, match="--report-to none reports nowhere"):
+        resolve(TrainConfig, load_config_file(path), {})
