@@ -208,3 +208,34 @@ def test_a_config_file_may_list_the_trackers_as_the_trainer_yaml_does(tmp_path):
     path.write_text("dataset: notes.txt\nreport_to: [none, mlflow]\n")
     with pytest.raises(MlmtuneError, match="--report-to none reports nowhere"):
         resolve(TrainConfig, load_config_file(path), {})
+
+
+def test_an_mlflow_server_that_does_not_answer_is_a_warning_not_a_failed_run(configs, tmp_path, monkeypatch, capsys):
+    """A real MLflow client against a port nobody listens on (retries off, so that the test does not wait)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    out = tmp_path / "run"
+    m = train(configs(out, report_to="mlflow", max_steps=2, save_steps=2), progress=False).metrics
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --report-to")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --report-to mlflow: cannot start a run (")
+    assert warnings[0].endswith("; training goes on without it")
+    assert m["train_steps"] == 2 and (out / "metrics.json").is_file()
+    assert not (out / "mlflow.db").exists()  # the store named is the server, not a local default
+
+
+def test_mlflow_skinny_alone_is_told_to_install_mlflow_unless_a_store_is_named(monkeypatch):
+    from mlmtune.dashboard import missing
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # what mlflow-skinny lacks
+    assert missing("tensorboard,mlflow") == [
+        "--report-to mlflow needs the mlflow package: pip install 'mlmtune[mlflow]' (mlflow-skinny alone has no "
+        "SQLite store: install mlflow, or set MLFLOW_TRACKING_URI)"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert missing("tensorboard,mlflow") == []
