@@ -25,6 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # the block cache of the test session lives in its own folder, never in the user's ~/.cache
 os.environ["MLMTUNE_CACHE"] = tempfile.mkdtemp(prefix="mlmtune-test-cache-")
+# and trackio's store (`--report-to trackio`) too: trackio reads the variable once, when it is first imported
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="mlmtune-test-trackio-")
 
 TINY_BLOCK = 32
 

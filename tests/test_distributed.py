@@ -123,7 +123,8 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     model; rank 1's empty share of the epoch's tail runs a block without labels, so that DDP's collectives
     still match."""
     common = _common(no_dropout_model, eli5_like, tmp_path / "cache")
-    two = _torchrun([*common, *task, "--batch-size", "3", "--output-dir", str(tmp_path / "two")], tmp_path)
+    two = _torchrun([*common, *task, "--batch-size", "3", "--output-dir", str(tmp_path / "two"),
+                     "--report-to", "trackio"], tmp_path)
     m1 = json.loads((one_process / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
 
@@ -149,6 +150,7 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     _same_probe(m1, m2)  # rank 0 probes, before training and with the full model after it
     # written once, by rank 0
     assert two.stderr.count("Before training:") == 1 and two.stdout.count("model saved in") == 1
+    _reported_once(tmp_path / "two", m2)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
     # an ordinary model folder: transformers loads from it the weights the run wrote, bit for bit
     from transformers import AutoModelForMaskedLM
@@ -156,6 +158,20 @@ def test_torchrun_two_processes_match_one_process(no_dropout_model, one_process,
     loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "two").state_dict()
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert all(torch.equal(loaded[k], w2[k]) for k in w2)
+
+
+def _reported_once(out, metrics: dict) -> None:
+    """Rank 0 alone reported to trackio (the session's TRACKIO_DIR, which torchrun's ranks inherit): one run of the
+    job in the store, each step's mean loss over the ranks once, and the final metrics once."""
+    from trackio.api import Api
+    from trackio.sqlite_storage import SQLiteStorage
+
+    runs = [r for r in Api().runs("mlmtune") if r.name.startswith(f"{out.name}-")]
+    assert len(runs) == 1
+    logs = SQLiteStorage.get_logs("mlmtune", runs[0].name, run_id=runs[0].id)
+    assert [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r] == \
+        [(p["step"], p["loss"]) for p in metrics["train_loss"]]
+    assert [r["eval_loss_after"] for r in logs if "eval_loss_after" in r] == [metrics["eval_loss_after"]]
 
 
 @pytest.mark.numerics

@@ -14,6 +14,7 @@ import torch
 from mlmtune.blocks import Blocks
 from mlmtune.budget import timed_probe
 from mlmtune.config import TrainConfig
+from mlmtune.dashboard import missing
 from mlmtune.engine import engine_class
 from mlmtune.errors import MlmtuneError
 from mlmtune.feed import StepBatches
@@ -32,6 +33,8 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
     Errors a run would hit are findings here, not exceptions: the findings say all that is wrong.
     """
     findings = Findings()
+    for line in missing(cfg.report_to):  # what `train` refuses first
+        findings.add(ERROR, line)
     try:
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_model(cfg.model)

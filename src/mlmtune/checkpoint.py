@@ -96,6 +96,7 @@ class TrainState:
     grad_scaler: dict[str, Any] | None = None  # fp16's loss scale and growth tracker
     world_size: int | None = None  # processes that trained it (None: a checkpoint from before this was kept)
     budget: dict[str, Any] | None = None  # --time-budget's plan, for the re-plan on several ranks (`budget.replan`)
+    trackers: dict[str, str] = field(default_factory=dict)  # --report-to's runs (mlflow: its run id), to continue
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

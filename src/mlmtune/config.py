@@ -21,7 +21,7 @@ QUICKSTART_DATASET = "builtin:python-docs"
 CONFIG_FILENAME = "mlmtune_config.yaml"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_PRECISIONS = ("train", "fp32")
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("none", "tensorboard", "mlflow", "trackio", "wandb")  # transformers' names for the same dashboards
 BACKENDS = ("torch", "keras")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 MASKING = ("token", "whole-word", "span")  # the schemes of masking.py
@@ -46,6 +46,22 @@ QUICKSTART_DEFAULTS: dict[str, Any] = {
     "downstream": QUICKSTART_TASK,
     "downstream_max_examples": 600,
 }
+
+
+def report_targets(report_to: str) -> tuple[str, ...]:
+    """The dashboards of `--report-to` (comma-separated, as the Trainer's), in order; () for none.
+
+    Raises:
+        MlmtuneError: a name that is not one, a name given twice, or none given with others.
+    """
+    names = tuple(n.strip() for n in report_to.split(","))
+    for n in names:
+        _require(n in REPORT_TO, f"--report-to: {n!r} is not one of {', '.join(REPORT_TO)} (comma-separated for "
+                 f"several), in {report_to!r}")
+        _require(names.count(n) == 1, f"--report-to names {n} twice in {report_to!r}")
+    _require("none" not in names or len(names) == 1, f"--report-to none reports nowhere, so it stands alone: drop it "
+             f"from {report_to!r}, or give none only")
+    return () if names == ("none",) else names
 
 
 def _require(condition: bool, message: str) -> None:
@@ -320,7 +336,9 @@ class TrainConfig:
     logging_steps: int = 10
     """Log the training loss every N optimizer steps."""
     report_to: str = "none"
-    """Where to log while training: none, or tensorboard (event files under OUTPUT_DIR/runs/)."""
+    """Where to log while training, one or several comma-separated: none, tensorboard (event files under
+    OUTPUT_DIR/runs/), mlflow (MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db), trackio (its local store), wandb
+    (WANDB_MODE=offline keeps it local). Each but none is an extra: pip install 'mlmtune[mlflow]'."""
     output_dir: str = "mlmtune-output"
     """Where the model folder, checkpoints and records go: a new or empty folder, or the run's own with --resume."""
     resume: bool = False
@@ -372,8 +390,7 @@ class TrainConfig:
                  "--gradient-checkpointing and --attn-implementation are options of --backend torch")
         _require(not (self.fsdp and self.precision == "fp16"), "--fsdp with --precision fp16 is not supported yet "
                  "(its gradient scaler is not shared over the shards); use bf16 or fp32")
-        _require(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, "
-                 f"got {self.report_to!r}")
+        report_targets(self.report_to)
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "
                  "or builtin:python-docs)")

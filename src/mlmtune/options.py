@@ -114,6 +114,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             if not math.isfinite(number):
                 raise MlmtuneError(f"--{name.replace('_', '-')} expects a finite number, got {value!r}")
             return number
+        if isinstance(value, list):  # a YAML list where one text is expected: the comma-separated form of the flag
+            return ",".join(str(v) for v in value)  # (`report_to: [tensorboard, mlflow]`, as the Trainer's YAML)
         return str(value)
     except (TypeError, ValueError):
         kind = getattr(base, "__name__", str(base))

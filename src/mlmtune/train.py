@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, float
         MlmtuneError: bad data, model or output folder; or training was interrupted (a checkpoint
             is saved first, so `--resume` continues).
     """
+    dashboard.require(cfg.report_to)  # a dashboard's missing package, before any folder is made
     listening = contextlib.nullcontext() if stop is not None else (stop := Stop()).listening()
     with listening:  # from the start: a signal while the model loads leaves at once, in one line
         try:
@@ -90,7 +91,6 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     d, out = engine.dist, Path(cfg.output_dir)
     distributed.main_first(d, lambda: check_output_dir(out, cfg.resume, lock) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
-    dashboard.require(cfg.report_to)
     run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)
     engine.attach(run.model)
     cfg, budget = resolve_steps(cfg, d, run.model, run.n_train, engine.device,
@@ -104,7 +104,9 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     if not resumed:  # the probes scored the model as loaded, before its vocabulary grew (`load_run`)
         state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
         state.budget = budget  # a resumed run keeps its own (and whether it was re-planned)
-    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main)
+    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main, config=to_dict(cfg),
+                               runs=state.trackers if resumed else None)
+    state.trackers = {**state.trackers, **dash.runs}  # the checkpoints keep them: --resume continues each run
     if not resumed and state.eval_before:
         dash.eval(0, state.eval_before["eval_loss"], state.eval_before["perplexity"])
     for m in checks if not resumed else []:
@@ -424,6 +426,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
             write_output(cfg, Path(cfg.output_dir), full_model, run.tokenizer, metrics,
                          run.vocabulary.words if run.vocabulary else None, run.sentence)
+            dash.final(state.step, metrics, Path(cfg.output_dir) / "README.md")  # the model card, as written
     finally:
         distributed.close(d)
     return TrainResult(output_dir=Path(cfg.output_dir), metrics=metrics, rank=d.rank)
