@@ -20,7 +20,8 @@ import torch
 from mlmtune.device import resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at_positions, pad_rows
-from mlmtune.model import load_model, max_positions
+from mlmtune.model import max_positions
+from mlmtune.onnx_runtime import load_for
 
 METRICS = ("within-word-l2r", "original")  # config_use.SCORE_METRICS
 NO_TURN = nullcontext()  # what a forward pass holds when nothing else shares the model
@@ -107,9 +108,10 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 64, device: str | torch.device | None = None,
-                        safetensors_only: bool = False) -> Scorer:
-        model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        return cls(model, tokenizer, batch_size=batch_size, device=device)
+                        safetensors_only: bool = False, runtime: str = "torch", quantized: bool = False) -> Scorer:
+        """`runtime` onnx: the exported graphs of a folder made by `mlmtune export`, run by onnxruntime."""
+        model, tokenizer = load_for(name, runtime, quantized, safetensors_only)
+        return cls(model, tokenizer, batch_size=batch_size, device="cpu" if runtime == "onnx" else device)
 
     def encode(self, texts: list[str], truncate: bool = False) -> list:
         """Tokenize and check each text: not empty, not longer than the model takes (or, with `truncate`, cut to
