@@ -30,8 +30,15 @@ import torch
 
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import logits_at_positions
-from mlmtune.onnx_runtime import (FULL_GRAPH, FULL_GRAPH_INT8, MASKED_GRAPH, MASKED_GRAPH_INT8, ONNX_DIR,
-                                  OnnxMaskedLM, import_onnxruntime)
+from mlmtune.onnx_runtime import (
+    FULL_GRAPH,
+    FULL_GRAPH_INT8,
+    MASKED_GRAPH,
+    MASKED_GRAPH_INT8,
+    ONNX_DIR,
+    OnnxMaskedLM,
+    import_onnxruntime,
+)
 
 QUANTIZE = ("int8",)
 FP32_TOLERANCE = 1e-4  # onnxruntime's logits against PyTorch's: float32 kernels summing in another order
