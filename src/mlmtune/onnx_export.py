@@ -9,10 +9,11 @@ length dynamic:
   masked positions only, as mlmtune's torch path computes it (`forward.py`); `--runtime onnx` runs this one. The
   head over every position is most of the work of a short text with a large vocabulary.
 
-With `--quantize int8` each gets an int8 copy (`model_quantized.onnx`, `mlmtune_masked_quantized.onnx`: onnxruntime's
-dynamic quantization, weights int8, activations quantized per batch). Before it says done, the export checks
-itself on a fixed padded batch: onnxruntime's fp32 logits against PyTorch's (refused above `FP32_TOLERANCE`), and
-the int8 copies' top-1 agreement with PyTorch at masked positions. Everything is written into a temporary folder
+With `--quantize int8` each gets an int8 copy (`model_quantized.onnx`, `mlmtune_masked_quantized.onnx`:
+onnxruntime's dynamic quantization, weights int8 per output channel, activations quantized per batch; per channel
+kept 84% of the unadapted MiniLM's top-1 where per tensor kept 59%). Before it says done, the export checks itself
+on a fixed padded batch: onnxruntime's fp32 logits against PyTorch's (refused above `FP32_TOLERANCE`), and the int8
+copies' top-1 agreement with PyTorch at masked positions. Everything is written into a temporary folder
 beside the target and renamed into place at the end, so a failed export leaves nothing behind.
 """
 
@@ -222,7 +223,7 @@ def export_graphs(model, tokenizer, folder: Path, quantize: str | None) -> Expor
 
         for src, dst in ((FULL_GRAPH, FULL_GRAPH_INT8), (MASKED_GRAPH, MASKED_GRAPH_INT8)):
             with _quiet_exporter():
-                quantize_dynamic(folder / src, folder / dst, weight_type=QuantType.QInt8)
+                quantize_dynamic(folder / src, folder / dst, weight_type=QuantType.QInt8, per_channel=True)
     report = check_graphs(model, tokenizer, folder, names)
     for line in report.lines():
         say(line)
