@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from fastapi import Request  # at module level: the route's annotation is resolved here (postponed annotations)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quickstart_model_folder, table, write_json  # noqa: E402
@@ -41,7 +42,7 @@ def pipeline_server(model: str, port: int) -> None:
     import threading
 
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from transformers import pipeline
 
     fill, lock, app = pipeline("fill-mask", model=model, device="cpu"), threading.Lock(), FastAPI()
