@@ -235,12 +235,26 @@ def readme() -> str:
     return _table(["measured (2 CPU cores)", *columns], rows)
 
 
+def serve_runtimes() -> str:
+    """`serve` by runtime (benchmarks/serve_runtimes.py), one row per machine, runtime and client count."""
+    rows = []
+    for r in _runs("serve_runtimes"):
+        for row in r["rows"]:
+            rows.append([_machine(r["machine"]), row["runtime"], str(row["clients"]), f"{row['requests_per_s']:,.1f}",
+                         f"{row['p50_ms']:,.0f}", f"{row['p99_ms']:,.0f}", f"{row['peak_rss_mb']:,.0f}"])
+        a = r["agreement"]
+        rows.append([_machine(r["machine"]), "top-1 agreement with torch fp32", f"{a['masked_positions']:,} masks",
+                     f"onnx fp32 {a['onnx fp32']:.1%}, onnx int8 {a['onnx int8']:.1%}", "", "", ""])
+    return _table(["machine", "runtime", "clients", "req/s", "p50 ms", "p99 ms", "peak RSS MB"], rows)
+
+
 TABLES = {f.__name__: f for f in (machines, train_throughput, parity, modernbert, preprocess, fill_throughput,
                                   memory, streaming_memory, serve_load, serve_burst, scaling)}
 
 
 PAGES = {DOCS: TABLES, DOCS.parent / "masking.md": {"masking": masking, "schemes": schemes},
-         DOCS.parent / "fill.md": {"score": score}, DOCS.parent / "serving.md": {"serve_abuse": serve_abuse},
+         DOCS.parent / "fill.md": {"score": score}, DOCS.parent / "serving.md": {"serve_abuse": serve_abuse,
+                                                                                "serve_runtimes": serve_runtimes},
          README: {"readme": readme}}
 
 

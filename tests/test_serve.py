@@ -59,7 +59,7 @@ def test_both_mask_spellings(client, pipe):
 
 
 def test_health_info_and_page(client, filler):
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "runtime": "torch"}
     info = client.get("/info").json()
     assert info["mask_token"] == "<mask>" and info["max_length"] == 64
     assert info["precision"] == "fp32" and info["device"] == "cpu"
@@ -134,7 +134,7 @@ def test_health_says_loading_until_the_model_is_in(tiny_model_dir, monkeypatch):
         deadline = time.monotonic() + 30
         while c.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/health").json() == {"status": "ok", "runtime": "torch"}
         assert c.post("/fill", json={"text": "A <mask>."}).status_code == 200
 
 

@@ -156,7 +156,7 @@ def test_health_answers_while_a_body_is_parsed(filler, monkeypatch):
         fill = pool.submit(c.post, "/fill", json={"text": TEXT})
         try:
             assert entered.wait(30)
-            assert pool.submit(c.get, "/health").result(timeout=10).json() == {"status": "ok"}
+            assert pool.submit(c.get, "/health").result(timeout=10).json() == {"status": "ok", "runtime": "torch"}
         finally:
             release.set()
         assert fill.result(timeout=30).status_code == 200

@@ -21,7 +21,7 @@ from typing import Any
 
 from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, ProbeConfig, TrainConfig
 from mlmtune.errors import MlmtuneError, warn
-from mlmtune.inference_config import FillConfig, ScoreConfig, ServeConfig
+from mlmtune.inference_config import ExportConfig, FillConfig, ScoreConfig, ServeConfig
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 from mlmtune.stopping import LeftEarly, Stop
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="fill masks over HTTP (POST / or /fill, GET /health, /info, /metrics, /docs, "
                                      "/ playground)")
     _add_config_flags(p, ServeConfig)
+    p = sub.add_parser("export", help="a model folder with its ONNX graphs (onnx/model.onnx; --quantize int8), "
+                                      "checked against PyTorch")
+    _add_config_flags(p, ExportConfig)
     p = sub.add_parser("quickstart", help="offline demo: adapt a small pretrained model to the Python docs")
     _add_config_flags(p, TrainConfig, QUICKSTART_DEFAULTS)
     return parser
@@ -113,12 +116,24 @@ def cmd_train(args) -> int:
     from mlmtune.card import summary_lines
     from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
 
-    result = train(_config(TrainConfig, args), stop=stop)
+    cfg = _config(TrainConfig, args)
+    if cfg.export == "onnx":  # before hours of training, not after
+        from mlmtune.onnx_runtime import import_onnxruntime
+
+        import_onnxruntime()
+    result = train(cfg, stop=stop)
     if result.rank != 0:  # one report per run, not one per process
         return 0
     for line in summary_lines(result.metrics):
         print(line)
     print(f"model saved in {result.output_dir}")
+    if cfg.export == "onnx":
+        from mlmtune.model import load_model
+        from mlmtune.onnx_export import export_into_run
+
+        model, tokenizer = load_model(str(result.output_dir))
+        export_into_run(result.output_dir, model, tokenizer, quantize="int8")
+        print(f"exported to {result.output_dir / 'onnx'}")
     return 0
 
 
@@ -270,7 +285,7 @@ def cmd_fill(args) -> int:
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
-                                      precision=cfg.precision)
+                                      precision=cfg.precision, runtime=cfg.runtime, quantized=cfg.quantized)
     results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets, max_pieces=cfg.max_pieces, joint=cfg.joint,
                           beam_size=cfg.beam_size)
     for text, result in zip(texts, results):
@@ -290,7 +305,8 @@ def cmd_score(args) -> int:
         texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments, one per line on stdin, or --dataset")
-    scorer = Scorer.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device, precision=cfg.precision)
+    scorer = Scorer.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device, precision=cfg.precision,
+                                    runtime=cfg.runtime, quantized=cfg.quantized)
     encodings = scorer.encode(texts, truncate=bool(cfg.data.dataset))
     cut = sum(len(enc["input_ids"]) == scorer.max_length for enc in encodings)
     if cfg.data.dataset and cut:
@@ -307,6 +323,15 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mlmtune.onnx_export import export_folder  # heavy (torch, onnx): imported when the command runs
+
+    cfg = _config(ExportConfig, args)
+    export_folder(cfg.model, cfg.output_dir, cfg.quantize)  # prints its checks as it goes
+    print(f"exported to {cfg.output_dir} (onnx/ beside the model; its card has the checks)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from mlmtune.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
     from mlmtune.serve import check_exposure, default_hosts, is_loopback, make_app, serve
@@ -319,7 +344,7 @@ def cmd_serve(args) -> int:
     # the model loads before the port is bound: a model that cannot load is an exit 1 here, not a
     # server that answers 500 for ever
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device,
-                                      precision=cfg.precision)
+                                      precision=cfg.precision, runtime=cfg.runtime, quantized=cfg.quantized)
     from mlmtune.payloads import Limits
 
     hosts = cfg.allowed_hosts or default_hosts(cfg.host)
@@ -335,7 +360,8 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eval": cmd_eval, "fill": cmd_fill,
-            "score": cmd_score, "probe": cmd_probe, "quickstart": cmd_quickstart, "serve": cmd_serve}
+            "score": cmd_score, "probe": cmd_probe, "quickstart": cmd_quickstart, "serve": cmd_serve,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -343,6 +343,9 @@ class TrainConfig:
     """Where the model folder, checkpoints and records go: a new or empty folder, or the run's own with --resume."""
     resume: bool = False
     """Continue from the newest checkpoint in --output-dir."""
+    export: str | None = None
+    """onnx: at the end of the run, onnx/ in the output folder (model.onnx and its int8 copy, checked against
+    PyTorch, the figures in the model card; as `mlmtune export --quantize int8` makes them)."""
     push_to_hub: bool = False
     """Upload the finished model folder (not its checkpoints) to the Hub."""
     hub_model_id: str | None = None
@@ -391,6 +394,7 @@ class TrainConfig:
         _require(not (self.fsdp and self.precision == "fp16"), "--fsdp with --precision fp16 is not supported yet "
                  "(its gradient scaler is not shared over the shards); use bf16 or fp32")
         report_targets(self.report_to)
+        _require(self.export in (None, "onnx"), f"--export must be onnx, got {self.export!r}")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         _require(bool(self.data.dataset), "--dataset is required (a Hub id, a local file or folder, "
                  "or builtin:python-docs)")

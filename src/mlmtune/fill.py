@@ -20,7 +20,8 @@ from mlmtune.errors import MlmtuneError
 from mlmtune.fill_words import fill_candidates, fill_joint, fill_targets
 from mlmtune.forward import logits_where, pad_rows
 from mlmtune.inference_config import MAX_PIECES
-from mlmtune.model import load_model, max_positions
+from mlmtune.model import max_positions
+from mlmtune.onnx_runtime import load_for
 from mlmtune.scoring import NO_TURN
 
 MASK_SPELLINGS = ("<mask>", "[MASK]", "<|mask|>")  # RoBERTa and mmBERT; BERT and ModernBERT; EuroBERT
@@ -74,12 +75,21 @@ class FillMask:
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 32, safetensors_only: bool = False,
-                        device: str | torch.device | None = None, precision: str = "auto") -> FillMask:
+                        device: str | torch.device | None = None, precision: str = "auto", runtime: str = "torch",
+                        quantized: bool = False) -> FillMask:
+        """`runtime` onnx: the exported graphs of a folder made by `mlmtune export` (the int8 one with
+        `quantized`), run by onnxruntime on the CPU."""
         t0 = time.perf_counter()
-        model, tokenizer = load_model(name, safetensors_only=safetensors_only)
-        filler = cls(model, tokenizer, batch_size=batch_size, device=device, precision=precision)
+        model, tokenizer = load_for(name, runtime, quantized, safetensors_only)
+        filler = cls(model, tokenizer, batch_size=batch_size, device="cpu" if runtime == "onnx" else device,
+                     precision=precision)
         filler.load_seconds = time.perf_counter() - t0
         return filler
+
+    @property
+    def runtime(self) -> str:
+        """What runs the model: torch, onnx or onnx-int8 (`/health` names it)."""
+        return getattr(self.model, "runtime", "torch")
 
     def normalize(self, text: str) -> str:
         """Spell every mask the way this model's tokenizer does."""

@@ -95,6 +95,9 @@ def logits_at_positions(model, input_ids: torch.Tensor, positions: torch.Tensor,
     Returns:
         (P, V) logits.
     """
+    runtime = getattr(model, "logits_at_positions", None)
+    if runtime is not None:  # another runtime with this call surface (`onnx_runtime.OnnxMaskedLM`)
+        return runtime(input_ids, positions, attention_mask)
     head = SPARSE_HEADS.get(type(model).__name__)
     if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)

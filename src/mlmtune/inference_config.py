@@ -10,6 +10,7 @@ from mlmtune.config import DEFAULT_MODEL, DataConfig
 from mlmtune.errors import MlmtuneError
 
 FILL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("torch", "onnx")  # onnx_runtime.RUNTIMES
 
 
 
@@ -24,6 +25,15 @@ def _check_fill_precision(precision: str) -> None:
 
 
 MAX_PIECES = 5  # words of more pieces than this: a beam search that runs for minutes (the server's cap too)
+
+
+def _check_runtime(runtime: str, quantized: bool, device: str | None, precision: str = "auto") -> None:
+    _require(runtime in RUNTIMES, f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _require(not quantized or runtime == "onnx", "--quantized picks the int8 ONNX graph: add --runtime onnx")
+    _require(runtime == "torch" or device in (None, "cpu"), f"--runtime onnx runs on the CPU; drop --device {device}")
+    _require(runtime == "torch" or precision in ("auto", "fp32"),
+             "--runtime onnx runs the exported fp32 graph (or its int8 copy with --quantized); drop --precision")
+
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,15 @@ class FillConfig:
     """auto (bf16 on a GPU that runs it fast, Ampere and newer; else fp32), fp32 (scores equal the pipeline's), or
     bf16 / fp16: the weights cast for half the memory and faster GPU passes; scores then differ from the
     pipeline's in the third digit, and near-ties may swap."""
+    runtime: str = "torch"
+    """torch (the model's weights in PyTorch), or onnx: the graphs of a folder made by `mlmtune export`
+    (onnxruntime on the CPU; the same answers, scores within 1e-4)."""
+    quantized: bool = False
+    """With --runtime onnx: run the int8 copy (`mlmtune export --quantize int8`)."""
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
+        _check_runtime(self.runtime, self.quantized, self.device, self.precision)
         _require(1 <= self.max_pieces <= MAX_PIECES,
                  f"--max-pieces must be 1 to {MAX_PIECES} (words of more pieces than that are rare, and their search "
                  f"takes minutes), got {self.max_pieces}")
@@ -89,9 +105,15 @@ class ScoreConfig:
     precision: str = "auto"
     """auto (bf16 on a GPU that runs it fast, Ampere and newer; else fp32), fp32, bf16 or fp16: the weights cast;
     log-probabilities are taken in fp32 from the cast logits (bf16 moves a text's score in the third digit)."""
+    runtime: str = "torch"
+    """torch (the model's weights in PyTorch), or onnx: the graphs of a folder made by `mlmtune export`
+    (onnxruntime on the CPU; the same answers, scores within 1e-4)."""
+    quantized: bool = False
+    """With --runtime onnx: run the int8 copy (`mlmtune export --quantize int8`)."""
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
+        _check_runtime(self.runtime, self.quantized, self.device, self.precision)
         _require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
                  f"got {self.metric!r}")
         _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
@@ -145,9 +167,15 @@ class ServeConfig:
     docs: bool = False
     """Serve Swagger UI at /docs (the browser fetches its script and style from a CDN, each checked against a
     pinned hash); /openapi.json is always served."""
+    runtime: str = "torch"
+    """torch (the model's weights in PyTorch), or onnx: the graphs of a folder made by `mlmtune export`
+    (onnxruntime on the CPU; the same answers, scores within 1e-4). /health names it."""
+    quantized: bool = False
+    """With --runtime onnx: run the int8 copy (`mlmtune export --quantize int8`)."""
 
     def __post_init__(self):
         _check_fill_precision(self.precision)
+        _check_runtime(self.runtime, self.quantized, self.device, self.precision)
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
         _require(self.max_batch >= 1, "--max-batch must be >= 1")
         _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
@@ -162,3 +190,22 @@ class ServeConfig:
                                                    for h in self.allowed_hosts),
                  f"--allowed-hosts: write names (example.com), patterns like *.example.com, or *; got "
                  f"{','.join(self.allowed_hosts or [])}")
+
+
+EXPORT_QUANTIZE = ("int8",)  # onnx_export.QUANTIZE
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`mlmtune export`: a model folder with its ONNX graphs (onnx/model.onnx, and the int8 copy), checked."""
+
+    model: str = DEFAULT_MODEL
+    """The model to export: a model folder or a Hub id."""
+    output_dir: str = "mlmtune-export"
+    """A new or empty folder: the model folder (config, tokenizer, weights, card) with onnx/ in it."""
+    quantize: str | None = None
+    """int8: also write int8 copies of the graphs (onnxruntime's dynamic quantization; model_quantized.onnx)."""
+
+    def __post_init__(self):
+        _require(self.quantize is None or self.quantize in EXPORT_QUANTIZE,
+                 f"--quantize must be {' or '.join(EXPORT_QUANTIZE)}, got {self.quantize!r}")

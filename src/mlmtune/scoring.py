@@ -20,7 +20,8 @@ import torch
 from mlmtune.device import WEIGHT_DTYPES, inference_precision, resolve_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import logits_at_positions, pad_rows
-from mlmtune.model import load_model, max_positions
+from mlmtune.model import max_positions
+from mlmtune.onnx_runtime import load_for
 
 METRICS = ("within-word-l2r", "original")  # config_use.SCORE_METRICS
 NO_TURN = nullcontext()  # what a forward pass holds when nothing else shares the model
@@ -111,8 +112,13 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, name: str, batch_size: int = 64, device: str | torch.device | None = None,
-                        safetensors_only: bool = False, precision: str = "auto") -> Scorer:
-        model, tokenizer = load_model(name, safetensors_only=safetensors_only)
+                        safetensors_only: bool = False, precision: str = "auto", runtime: str = "torch",
+                        quantized: bool = False) -> Scorer:
+        """`runtime` onnx: the exported graphs of a folder made by `mlmtune export`, run by onnxruntime (in fp32,
+        on the CPU)."""
+        model, tokenizer = load_for(name, runtime, quantized, safetensors_only)
+        if runtime == "onnx":
+            return cls(model, tokenizer, batch_size=batch_size, device="cpu")
         return cls(model, tokenizer, batch_size=batch_size, device=device, precision=precision)
 
     def encode(self, texts: list[str], truncate: bool = False) -> list:

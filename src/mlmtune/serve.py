@@ -221,7 +221,7 @@ def _add_status_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: 
     @app.get("/health")
     async def health():
         if slot.batcher is not None:
-            return {"status": "ok"}
+            return {"status": "ok", "runtime": slot.filler.runtime}
         if slot.error:
             return error(500, slot.error)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -232,7 +232,7 @@ def _add_status_routes(app: FastAPI, slot: ModelSlot, metrics: Metrics, limits: 
             return error(503, "the model is still loading")
         f = slot.filler
         return {"model": slot.name, "model_type": f.model.config.model_type, "mask_token": f.tokenizer.mask_token,
-                "max_length": f.max_length, "device": str(f.device), "precision": f.precision,
+                "max_length": f.max_length, "device": str(f.device), "precision": f.precision, "runtime": f.runtime,
                 "max_batch": slot.max_batch, "limits": limits.__dict__,
                 "request_timeout_s": request_timeout, "read_timeout_s": read_timeout}
 
