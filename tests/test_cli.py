@@ -165,14 +165,40 @@ def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     assert [p["score"] for p in preds] != pytest.approx(exact, rel=1e-6)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["serve", "--help"], ["train", "--bogus-flag"]])
-def test_help_and_bad_flags_answer_without_importing_the_heavy_stack(args):
-    """`mlmtune --help` and a mistyped flag answer at once: torch, transformers and datasets (seconds to import)
-    are imported only by the command that runs."""
+BAD_VALUES = [["train", "--dataset", "x", "--epochs", "inf"], ["fill", "--model", "x", "--top-k", "0", "a <mask>"],
+              ["check", "--dataset", "x", "--block-size", "1"], ["eval", "--model", "x", "--dataset", "x",
+                                                                 "--batch-size", "zero"],
+              ["score", "--model", "x", "--metric", "bogus", "a"], ["serve", "--model", "x", "--port", "-5"],
+              ["quickstart", "--learning-rate", "nan"], ["prepare", "--dataset", "x", "--test-size", "2"],
+              ["probe", "--model", "x", "--task", "t.csv", "--seeds", "0"]]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["serve", "--help"], ["train", "--bogus-flag"],
+                                  *BAD_VALUES])
+def test_help_bad_flags_and_bad_values_answer_without_importing_the_heavy_stack(args):
+    """`mlmtune --help`, a mistyped flag and a bad value answer at once: torch, transformers and datasets
+    (seconds to import) are imported only by the command that runs, after its config is resolved (and so
+    validated)."""
     code = ("import sys\nfrom mlmtune.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'fastapi') if m in sys.modules]\n"
             "print(code, heavy)\n")
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
-    expected = "2" if args[-1] == "--bogus-flag" else "0"
+    expected = {"--help": "0", "--bogus-flag": "2"}.get(args[-1], "1")
     assert p.stdout.strip().splitlines()[-1] == f"{expected} []", p.stdout + p.stderr
+    if expected == "1":  # the value's own message, on one line
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("mlmtune: error: --"), p.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1 (see `mlmtune train --help`)"),
+    (["fill", "--top-k"], "argument --top-k: expected one argument (see `mlmtune fill --help`)"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    ([], "the following arguments are required: COMMAND (see `mlmtune --help`)")])
+def test_a_command_line_that_does_not_parse_is_one_line_and_exit_2(args, message):
+    """argparse's usage block is replaced by one `mlmtune: error:` line that points at the right --help; the
+    exit status stays argparse's 2 (a bad value, which parses, exits 1)."""
+    p = run(*args)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("mlmtune: error: ") and message in p.stderr, p.stderr
+    assert "usage:" not in p.stderr and p.stdout == ""
