@@ -152,7 +152,7 @@ def test_every_subcommand_help(command, capsys):
 @pytest.mark.numerics
 def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     """`fill --precision bf16`: each token's score is its fp32 probability (the pipeline's, tested elsewhere)
-    to 2%, and not to fp32's 1e-6: the weights really ran in bf16."""
+    to 0.5% (measured: 0.18%), and not to fp32's 1e-6: the weights really ran in bf16."""
     from mlmtune.fill import FillMask
 
     text = "The <mask> statement is used."
@@ -161,7 +161,7 @@ def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     fp32 = FillMask.from_pretrained(str(tiny_model_dir))
     probs = fp32.mask_logits(fp32.encode([text]))[0][0].softmax(-1)
     exact = [float(probs[p["token"]]) for p in preds]
-    assert [p["score"] for p in preds] == pytest.approx(exact, rel=2e-2)
+    assert [p["score"] for p in preds] == pytest.approx(exact, rel=5e-3)
     assert [p["score"] for p in preds] != pytest.approx(exact, rel=1e-6)
 
 
