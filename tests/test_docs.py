@@ -89,3 +89,12 @@ def test_the_benchmark_tables_are_the_measured_ones():
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
     assert tables.stale() == [], "run python benchmarks/tables.py --write"
+
+
+def test_no_flag_names_two_defaults():
+    """A command's own default (quickstart's `--head-learning-rate 3e-3`) replaces the one the field's doc names."""
+    page = (ROOT / "docs" / "cli.md").read_text()
+    flags = re.split(r"\n  (?=-)", page)  # one chunk per flag of every command
+    assert len(flags) > 200
+    twice = [chunk.split()[0] for chunk in flags if " ".join(chunk.split()).count("(default:") > 1]
+    assert twice == []

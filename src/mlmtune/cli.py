@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="read options from a YAML file (flags override it)")
     for name, (tp, default) in flat_fields(cls).items():
-        default = (defaults or {}).get(name, default)
+        doc = field_doc(cls, name)
+        if defaults and name in defaults:  # the command's own default replaces any the field's doc names
+            default, doc = defaults[name], re.sub(r"\s*\(default: [^)]*\)", "", doc)
         flag = "--" + name.replace("_", "-")
-        doc = field_doc(cls, name).replace("%", "%%")  # argparse formats help with %
+        doc = doc.replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=doc)
         elif "list[" in str(tp):  # repeatable: --model A --model B (or --model A,B)
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "before and after (several models side by side)")
     _add_config_flags(p, ProbeConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("fill", help="fill <mask> / [MASK] in texts (arguments, or one per line on stdin)")
+    p = sub.add_parser("fill", help="fill <mask> / [MASK] / <|mask|> in texts (arguments, or one per line on stdin)")
     _add_config_flags(p, FillConfig)
     p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
     p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
