@@ -117,7 +117,7 @@ def test_train_reports_the_cloze_and_eval_reproduces_it(configs, tmp_path, capsy
     tok = load_model(str(out))[1]
     cfg = configs(out)
     cases = held_out_cases(str(words), cfg.data, cfg.seed, tok, max_length=64)[1]
-    assert m["cloze_cases"] == len(cases) >= 10
+    assert m["cloze_cases"] == len(cases) >= 3  # 4 held-out occurrences of the six words
     for folder, when in ((configs.base["model"], "before"), (out, "after")):
         right = pipeline_right(load_model(str(folder))[0], tok, cases)
         assert (m[f"cloze_top1_{when}"], m[f"cloze_top3_{when}"]) == (right[1] / len(cases), right[3] / len(cases))
