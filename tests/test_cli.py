@@ -34,7 +34,9 @@ def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path)
     assert len(dd["train"][0]["input_ids"]) == 32
 
     cfg = tmp_path / "train.yaml"
-    cfg.write_text(f"learning_rate: 0.01\nbatch_size: 4\nmax_steps: 8\ndata:\n  block_size: 32\n  cache_dir: {cache}\n")
+    # the general check and the cloze have tests of their own: this one is about the commands' hand-offs
+    cfg.write_text(f"learning_rate: 0.01\nbatch_size: 4\nmax_steps: 8\ngeneral_eval: none\ncloze_words: none\n"
+                   f"data:\n  block_size: 32\n  cache_dir: {cache}\n")
     p = run("train", "--config", str(cfg), "--model", str(tiny_model_dir), "--dataset", str(prepared),
             "--output-dir", str(out), "--precision", "fp32", "--max-steps", "10")
     assert p.returncode == 0, p.stderr
