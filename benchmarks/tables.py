@@ -72,12 +72,11 @@ def parity() -> str:
     rows = []
     for r in _runs("train_throughput"):
         p = r["parity"]
-        same = p.get("mlmtune_same_recipe_eval_loss")
+        same, shipped = p.get("mlmtune_same_recipe_eval_loss"), p.get("mlmtune_as_shipped_eval_loss")
         rows.append([_machine(r["machine"]), str(p["steps"]), f"{p['start_eval_loss']:.4f}",
                      f"{p['guide_fp32_eval_loss']:.4f}",
                      "not run" if same is None else f"{same:.4f} ({p['relative_difference']:+.2%})",
-                     f"{p.get('mlmtune_as_shipped_eval_loss', p.get('mlmtune_eval_loss')):.4f} "
-                     f"({p.get('as_shipped_relative_difference', p['relative_difference']):+.2%})"])
+                     "not run" if shipped is None else f"{shipped:.4f} ({p['as_shipped_relative_difference']:+.2%})"])
     return _table(["machine", "steps", "eval loss at start", "the guide (fp32)", "mlmtune, the guide's recipe",
                    "mlmtune as shipped"], rows)
 

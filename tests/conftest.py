@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny RoBERTa (2 layers, hidden 32) with a byte-level BPE tokenizer, built
-once per session from the Python docs that ship with CPython; a small JSONL corpus; the suite's one
-factory of training configs (`configs`); and the reference run that several tests read
-(`reference_run`: tests that change a run copy it first)."""
+"""Shared fixtures: tiny models (2 layers, hidden 32: RoBERTa, BERT, ModernBERT, EuroBERT) built once per
+session on the tokenizers checked in under tests/assets/ (trained on the Python docs that ship with CPython, by
+tests/assets/make_tokenizers.py); a small JSONL corpus; `filler` and `pipe`, mlmtune's fill and the
+transformers pipeline it is compared with; the suite's one factory of training configs (`configs`); and the
+reference run that several tests read (`reference_run`: tests that change a run copy it first)."""
 
 from __future__ import annotations
 
@@ -31,20 +32,16 @@ os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="mlmtune-test-trackio-")
 TINY_BLOCK = 32
 
 
-def _build_tokenizer(texts: list[str], folder: Path):
-    from tokenizers import AddedToken, ByteLevelBPETokenizer
-    from transformers import RobertaTokenizerFast
+TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"  # checked in: tests/assets/make_tokenizers.py
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=600, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe.save_model(str(folder))
-    # like roberta-base: the mask token swallows the space before it
-    tok = RobertaTokenizerFast.from_pretrained(folder, model_max_length=64,
-                                               mask_token=AddedToken("<mask>", lstrip=True, rstrip=False))
+
+def asset_tokenizer(name: str):
+    """One of the checked-in tiny tokenizers (vocabulary 600, 64 positions): roberta-bpe, bert-wordpiece,
+    eurobert-bpe."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / name)
     assert len(tok) == 600
-    tok.save_pretrained(folder)
     return tok
 
 
@@ -56,12 +53,12 @@ def docs_texts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, docs_texts) -> Path:
-    """A saved tiny RoBERTa masked-LM folder (random weights, trained tokenizer)."""
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny RoBERTa masked-LM folder (random weights, the checked-in byte-level BPE tokenizer)."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     folder = tmp_path_factory.mktemp("tiny-roberta")
-    tok = _build_tokenizer(docs_texts, folder)
+    tok = asset_tokenizer("roberta-bpe")
     torch.manual_seed(0)
     config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=64 + 2, pad_token_id=tok.pad_token_id,
@@ -73,18 +70,12 @@ def tiny_model_dir(tmp_path_factory, docs_texts) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, docs_texts) -> Path:
+def tiny_bert_dir(tmp_path_factory) -> Path:
     """A saved tiny BERT masked-LM folder: WordPiece tokenizer whose mask token is `[MASK]`."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+    from transformers import BertConfig, BertForMaskedLM
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(docs_texts, vocab_size=600, min_frequency=2, show_progress=False,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    wp.save_model(str(folder))
-    tok = BertTokenizerFast.from_pretrained(folder, model_max_length=64)  # reads vocab.txt (v5 ignores vocab_file=)
-    assert len(tok) == 600
+    tok = asset_tokenizer("bert-wordpiece")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
@@ -133,6 +124,22 @@ def tiny(_tiny_loaded):
     """(model, tokenizer), deep-copied per test so no test can leak state into another."""
     model, tokenizer = _tiny_loaded
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def filler(tiny_model_dir):
+    """The tiny RoBERTa as a `FillMask` (batch size 32), loaded once: tests that change it use monkeypatch."""
+    from mlmtune.fill import FillMask
+
+    return FillMask.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_model_dir):
+    """The independent reference for every fill: transformers' `pipeline("fill-mask")` on the tiny RoBERTa."""
+    from transformers import pipeline
+
+    return pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -238,22 +245,13 @@ def modernbert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def eurobert_dir(tmp_path_factory, docs_texts) -> Path:
+def eurobert_dir(tmp_path_factory) -> Path:
     """A tiny random EuroBERT (2 layers, hidden 32) with a byte-level BPE tokenizer whose mask is `<|mask|>`, as
     EuroBERT's own is."""
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import TemplateProcessing
-    from transformers import EuroBertConfig, EuroBertForMaskedLM, PreTrainedTokenizerFast
+    from transformers import EuroBertConfig, EuroBertForMaskedLM
 
     folder = tmp_path_factory.mktemp("tiny-eurobert")
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|mask|>", "<|pad|>"]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(docs_texts, vocab_size=600, min_frequency=2, special_tokens=specials, show_progress=False)
-    bpe._tokenizer.post_processor = TemplateProcessing(
-        single="<|begin_of_text|> $A <|end_of_text|>",
-        special_tokens=[(t, bpe.token_to_id(t)) for t in specials[:2]])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=specials[0], eos_token=specials[1],
-                                  mask_token=specials[2], pad_token=specials[3], model_max_length=64)
+    tok = asset_tokenizer("eurobert-bpe")
     torch.manual_seed(0)
     config = EuroBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,

@@ -91,7 +91,10 @@ def test_head_warmup_trains_the_head_alone_then_everything(headless_dir, configs
     assert [s for s, _ in scalars["eval/loss"]] == [0, 4]
     assert [v for _, v in scalars["eval/loss"]] == pytest.approx([m["eval_loss_before"], m["eval_loss_after"]])
     assert scalars["eval/perplexity"][-1][1] == pytest.approx(m["perplexity_after"], rel=1e-5)
-    assert all(v > 0 for _, v in scalars["train/tokens_per_second"])
+    # each window of 2 steps trains 2 x 4 x 32 tokens; its seconds add up to the run's training time
+    windows = [256 / v for _, v in scalars["train/tokens_per_second"]]
+    assert m["train_tokens"] == 4 * 4 * 32 and len(windows) == 2
+    assert sum(windows) == pytest.approx(m["train_seconds"], abs=2e-3)
 
 
 def test_a_new_head_gets_a_warmup_by_default(headless_dir, configs, tmp_path):

@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import time
 
 from mlmtune.cli import main
+
+
+def _peak_gb() -> float:
+    """The process's peak resident memory so far (what the probe reports on a CPU), read independently."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def timed_check(args: list[str]) -> tuple[int, float, float, float]:
+    """`main(args)`, and around it: the peak memory before and after, and the wall time."""
+    before, t0 = _peak_gb(), time.perf_counter()
+    code = main(args)
+    return code, before, _peak_gb(), time.perf_counter() - t0
+
+
+def assert_measured(est: dict[str, str], before: float, after: float, wall: float) -> None:
+    """On a CPU the probe's peak is the process's: between its peak before the check and after it (to the 0.01 GB it
+    is rounded to); a step takes less than the whole check."""
+    assert before - 0.005 <= float(est["peak_memory_gb"]) <= after + 0.005, (est, before, after)
+    assert 0 < float(est["seconds_per_step"]) < wall
 
 
 def _corpus(tmp_path, docs_texts):
@@ -18,8 +39,9 @@ def _corpus(tmp_path, docs_texts):
 
 def test_check_reports_findings_and_estimates(tiny_model_dir, tmp_path, docs_texts, capsys):
     data = _corpus(tmp_path, docs_texts)
-    code = main(["check", "--model", str(tiny_model_dir), "--dataset", str(data), "--block-size", "32",
-                 "--batch-size", "4", "--epochs", "2", "--cache-dir", str(tmp_path / "c")])
+    code, before, after, wall = timed_check(["check", "--model", str(tiny_model_dir), "--dataset", str(data),
+                                             "--block-size", "32", "--batch-size", "4", "--epochs", "2",
+                                             "--cache-dir", str(tmp_path / "c")])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "warning  2 of 342 records have empty or whitespace-only text" in out
@@ -31,7 +53,7 @@ def test_check_reports_findings_and_estimates(tiny_model_dir, tmp_path, docs_tex
     assert f"train: {train_blocks:,} blocks of 32 tokens" in out
     assert int(est["steps_per_epoch"]) == -(-train_blocks // 4)
     assert int(est["total_steps"]) == 2 * int(est["steps_per_epoch"])
-    assert float(est["seconds_per_step"]) > 0 and float(est["peak_memory_gb"]) > 0
+    assert_measured(est, before, after, wall)
     assert "m" in est["run_time"] and "s" in est["run_time"]
 
 

@@ -34,7 +34,9 @@ def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path)
     assert len(dd["train"][0]["input_ids"]) == 32
 
     cfg = tmp_path / "train.yaml"
-    cfg.write_text(f"learning_rate: 0.01\nbatch_size: 4\nmax_steps: 8\ndata:\n  block_size: 32\n  cache_dir: {cache}\n")
+    # the general check and the cloze have tests of their own: this one is about the commands' hand-offs
+    cfg.write_text(f"learning_rate: 0.01\nbatch_size: 4\nmax_steps: 8\ngeneral_eval: none\ncloze_words: none\n"
+                   f"data:\n  block_size: 32\n  cache_dir: {cache}\n")
     p = run("train", "--config", str(cfg), "--model", str(tiny_model_dir), "--dataset", str(prepared),
             "--output-dir", str(out), "--precision", "fp32", "--max-steps", "10")
     assert p.returncode == 0, p.stderr
@@ -152,7 +154,7 @@ def test_every_subcommand_help(command, capsys):
 @pytest.mark.numerics
 def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     """`fill --precision bf16`: each token's score is its fp32 probability (the pipeline's, tested elsewhere)
-    to 2%, and not to fp32's 1e-6: the weights really ran in bf16."""
+    to 0.5% (measured: 0.18%), and not to fp32's 1e-6: the weights really ran in bf16."""
     from mlmtune.fill import FillMask
 
     text = "The <mask> statement is used."
@@ -161,18 +163,44 @@ def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     fp32 = FillMask.from_pretrained(str(tiny_model_dir))
     probs = fp32.mask_logits(fp32.encode([text]))[0][0].softmax(-1)
     exact = [float(probs[p["token"]]) for p in preds]
-    assert [p["score"] for p in preds] == pytest.approx(exact, rel=2e-2)
+    assert [p["score"] for p in preds] == pytest.approx(exact, rel=5e-3)
     assert [p["score"] for p in preds] != pytest.approx(exact, rel=1e-6)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["serve", "--help"], ["train", "--bogus-flag"]])
-def test_help_and_bad_flags_answer_without_importing_the_heavy_stack(args):
-    """`mlmtune --help` and a mistyped flag answer at once: torch, transformers and datasets (seconds to import)
-    are imported only by the command that runs."""
+BAD_VALUES = [["train", "--dataset", "x", "--epochs", "inf"], ["fill", "--model", "x", "--top-k", "0", "a <mask>"],
+              ["check", "--dataset", "x", "--block-size", "1"], ["eval", "--model", "x", "--dataset", "x",
+                                                                 "--batch-size", "zero"],
+              ["score", "--model", "x", "--metric", "bogus", "a"], ["serve", "--model", "x", "--port", "-5"],
+              ["quickstart", "--learning-rate", "nan"], ["prepare", "--dataset", "x", "--test-size", "2"],
+              ["probe", "--model", "x", "--task", "t.csv", "--seeds", "0"]]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["serve", "--help"], ["train", "--bogus-flag"],
+                                  *BAD_VALUES])
+def test_help_bad_flags_and_bad_values_answer_without_importing_the_heavy_stack(args):
+    """`mlmtune --help`, a mistyped flag and a bad value answer at once: torch, transformers and datasets
+    (seconds to import) are imported only by the command that runs, after its config is resolved (and so
+    validated)."""
     code = ("import sys\nfrom mlmtune.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'fastapi') if m in sys.modules]\n"
             "print(code, heavy)\n")
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
-    expected = "2" if args[-1] == "--bogus-flag" else "0"
+    expected = {"--help": "0", "--bogus-flag": "2"}.get(args[-1], "1")
     assert p.stdout.strip().splitlines()[-1] == f"{expected} []", p.stdout + p.stderr
+    if expected == "1":  # the value's own message, on one line
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("mlmtune: error: --"), p.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1 (see `mlmtune train --help`)"),
+    (["fill", "--top-k"], "argument --top-k: expected one argument (see `mlmtune fill --help`)"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+    ([], "the following arguments are required: COMMAND (see `mlmtune --help`)")])
+def test_a_command_line_that_does_not_parse_is_one_line_and_exit_2(args, message):
+    """argparse's usage block is replaced by one `mlmtune: error:` line that points at the right --help; the
+    exit status stays argparse's 2 (a bad value, which parses, exits 1)."""
+    p = run(*args)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("mlmtune: error: ") and message in p.stderr, p.stderr
+    assert "usage:" not in p.stderr and p.stdout == ""

@@ -31,12 +31,9 @@ def test_python_words_are_keywords_and_builtins_not_english_function_words():
     assert not words & {"and", "in", "is", "if", "for", "or", "not", "with", "as", "else", "while"}
 
 
-def test_top_k_equals_a_hand_count_through_the_pipeline(cities_run):
-    model, tok = load_model(str(cities_run.folder))
-    cases = cloze_cases(UNSEEN, WORDS, tok, max_length=32)
-    assert {c.word for c in cases} == set(WORDS)
-    several = [c for c in cases if c.word == "photosynthesis"]
-    assert several and all(len(c.positions) == 3 for c in several)  # photo ##syn ##thesis, all three masked
+def pipeline_right(model, tok, cases) -> dict[int, int]:
+    """How many cases `pipeline("fill-mask")` gets right at top-1 and top-3: every piece of the word among its
+    mask's first k."""
     fill = pipeline("fill-mask", model=model, tokenizer=tok, top_k=3)
     right = {1: 0, 3: 0}
     for c in cases:
@@ -46,6 +43,16 @@ def test_top_k_equals_a_hand_count_through_the_pipeline(cities_run):
         per_mask = got if isinstance(got[0], list) else [got]  # the pipeline nests when there are several masks
         for k in right:
             right[k] += all(t in [p["token"] for p in preds[:k]] for t, preds in zip(c.targets, per_mask))
+    return right
+
+
+def test_top_k_equals_a_hand_count_through_the_pipeline(cities_run):
+    model, tok = load_model(str(cities_run.folder))
+    cases = cloze_cases(UNSEEN, WORDS, tok, max_length=32)
+    assert {c.word for c in cases} == set(WORDS)
+    several = [c for c in cases if c.word == "photosynthesis"]
+    assert several and all(len(c.positions) == 3 for c in several)  # photo ##syn ##thesis, all three masked
+    right = pipeline_right(model, tok, cases)
     got = cloze_accuracy(model, tok, cases, batch_size=4)
     assert got["cloze_cases"] == len(cases) and got["cloze_words"] == len(WORDS)
     assert got["cloze_top1"] == right[1] / len(cases) and got["cloze_top3"] == right[3] / len(cases)
@@ -105,8 +112,15 @@ def test_train_reports_the_cloze_and_eval_reproduces_it(configs, tmp_path, capsy
     words.write_text("object\nfunction\nclass\nvalue\nreturn\nmethod\n")
     out = tmp_path / "run"
     m = train(configs(out, cloze_words=str(words), report_to="tensorboard"), progress=False).metrics
-    assert m["cloze"] == str(words) and m["cloze_cases"] > 0
-    assert m["cloze_top1_before"] is not None and m["cloze_top3_after"] is not None
+    assert m["cloze"] == str(words)
+    # the figures before and after are pipeline("fill-mask")'s on the run's held-out cases
+    tok = load_model(str(out))[1]
+    cfg = configs(out)
+    cases = held_out_cases(str(words), cfg.data, cfg.seed, tok, max_length=64)[1]
+    assert m["cloze_cases"] == len(cases) >= 3  # 4 held-out occurrences of the six words
+    for folder, when in ((configs.base["model"], "before"), (out, "after")):
+        right = pipeline_right(load_model(str(folder))[0], tok, cases)
+        assert (m[f"cloze_top1_{when}"], m[f"cloze_top3_{when}"]) == (right[1] / len(cases), right[3] / len(cases))
     assert "## What it learned of the domain's words" in (out / "README.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["cloze_top3_after"] == m["cloze_top3_after"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

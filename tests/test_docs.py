@@ -7,6 +7,8 @@ import argparse
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -89,3 +91,34 @@ def test_the_benchmark_tables_are_the_measured_ones():
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
     assert tables.stale() == [], "run python benchmarks/tables.py --write"
+
+
+def test_no_flag_names_two_defaults():
+    """A command's own default (quickstart's `--head-learning-rate 3e-3`) replaces the one the field's doc names."""
+    page = (ROOT / "docs" / "cli.md").read_text()
+    flags = re.split(r"\n  (?=-)", page)  # one chunk per flag of every command
+    assert len(flags) > 200
+    twice = [chunk.split()[0] for chunk in flags if " ".join(chunk.split()).count("(default:") > 1]
+    assert twice == []
+
+
+def test_the_sample_outputs_are_what_their_commands_print():
+    """Every `<!-- sample: NAME -->` block of the docs is its command's output, made again by docs/samples.py. They
+    read builtin:python-docs, which differs between Python versions: elsewhere the samples are not compared."""
+    import importlib.util
+    import json
+
+    from mlmtune.corpora import python_docs_texts
+
+    manifest = json.loads((ROOT / "tests" / "assets" / "tokenizers" / "MANIFEST.json").read_text())
+    spec = importlib.util.spec_from_file_location("make_tokenizers", ROOT / "tests" / "assets" / "make_tokenizers.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    if make.texts_digest(python_docs_texts()) != manifest["texts_sha256"]:
+        pytest.skip(f"the samples were made from Python {manifest['python']}'s docs")
+    spec = importlib.util.spec_from_file_location("samples", ROOT / "docs" / "samples.py")
+    samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(samples)
+    found = {f"{p.name}: {n}" for p in PAGES for n in re.findall(r"<!-- sample: (\S+) -->", p.read_text())}
+    assert found == {f"{page}: {name}" for page, names in samples.SAMPLES.items() for name in names}
+    assert samples.stale() == [], "run python docs/samples.py --write"

@@ -11,18 +11,6 @@ from mlmtune.fill import FillMask
 pytestmark = pytest.mark.numerics
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    from transformers import pipeline
-
-    return pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def filler(tiny_model_dir):
-    return FillMask.from_pretrained(str(tiny_model_dir), batch_size=4)
-
-
 TEXTS = [
     "The <mask> statement is used in a loop.",
     "A function is <mask> with def.",
@@ -37,7 +25,8 @@ def test_single_texts_match_the_pipeline(pipe, filler):
         assert_same_as_pipeline(filler(text, top_k=5), pipe(text, top_k=5))
 
 
-def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler):
+def test_batched_texts_match_the_pipeline_in_input_order(pipe, filler, monkeypatch):
+    monkeypatch.setattr(filler, "batch_size", 4)
     ours = filler.fill(TEXTS, top_k=3)  # batch_size 4: two batches of padded, length-sorted texts
     for text, result in zip(TEXTS, ours):
         assert_same_as_pipeline(result, pipe(text, top_k=3))
@@ -105,10 +94,11 @@ def test_missing_model_folder():
         FillMask.from_pretrained("./no-such-model")
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
-def test_half_precision_fill_scores_close_to_the_pipeline(pipe, tiny_model_dir, precision, dtype):
+@pytest.mark.parametrize("precision, dtype, rel", [("bf16", "bfloat16", 5e-3), ("fp16", "float16", 2e-3)])
+def test_half_precision_fill_scores_close_to_the_pipeline(pipe, tiny_model_dir, precision, dtype, rel):
     """--precision bf16/fp16 casts the weights; the pipeline's (fp32) top-5 tokens keep their probabilities
-    to 2% (measured: 0.18% bf16, 0.04% fp16; near-ties may change order, so tokens are compared by id)."""
+    to 0.5% and 0.2% (measured, worst over the kernel sets: 0.18% bf16, 0.04% fp16; a unit in the last place is
+    0.4% and 0.05%; near-ties may change order, so tokens are compared by id)."""
     import torch
 
     half = FillMask.from_pretrained(str(tiny_model_dir), batch_size=4, precision=precision)
@@ -116,4 +106,4 @@ def test_half_precision_fill_scores_close_to_the_pipeline(pipe, tiny_model_dir, 
     for text in TEXTS[:3]:
         probs = half.mask_logits(half.encode([text]))[0][0].softmax(-1)
         theirs = pipe(text, top_k=5)
-        assert [float(probs[p["token"]]) for p in theirs] == pytest.approx([p["score"] for p in theirs], rel=2e-2)
+        assert [float(probs[p["token"]]) for p in theirs] == pytest.approx([p["score"] for p in theirs], rel=rel)

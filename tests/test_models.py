@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 from compare import assert_same_as_pipeline, assert_same_weights
+from test_check import assert_measured, timed_check
 
 from mlmtune.cli import main
 from mlmtune.train import train
@@ -116,13 +117,15 @@ def test_check_names_the_head_and_estimates_long_blocks(modernbert_dir, tmp_path
     tok.save_pretrained(long)
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n".join(docs_texts[:1200]))
-    assert main(["check", "--model", str(long), "--dataset", str(corpus), "--block-size", "1024",
-                 "--batch-size", "2", "--cache-dir", str(tmp_path / "c")]) == 0
+    code, before, after, wall = timed_check(["check", "--model", str(long), "--dataset", str(corpus),
+                                             "--block-size", "1024", "--batch-size", "2", "--cache-dir",
+                                             str(tmp_path / "c")])
+    assert code == 0
     out = capsys.readouterr().out
     assert "head: sparse (the vocabulary projection at the masked positions only; ModernBertForMaskedLM" in out
     assert "blocks of 1024 tokens" in out
     est = dict(kv.split(": ") for kv in out.split("estimate ")[1].strip().split(", "))
-    assert float(est["peak_memory_gb"]) > 0 and float(est["seconds_per_step"]) > 0
+    assert_measured(est, before, after, wall)
 
 
 def test_check_names_a_dense_head(tmp_path, tiny_bert_dir, eli5_like, capsys):

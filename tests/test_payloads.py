@@ -14,11 +14,6 @@ LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, ma
                 max_work=400)
 
 
-@pytest.fixture(scope="module")
-def filler(tiny_model_dir):
-    return FillMask.from_pretrained(str(tiny_model_dir))
-
-
 def _parse(body, filler, limits=LIMITS):
     return parse_fill(json.dumps(body).encode() if not isinstance(body, bytes) else body, limits, filler)
 

@@ -22,18 +22,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def filler(tiny_model_dir):
-    return FillMask.from_pretrained(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    from transformers import pipeline
-
-    return pipeline("fill-mask", model=str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def client(filler):
     with TestClient(make_app(filler, limits=Limits(max_body_bytes=4000, max_chars=300, max_masks=3))) as c:
         yield c

@@ -14,7 +14,6 @@ import pytest
 from live import raw_exchange, running
 
 from mlmtune.batcher import Stopped
-from mlmtune.fill import FillMask
 from mlmtune.guard import SECURITY_HEADERS
 from mlmtune.payloads import Limits
 from mlmtune.serve import make_app
@@ -23,11 +22,6 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 TEXT = "The <mask> statement is used in a loop."
-
-
-@pytest.fixture(scope="module")
-def filler(tiny_model_dir):
-    return FillMask.from_pretrained(str(tiny_model_dir))
 
 
 def _words(n: int) -> list[str]:

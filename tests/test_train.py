@@ -34,7 +34,10 @@ def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_mod
     out, m = reference_run.folder, reference_run.metrics
     assert m["perplexity_after"] < 0.9 * m["perplexity_before"]
     assert m["train_steps"] == 8 and m["epochs"][-1]["step"] == 8
-    assert m["eval_masked_tokens"] > 0 and m["train_tokens_per_second"] > 0
+    assert m["train_tokens"] == 8 * 4 * 32  # steps x blocks x tokens: every token of every block trains
+    # the rate is that count over the seconds reported (rounded to 1 ms and to 0.1 token/s)
+    rate, seconds = m["train_tokens_per_second"], m["train_seconds"]
+    assert rate == pytest.approx(8 * 4 * 32 / seconds, abs=0.05 + rate * 5e-4 / seconds)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "training_curves.png",
                  "README.md", "mlmtune_config.yaml"):
         assert (out / name).is_file(), name

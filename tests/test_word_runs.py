@@ -73,7 +73,10 @@ def test_streaming_with_whole_words_trains(configs, tmp_path, docs_texts):
     corpus.write_text("\n".join(docs_texts[:300]))
     m = train(configs(tmp_path / "run", dataset=str(corpus), text_field="text", streaming=True, eval_records=40,
                       masking="whole-word", max_steps=4), progress=False).metrics
-    assert m["streaming"] and m["masking"] == "whole-word" and m["token_eval_loss_after"] is not None
+    # it trained on what it streamed: 4 steps of 4 blocks of 32, and both losses fell
+    assert m["train_steps"] == 4 and m["train_tokens"] == 4 * 4 * 32
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    assert m["token_eval_loss_after"] < m["token_eval_loss_before"]
 
 
 def test_show_masks_is_what_training_masks(configs, tmp_path, capsys, monkeypatch):

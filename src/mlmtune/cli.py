@@ -2,11 +2,12 @@
 
 Flags are generated from the config dataclasses (`--block-size` is `DataConfig.block_size`),
 so the CLI, `--config FILE.yaml` and the Python API share one schema (`reference_markdown` writes
-docs/cli.md from the same parsers). Errors a user can cause print one line and exit 1.
+docs/cli.md from the same parsers). Errors a user can cause print one line: exit 2 for a command
+line that does not parse (an unknown flag, a missing value), exit 1 for everything else.
 
-Only the config schema is imported at start-up. Each command imports what it runs when it runs:
-torch, transformers and datasets take seconds to import, and `mlmtune --help` or a mistyped flag
-must answer at once.
+Only the config schema is imported at start-up. Each command resolves its config, which validates
+every value, and only then imports what it runs: torch, transformers and datasets take seconds to
+import, and `mlmtune --help`, a mistyped flag or a bad value must answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,23 @@ from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
 from mlmtune.stopping import LeftEarly, Stop
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with mlmtune's one-line errors: no usage block, a pointer to --help instead (exit 2, as
+    argparse exits). Subcommands' parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"mlmtune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="read options from a YAML file (flags override it)")
     for name, (tp, default) in flat_fields(cls).items():
-        default = (defaults or {}).get(name, default)
+        doc = field_doc(cls, name)
+        if defaults and name in defaults:  # the command's own default replaces any the field's doc names
+            default, doc = defaults[name], re.sub(r"\s*\(default: [^)]*\)", "", doc)
         flag = "--" + name.replace("_", "-")
-        doc = field_doc(cls, name).replace("%", "%%")  # argparse formats help with %
+        doc = doc.replace("%", "%%")  # argparse formats help with %
         if tp is bool:
             parser.add_argument(flag, action="store_const", const=True, default=argparse.SUPPRESS, help=doc)
         elif "list[" in str(tp):  # repeatable: --model A --model B (or --model A,B)
@@ -45,7 +57,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlmtune", description="Masked-language-model fine-tuning, "
+    parser = _Parser(prog="mlmtune", description="Masked-language-model fine-tuning, "
                                      "perplexity and fill-mask.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="fine-tune a model with the masked-LM objective")
@@ -67,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "before and after (several models side by side)")
     _add_config_flags(p, ProbeConfig)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("fill", help="fill <mask> / [MASK] in texts (arguments, or one per line on stdin)")
+    p = sub.add_parser("fill", help="fill <mask> / [MASK] / <|mask|> in texts (arguments, or one per line on stdin)")
     _add_config_flags(p, FillConfig)
     p.add_argument("--json", action="store_true", help="one JSON line per text, as pipeline('fill-mask') returns")
     p.add_argument("texts", nargs="*", help="texts with a mask; read from stdin when none are given")
@@ -113,14 +125,14 @@ def _config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = N
 def cmd_train(args) -> int:
     stop = Stop()
     stop.install()  # before torch loads: a signal during start-up leaves in one line, not by its default (-15)
-    from mlmtune.card import summary_lines
-    from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
-
-    cfg = _config(TrainConfig, args)
+    cfg = _config(TrainConfig, args)  # every value checked before the heavy imports
     if cfg.export == "onnx":  # before hours of training, not after
         from mlmtune.onnx_runtime import import_onnxruntime
 
         import_onnxruntime()
+    from mlmtune.card import summary_lines
+    from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
+
     result = train(cfg, stop=stop)
     if result.rank != 0:  # one report per run, not one per process
         return 0
@@ -138,25 +150,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
+    cfg = _config(TrainConfig, args, QUICKSTART_DEFAULTS)
     from mlmtune.quickstart import quickstart  # heavy: imported when the command runs
 
-    _, report = quickstart(_config(TrainConfig, args, QUICKSTART_DEFAULTS))
+    _, report = quickstart(cfg)
     print(report)
     return 0
 
 
 def cmd_check(args) -> int:
+    cfg = _config(TrainConfig, args)
+    if args.show_masks is not None and args.show_masks < 1:
+        raise MlmtuneError(f"--show-masks must be a positive number of blocks, got {args.show_masks}")
     from mlmtune.check import masked_examples, preflight, render_masks  # heavy: imported when the command runs
 
     if args.show_masks is not None:
-        if args.show_masks < 1:
-            raise MlmtuneError(f"--show-masks must be a positive number of blocks, got {args.show_masks}")
-        examples, tokenizer = masked_examples(_config(TrainConfig, args), args.show_masks)
+        examples, tokenizer = masked_examples(cfg, args.show_masks)
         for n, example in enumerate(examples, 1):
             print(json.dumps(example, ensure_ascii=False) if args.json else
                   f"block {n} (step {example['step']}):\n{render_masks(example, tokenizer)}\n")
         return 0
-    report = preflight(_config(TrainConfig, args), probe=not args.no_probe)
+    report = preflight(cfg, probe=not args.no_probe)
     print("\n".join(report.lines()))
     if report.errors:
         print(f"mlmtune: error: {report.errors[0]}", file=sys.stderr)
@@ -165,10 +179,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    cfg = _config(PrepareConfig, args)
     from mlmtune.model import load_tokenizer  # heavy (transformers, datasets): imported when the command runs
     from mlmtune.prepare import prepare_blocks
 
-    cfg = _config(PrepareConfig, args)
     tokenizer = load_tokenizer(cfg.model)
     added = _add_tokens(cfg, tokenizer) if cfg.add_tokens else None
     blocks, stats = prepare_blocks(cfg.data, tokenizer, cfg.seed, save_to=cfg.output_dir, added=added)
@@ -197,9 +211,10 @@ def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    cfg = _config(EvalConfig, args)
     from mlmtune.evaluate import run_eval  # heavy: imported when the command runs
 
-    result = run_eval(_config(EvalConfig, args))
+    result = run_eval(cfg)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -240,9 +255,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    cfg = _config(ProbeConfig, args)
     from mlmtune.downstream import format_table, run_probe  # heavy: imported when the command runs
 
-    result = run_probe(_config(ProbeConfig, args))
+    result = run_probe(cfg)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -278,12 +294,12 @@ def read_stdin_lines() -> list[str]:
 
 
 def cmd_fill(args) -> int:
-    from mlmtune.fill import FillMask  # heavy: imported when the command runs
-
     cfg = _config(FillConfig, args)
     texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
+    from mlmtune.fill import FillMask  # heavy: imported when the command runs
+
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
                                       precision=cfg.precision, runtime=cfg.runtime, quantized=cfg.quantized)
     results = filler.fill(texts, top_k=cfg.top_k, targets=cfg.targets, max_pieces=cfg.max_pieces, joint=cfg.joint,
@@ -294,10 +310,10 @@ def cmd_fill(args) -> int:
 
 
 def cmd_score(args) -> int:
+    cfg = _config(ScoreConfig, args)
     from mlmtune.data import load_texts  # heavy: imported when the command runs
     from mlmtune.scoring import Scorer
 
-    cfg = _config(ScoreConfig, args)
     if cfg.data.dataset:
         split = load_texts(dataclasses.replace(cfg.data, test_size=0.0), 0)["train"]
         texts = list(split["text"][: cfg.max_texts])
@@ -324,19 +340,19 @@ def cmd_score(args) -> int:
 
 
 def cmd_export(args) -> int:
+    cfg = _config(ExportConfig, args)
     from mlmtune.onnx_export import export_folder  # heavy (torch, onnx): imported when the command runs
 
-    cfg = _config(ExportConfig, args)
     export_folder(cfg.model, cfg.output_dir, cfg.quantize)  # prints its checks as it goes
     print(f"exported to {cfg.output_dir} (onnx/ beside the model; its card has the checks)")
     return 0
 
 
 def cmd_serve(args) -> int:
+    cfg = _config(ServeConfig, args)
     from mlmtune.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
     from mlmtune.serve import check_exposure, default_hosts, is_loopback, make_app, serve
 
-    cfg = _config(ServeConfig, args)
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("MLMTUNE_API_KEY")
     check_exposure(cfg.host, api_key, cfg.insecure)
     if cfg.insecure and not is_loopback(cfg.host) and api_key is None:
@@ -365,7 +381,11 @@ COMMANDS = {"train": cmd_train, "check": cmd_check, "prepare": cmd_prepare, "eva
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, so that the hint points at that command's --help
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
     except MlmtuneError as e:

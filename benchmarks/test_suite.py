@@ -1,0 +1,54 @@
+"""The default test suite's wall time: `python -m pytest` as the README runs it, and its slowest tests.
+
+    python benchmarks/test_suite.py [--durations 10]
+
+Writes benchmarks/results/MACHINE/test_suite.json: the tests pytest counted (passed, failed, skipped), its own
+wall time, the slowest tests, and the load average before and after. A load above the machine's cores means
+other work shared the CPU, and the time is then longer than on a quiet machine: the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--durations", type=int, default=10)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--durations={args.durations}"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    out = p.stdout
+    summary = out.strip().splitlines()[-1]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", summary)}
+    seconds = float(re.search(r" in ([\d.]+)s", summary).group(1))
+    slowest = [{"seconds": float(s), "phase": ph, "test": t}
+               for s, ph, t in re.findall(r"^([\d.]+)s (call|setup|teardown)\s+(\S+)$", out, flags=re.M)]
+    cores = os.cpu_count() or 1
+    payload = {"command": "python -m pytest", "exit_code": p.returncode, "counts": counts,
+               "pytest_seconds": seconds, "wall_seconds": round(wall, 1), "slowest": slowest,
+               "load_average_before": [round(x, 2) for x in load_before],
+               "load_average_after": [round(x, 2) for x in load_after],
+               "contended": max(load_before[0], load_after[1]) > cores,
+               "note": "pytest's own count and time; 'contended': the 1-minute load before, or the 5-minute load "
+                       "after, exceeded the cores, so other work shared the CPU"}
+    path = write_json("test_suite", payload)
+    print(f"{summary}\n{path}")
+
+
+if __name__ == "__main__":
+    main()
