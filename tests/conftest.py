@@ -45,6 +45,15 @@ def asset_tokenizer(name: str):
     return tok
 
 
+def save_asset_tokenizer(name: str, tok, folder: Path) -> None:
+    """`tok.save_pretrained(folder)` plus the checked-in vocabulary files (vocab.txt, vocab.json, merges.txt) that a
+    fast tokenizer loaded from tokenizer.json does not write again, and that slow tokenizers and keras-hub read."""
+    for path in (TOKENIZERS / name).iterdir():
+        if path.name not in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(path, folder / path.name)
+    tok.save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def docs_texts() -> list[str]:
     from mlmtune.corpora import python_docs_texts
@@ -65,7 +74,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, type_vocab_size=1)
     model = RobertaForMaskedLM(config)
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_asset_tokenizer("roberta-bpe", tok, folder)
     return folder
 
 
@@ -80,7 +89,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
     BertForMaskedLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_asset_tokenizer("bert-wordpiece", tok, folder)
     return folder
 
 
@@ -258,7 +267,7 @@ def eurobert_dir(tmp_path_factory) -> Path:
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             mask_token_id=tok.mask_token_id)
     EuroBertForMaskedLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_asset_tokenizer("eurobert-bpe", tok, folder)
     return folder
 
 
