@@ -1,10 +1,11 @@
 """`mlmtune serve` on each runtime: torch fp32, onnx fp32, onnx int8, and the transformers pipeline behind a plain
 server, at 1, 8 and 32 concurrent clients; and the int8 graph's top-1 agreement with torch on held-out masks.
 
-    python benchmarks/serve_runtimes.py [--requests 300] [--limit-s 60]
+    python benchmarks/serve_runtimes.py [--model mlmtune-quickstart] [--requests 300] [--limit-s 60]
 
-The model is the quickstart's MiniLM with its seeded new head, not adapted (`_common.quickstart_model_folder`),
-exported once with `mlmtune export --quantize int8`. Each server is a real process on a free 127.0.0.1 port; each
+The model is `--model` (the quickstart's output: `mlmtune quickstart` writes mlmtune-quickstart/), or without it the
+quickstart's MiniLM with its seeded new head, not adapted (`_common.quickstart_model_folder`), exported once with
+`mlmtune export --quantize int8`. Each server is a real process on a free 127.0.0.1 port; each
 level sends `--requests` POST /fill requests (one text, top 5) or stops at `--limit-s`. Resident memory is the
 server's peak (VmHWM) after its last level. The pipeline's server answers each request with
 `pipeline("fill-mask")`, one at a time (the pipeline does not batch concurrent requests). Then, in this process:
@@ -156,12 +157,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--limit-s", type=float, default=60)
+    parser.add_argument("--model", type=Path, help="a trained model folder (default: the quickstart's start)")
     args = parser.parse_args()
 
     from mlmtune.onnx_export import export_folder
 
     folder = Path(tempfile.mkdtemp(prefix="mlmtune-bench-onnx-")) / "model"
-    report = export_folder(str(quickstart_model_folder()), folder, "int8")
+    report = export_folder(str(args.model or quickstart_model_folder()), folder, "int8")
     texts = sentences(500)
     rows = [row for name in RUNTIMES for row in run_server(name, folder, texts, args.requests, args.limit_s)]
     agree = agreement(folder)
@@ -178,11 +180,12 @@ def main() -> None:
     print(f"fill texts/s by graph: {graph_speed}")
     sizes = report.sizes_mb
     path = write_json("serve_runtimes", {
-        "model": "builtin:all-minilm-l6-v2 with its seeded new head, not adapted (the quickstart's start)",
+        "model": (f"{args.model.name}: the quickstart's trained output" if args.model else
+                  "builtin:all-minilm-l6-v2 with its seeded new head, not adapted (the quickstart's start)"),
         "requests_per_level": args.requests, "limit_s": args.limit_s, "rows": rows,
         "int8_over_torch_throughput": {str(c): s for c, s in speedup.items()}, "agreement": agree,
         "fill_texts_per_s_by_graph": graph_speed, "graph_sizes_mb": sizes,
-        "note": "2 cores shared with other workers while measuring"})
+        "load_average_1_5_15_min": os.getloadavg()})
     print(f"wrote {path}")
 
 

@@ -39,6 +39,7 @@ def test_changed_package_weights_are_refused(tmp_path, monkeypatch):
         model_mod.builtin_model_dir()
 
 
+@pytest.mark.slow  # the real MiniLM, about 30 s on 2 cores
 def test_quickstart_runs_offline_and_improves_perplexity(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--time-budget", "none", "--max-steps", "6", "--output-dir", str(out),
