@@ -714,4 +714,5 @@ def test_gradient_checkpointing_and_compile_under_fsdp(no_dropout_model, one_pro
     moved = m1["eval_loss_before"] - m1["eval_loss_after"]
     assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
     assert abs(m2["eval_loss_after"] - m1["eval_loss_after"]) < 0.05 * moved
-    assert m2["rank_weights_sha256"][0] == m2["rank_weights_sha256"][1]
+    # each rank's own shards: different bytes by design, and no replica group that disagrees
+    assert m2["rank_weights_sha256"][0] != m2["rank_weights_sha256"][1] and m2["rank_weights_disagree"] == []
