@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from mlmtune import budget, schedule
 from mlmtune import checkpoint as ckpt
-from mlmtune.config import parse_duration
+from mlmtune.config_groups import parse_duration
 from mlmtune.errors import MlmtuneError
 from mlmtune.train import train
 
@@ -107,11 +107,11 @@ def test_a_new_head_gets_a_warmup_by_default(headless_dir, configs, tmp_path):
         return budget.resolve_steps(cfg, Dist(), model, 100, torch.device("cpu"), probe=None)[0]
 
     cfg = planned(headless_dir, max_steps=10)
-    assert cfg.head_warmup_steps == 1 and cfg.head_learning_rate == budget.DEFAULT_HEAD_LR  # 10% of 10 steps
-    assert planned(headless_dir, max_steps=None, epochs=2, batch_size=5).head_warmup_steps == 4  # 10% of 2 x 20
+    assert cfg.optim.head_warmup_steps == 1 and cfg.optim.head_learning_rate == budget.DEFAULT_HEAD_LR  # 10% of 10
+    assert planned(headless_dir, max_steps=None, epochs=2, batch_size=5).optim.head_warmup_steps == 4  # 10% of 2 x 20
     cfg = planned(configs.base["model"], max_steps=10)
-    assert cfg.head_warmup_steps == 0 and cfg.head_learning_rate is None  # the model came with its head
-    assert planned(headless_dir, max_steps=10, head_warmup_steps=0).head_warmup_steps == 0  # asked for none
+    assert cfg.optim.head_warmup_steps == 0 and cfg.optim.head_learning_rate is None  # the model came with its head
+    assert planned(headless_dir, max_steps=10, head_warmup_steps=0).optim.head_warmup_steps == 0  # asked for none
 
 
 def _fake_probe(asked):
@@ -140,8 +140,8 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs
         train(cfg, progress=False, on_step=stop_at_5)
     assert asked == [False, True]  # a full step and, for the new head, a head-only step
     planned = ckpt.read_state(out / "checkpoints" / "step-0000005").config
-    assert planned["time_budget"] == "3.05s" and planned["max_steps"] == 4 + 13
-    assert planned["head_warmup_steps"] == 4
+    assert planned["schedule"]["time_budget"] == "3.05s" and planned["schedule"]["max_steps"] == 4 + 13
+    assert planned["optim"]["head_warmup_steps"] == 4
 
     def no_probe(*a, **k):
         raise AssertionError("a resumed run must not measure again")
@@ -152,7 +152,7 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs
     m = result.metrics
     assert m["train_steps"] == 17 and m["head_warmup_steps"] == 4
     saved_cfg = yaml.safe_load((out / "mlmtune_config.yaml").read_text())
-    assert saved_cfg["max_steps"] == 17 and saved_cfg["time_budget"] == "3.05s"
+    assert saved_cfg["schedule"]["max_steps"] == 17 and saved_cfg["schedule"]["time_budget"] == "3.05s"
 
 
 def test_max_steps_caps_a_time_budget(headless_dir, configs, tmp_path):

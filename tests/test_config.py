@@ -13,10 +13,10 @@ def test_precedence_defaults_file_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("learning_rate: 1.0e-4\nbatch-size: 4\ndata:\n  block_size: 64\n  text_field: answers.text\n")
     cfg = resolve(TrainConfig, load_config_file(f), {"dataset": "x.jsonl", "batch_size": "2"})
-    assert cfg.learning_rate == 1e-4          # from the file
-    assert cfg.batch_size == 2                # the flag beats the file
+    assert cfg.optim.learning_rate == 1e-4    # from the file
+    assert cfg.schedule.batch_size == 2       # the flag beats the file
     assert cfg.data.block_size == 64 and cfg.data.text_field == "answers.text"
-    assert cfg.weight_decay == 0.01 and cfg.epochs == 3
+    assert cfg.optim.weight_decay == 0.01 and cfg.schedule.epochs == 3
     assert cfg.mlm_probability == 0.15 and cfg.data.held_out == 0.2  # the guide's defaults
 
 
@@ -42,8 +42,8 @@ def test_bad_values_are_named(values, message):
 
 def test_false_strings_are_false():
     # the run_mlm.py `type=bool` trap: "False" must not parse as True
-    assert resolve(TrainConfig, {"resume": "False"}, {"dataset": "x"}).resume is False
-    assert resolve(TrainConfig, {"resume": False}, {"dataset": "x"}).resume is False
+    assert resolve(TrainConfig, {"resume": "False"}, {"dataset": "x"}).output.resume is False
+    assert resolve(TrainConfig, {"resume": False}, {"dataset": "x"}).output.resume is False
 
 
 def test_configs_are_frozen():

@@ -18,9 +18,9 @@ from sklearn.preprocessing import StandardScaler
 from transformers import AutoModel, AutoTokenizer
 
 from mlmtune.cli import main
-from mlmtune.config import TaskConfig
 from mlmtune.model import load_model
 from mlmtune.probe import probe, scores
+from mlmtune.probe_config import TaskConfig
 from mlmtune.task import CHAPTERS, TaskData, python_docs_chapters
 from mlmtune.train import train
 

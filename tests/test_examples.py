@@ -12,7 +12,7 @@ import yaml
 
 from mlmtune.cli import _config, build_parser, main
 from mlmtune.config import TrainConfig
-from mlmtune.options import flat_fields, load_config_file
+from mlmtune.options import flat_fields, flatten, load_config_file, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -44,15 +44,9 @@ def test_each_example_is_a_valid_config_run_by_its_own_command(path):
     assert all(not isinstance(v, dict) for v in flat.values()) and raw  # nested sections flattened
     parsed = build_parser().parse_args(["train", "--config", str(path), *args[3:]])
     cfg = _config(TrainConfig, parsed)  # raises MlmtuneError on any bad value
+    leaves = flatten(to_dict(cfg))  # the config's groups, by leaf name
     for name, value in flat.items():  # every value of the file reaches the config
-        assert _get(cfg, name) == value, name
-
-
-def _get(cfg, name):
-    for part in (cfg, cfg.data, cfg.downstream):
-        if hasattr(part, name):
-            return getattr(part, name)
-    raise AttributeError(name)
+        assert leaves[name] == value, name
 
 
 @pytest.mark.parametrize(("name", "data"), [("guide.yaml", "eli5"), ("streaming.yaml", "text")])
@@ -69,10 +63,9 @@ def test_the_tiny_ones_run(name, data, tiny_model_dir, eli5_like, docs_texts, tm
                  str(corpus), "--block-size", "32", "--max-steps", "2", "--save-steps", "2", "--output-dir",
                  str(out), "--general-eval", "none", "--cloze-words", "none", "--cache-dir", session_cache,
                  *extra]) == 0
-    saved = yaml.safe_load((out / "mlmtune_config.yaml").read_text())
+    saved = flatten(yaml.safe_load((out / "mlmtune_config.yaml").read_text()))  # its groups, by leaf name
     file_values = load_config_file(ROOT / "examples" / name)
     for key in ("learning_rate", "mlm_probability", "weight_decay", "streaming", "text_field", "split"):
         if key in file_values:  # the file's values are the run's
-            section = saved["data"] if key in saved["data"] else saved
-            assert section[key] == file_values[key], key
+            assert saved[key] == file_values[key], key
     assert "model saved in" in capsys.readouterr().out

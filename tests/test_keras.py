@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -29,7 +30,6 @@ from transformers import (  # noqa: E402
 
 import mlmtune.keras as mk  # noqa: E402
 from mlmtune.cli import main  # noqa: E402
-from mlmtune.config import TrainConfig  # noqa: E402
 from mlmtune.errors import MlmtuneError  # noqa: E402
 from mlmtune.keras.data import keras_batch  # noqa: E402
 from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks  # noqa: E402
@@ -233,10 +233,11 @@ def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp
         if step == 11:
             signal.raise_signal(signal.SIGINT)  # what the terminal sends
 
-    first = TrainConfig(**{**cfg.__dict__, "output_dir": str(out)})
+    first = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, output_dir=str(out)))
     with pytest.raises(MlmtuneError, match="interrupted at step 11; checkpoint saved in .*step-0000011"):
         train(first, progress=False, on_step=ctrl_c)
-    resumed = train(TrainConfig(**{**first.__dict__, "resume": True}), progress=False).metrics
+    resumed = train(dataclasses.replace(first, output=dataclasses.replace(first.output, resume=True)),
+                    progress=False).metrics
     assert resumed["train_steps"] == 24
     # measured: identical to the last digit on a 2-core AVX2 EPYC; 1e-6 leaves room for threaded CPU kernels
     assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)

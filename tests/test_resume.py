@@ -134,6 +134,35 @@ def test_no_readable_checkpoint_is_an_error(reference_run, configs, tmp_path):
         train(configs(out, resume=True), progress=False)
 
 
+def _flat_layout(config: dict) -> dict:
+    """A saved config as checkpoints held it before TrainConfig had groups: every setting at the top but the
+    data's and the downstream probe's, which were nested as `data` and `downstream`."""
+    old = {}
+    for key, value in config.items():
+        if key in ("measure", "schedule", "optim", "compute", "output"):
+            old.update(value)  # measure's `downstream` stays a nested dict, as it was
+        else:
+            old[key] = value
+    return old
+
+
+def test_a_checkpoint_saved_with_the_flat_config_of_older_versions_resumes(configs, tmp_path, reference_run):
+    out = reference_run.copy_up_to(4, tmp_path / "flat")
+    state_file = ckpt_mod.list_checkpoints(out)[-1] / ckpt_mod.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["config"] = _flat_layout(state["config"])
+    assert state["config"]["learning_rate"] == configs(out).optim.learning_rate and "optim" not in state["config"]
+    assert set(state["config"]["data"]) >= {"dataset", "block_size"} and "downstream" in state["config"]
+    state_file.write_text(json.dumps(state))
+
+    with pytest.raises(MlmtuneError, match=r"other settings \(learning_rate: 0\.01 -> 0\.02\)"):
+        train(configs(out, resume=True, learning_rate=2e-2), progress=False)  # a flat setting still counts
+    with pytest.raises(MlmtuneError, match=r"other settings \(block_size: 32 -> 16\)"):
+        train(configs(out, resume=True, block_size=16), progress=False)  # and so does a nested one
+    train(configs(out, resume=True), progress=False)
+    _assert_same_run(out, reference_run)
+
+
 def test_output_dir_that_cannot_be_created(configs, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

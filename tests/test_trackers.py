@@ -71,8 +71,8 @@ def _config_leaves(out: Path, started: bool = False) -> dict[str, str]:
         return flat
 
     saved = walk(yaml.safe_load((out / "mlmtune_config.yaml").read_text()))
-    assert saved["resume"] == "True"
-    return {**saved, "resume": "False"} if started else saved
+    assert saved["output.resume"] == "True"
+    return {**saved, "output.resume": "False"} if started else saved
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -191,13 +191,14 @@ def test_a_tracker_not_installed_is_named_before_any_work(configs, tmp_path, mon
 
 
 def test_a_config_file_may_list_the_trackers_as_the_trainer_yaml_does(tmp_path):
-    from mlmtune.config import TrainConfig, report_targets
+    from mlmtune.config import TrainConfig
+    from mlmtune.config_groups import report_targets
     from mlmtune.options import load_config_file, resolve
 
     path = tmp_path / "run.yaml"
     path.write_text("dataset: notes.txt\nreport_to: [tensorboard, mlflow]\n")
     cfg = resolve(TrainConfig, load_config_file(path), {})
-    assert report_targets(cfg.report_to) == ("tensorboard", "mlflow")
+    assert report_targets(cfg.output.report_to) == ("tensorboard", "mlflow")
     path.write_text("dataset: notes.txt\nreport_to: [none, mlflow]\n")
     with pytest.raises(MlmtuneError, match="--report-to none reports nowhere"):
         resolve(TrainConfig, load_config_file(path), {})

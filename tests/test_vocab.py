@@ -80,7 +80,7 @@ def test_the_mined_words_are_the_made_up_ones_and_single_tokens(made_up):
     from transformers import AutoTokenizer
 
     cfg, m, words = made_up
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output.output_dir)
     assert sorted((out / "added_tokens.txt").read_text().split()) == sorted(words)
     assert m["added_tokens"] == 20
     before, after = AutoTokenizer.from_pretrained(cfg.model), AutoTokenizer.from_pretrained(out)
@@ -99,7 +99,7 @@ def test_the_trained_folder_fills_the_new_words(made_up):
     from transformers import pipeline
 
     cfg, m, words = made_up
-    fill = pipeline("fill-mask", model=cfg.output_dir)
+    fill = pipeline("fill-mask", model=cfg.output.output_dir)
     hits = [words[i] in [p["token_str"].strip() for p in fill(f"so the {anchor} <mask> .", top_k=3)]
             for i, anchor in enumerate(ANCHORS)]  # "so" never starts a training sentence
     assert sum(hits) >= 10, hits
@@ -114,13 +114,13 @@ def test_the_tokenizer_free_figures_of_the_run_equal_a_hand_computation(made_up)
     cfg, m, _ = made_up
     texts = free_sample(list(load_texts(cfg.data, cfg.seed)["test"]["text"]))
     assert m["tokenizer_free_texts"] == len(texts) == 16
-    for folder, when in ((cfg.model, "before"), (cfg.output_dir, "after")):
+    for folder, when in ((cfg.model, "before"), (cfg.output.output_dir, "after")):
         model, tok = AutoModelForMaskedLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
         per_word, per_char = _hand_figures(model, tok, texts)
         assert m[f"nll_per_word_{when}"] == pytest.approx(per_word, rel=1e-5)
         assert m[f"bits_per_char_{when}"] == pytest.approx(per_char, rel=1e-5)
     assert m["nll_per_word_after"] < m["nll_per_word_before"] / 4
-    card = (Path(cfg.output_dir) / "README.md").read_text()
+    card = (Path(cfg.output.output_dir) / "README.md").read_text()
     assert "## Vocabulary" in card and "nats per word" in card
 
 

@@ -26,7 +26,8 @@ import torch
 
 from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
-from mlmtune.config import TrainConfig, parse_duration
+from mlmtune.config import TrainConfig
+from mlmtune.config_groups import parse_duration
 from mlmtune.device import resolve_device, resolve_precision, tf32_matmuls
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.forward import MaskedLMLoss, backward_masked, freeze_encoder
@@ -54,20 +55,20 @@ def timed_probe(cfg: TrainConfig, model, tokenizer, train_blocks, steps: int = 3
 
     The first steps pay one-time costs and are left out (`warm_median`).
     """
-    device = device or resolve_device(cfg.device)
+    device = device or resolve_device(cfg.compute.device)
     probe = copy.deepcopy(model).to(device).train()
-    freeze_encoder(probe, head_only, cfg.freeze_layers)
-    dtype = resolve_precision(cfg.precision, device)
-    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.learning_rate,
+    freeze_encoder(probe, head_only, cfg.optim.freeze_layers)
+    dtype = resolve_precision(cfg.compute.precision, device)
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=cfg.optim.learning_rate,
                                   fused=True)
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
     generator = torch.Generator().manual_seed(cfg.seed)
-    times = []
+    times, s = [], cfg.schedule
     for _ in range(steps):
         t0 = time.perf_counter()
-        batches = [masker(train_blocks[torch.randint(len(train_blocks), (min(cfg.batch_size, len(train_blocks)),),
+        batches = [masker(train_blocks[torch.randint(len(train_blocks), (min(s.batch_size, len(train_blocks)),),
                                                      generator=generator)], generator)
-                   for _ in range(cfg.gradient_accumulation_steps)]
+                   for _ in range(s.gradient_accumulation_steps)]
         n_masked = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
         with tf32_matmuls(device):  # as the training steps run
             backward_masked(MaskedLMLoss(probe), batches, n_masked, device, dtype, head_only=head_only)
@@ -118,7 +119,7 @@ class BudgetPlan:
 
 
 def plan_budget(cfg: TrainConfig, new_head: bool, probe: Probe) -> BudgetPlan:
-    """Pick the step counts that fit `cfg.time_budget` (the probe's own time included).
+    """Pick the step counts that fit `cfg.schedule.time_budget` (the probe's own time included).
 
     With a new head and no --head-warmup-steps, HEAD_SHARE of the time trains the head alone. An
     explicit --max-steps caps the total.
@@ -126,10 +127,10 @@ def plan_budget(cfg: TrainConfig, new_head: bool, probe: Probe) -> BudgetPlan:
     Args:
         probe: seconds per optimizer step, full or head-only, measured by the engine that will train.
     """
-    budget = parse_duration(cfg.time_budget)
+    budget = parse_duration(cfg.schedule.time_budget)
     t0 = time.perf_counter()
     full = probe(False)
-    asked = cfg.head_warmup_steps
+    asked = cfg.optim.head_warmup_steps
     wants_head = new_head if asked is None else asked > 0
     head = probe(True) if wants_head else None
     probe_seconds = time.perf_counter() - t0
@@ -139,11 +140,11 @@ def plan_budget(cfg: TrainConfig, new_head: bool, probe: Probe) -> BudgetPlan:
         head_warmup = min(int(HEAD_SHARE * left / head) if asked is None else asked, int(left / head))
     full_steps = int((left - head_warmup * (head or 0)) / full)
     total = head_warmup + full_steps
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    if cfg.schedule.max_steps:
+        total = min(total, cfg.schedule.max_steps)
         head_warmup = min(head_warmup, total)
     if total < 1:
-        raise MlmtuneError(f"--time-budget {cfg.time_budget} does not fit one training step on this machine "
+        raise MlmtuneError(f"--time-budget {cfg.schedule.time_budget} does not fit one training step on this machine "
                            f"(a step takes {full:.1f}s after a {probe_seconds:.0f}s probe); give more time")
     return BudgetPlan(total, head_warmup, full, head, probe_seconds)
 
@@ -164,30 +165,34 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: 
         --max-steps set), which the run's state keeps; None otherwise.
     """
     new_head = has_new_head(model)
-    head = cfg.head_warmup_steps
-    max_steps = cfg.max_steps
+    head = cfg.optim.head_warmup_steps
+    max_steps = cfg.schedule.max_steps
     record = None
-    saved = ckpt.newest_config(Path(cfg.output_dir)) if cfg.resume and cfg.time_budget is not None else None
-    if saved is not None and saved.get("time_budget") == cfg.time_budget:
+    resuming = cfg.output.resume and cfg.schedule.time_budget is not None
+    saved = ckpt.newest_config(Path(cfg.output.output_dir)) if resuming else None
+    if saved is not None and saved.get("time_budget") == cfg.schedule.time_budget:
         max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
-    elif cfg.time_budget is not None:
+    elif cfg.schedule.time_budget is not None:
         counts = [0, 0, 0.0, 0.0]
         if d.main:
             plan = plan_budget(cfg, new_head, probe())
-            say(plan.describe(cfg.time_budget))
+            say(plan.describe(cfg.schedule.time_budget))
             counts = [plan.max_steps, plan.head_warmup_steps, plan.probe_seconds, plan.full_step_seconds]
         planned, head, probe_seconds, step_seconds = distributed.all_reduce_sum(d, counts, device)
         max_steps, head = int(planned), int(head)
-        record = {"seconds": parse_duration(cfg.time_budget), "probe_seconds": probe_seconds, "cap": cfg.max_steps,
-                  "planned_steps": max_steps, "step_seconds": step_seconds, "replanned_at": None}
+        record = {"seconds": parse_duration(cfg.schedule.time_budget), "probe_seconds": probe_seconds,
+                  "cap": cfg.schedule.max_steps, "planned_steps": max_steps, "step_seconds": step_seconds,
+                  "replanned_at": None}
     elif head is None:
-        total = cfg.max_steps if n_train_blocks is None else steps_for(cfg, n_train_blocks, d.world)[1]
+        total = cfg.schedule.max_steps if n_train_blocks is None else steps_for(cfg, n_train_blocks, d.world)[1]
         head = round(AUTO_HEAD_SHARE * total) if new_head else 0
         if head:
             say(f"The model has no masked-LM head: the first {head} of {total} steps train the new head alone "
                 f"(--head-warmup-steps sets this)")
-    head_lr = (cfg.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
-    return dataclasses.replace(cfg, max_steps=max_steps, head_warmup_steps=head, head_learning_rate=head_lr), record
+    head_lr = (cfg.optim.head_learning_rate or DEFAULT_HEAD_LR) if head else None  # unused without a warm-up
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, max_steps=max_steps),
+                               optim=dataclasses.replace(cfg.optim, head_warmup_steps=head,
+                                                         head_learning_rate=head_lr)), record
 
 
 class Replanner:

@@ -244,9 +244,9 @@ def write_model_card(cfg: TrainConfig, metrics: dict[str, Any], folder: Path, ma
                                     f"`{cfg.data.text_field}`)"),
         ("eval split", f"{cfg.data.held_out:.0%} of records" if cfg.data.held_out else "none"),
         ("block size", cfg.data.block_size), ("mlm probability", cfg.mlm_probability), ("masking", cfg.masking),
-        ("learning rate", cfg.learning_rate), ("weight decay", cfg.weight_decay),
-        ("batch size", f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation"),
-        ("optimizer steps", metrics["train_steps"]), ("warmup steps", cfg.warmup_steps), ("seed", cfg.seed),
+        ("learning rate", cfg.optim.learning_rate), ("weight decay", cfg.optim.weight_decay),
+        ("batch size", f"{cfg.schedule.batch_size} x {cfg.schedule.gradient_accumulation_steps} accumulation"),
+        ("optimizer steps", metrics["train_steps"]), ("warmup steps", cfg.optim.warmup_steps), ("seed", cfg.seed),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     name = name or Path(folder).resolve().name

@@ -33,7 +33,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
     Errors a run would hit are findings here, not exceptions: the findings say all that is wrong.
     """
     findings = Findings()
-    for line in missing(cfg.report_to):  # what `train` refuses first
+    for line in missing(cfg.output.report_to):  # what `train` refuses first
         findings.add(ERROR, line)
     try:
         torch.manual_seed(cfg.seed)
@@ -52,7 +52,7 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
         findings.add(ERROR, str(e))
         return findings
     check_data(stats, cfg.data.block_size, findings)
-    task = cfg.downstream.task()
+    task = cfg.measure.downstream.task()
     if task is not None:  # read and checked as train reads it, before any training
         try:
             findings.add(OK, f"downstream task {TaskData(task, cfg.seed).describe([cfg.seed])}")
@@ -67,7 +67,8 @@ def preflight(cfg: TrainConfig, probe: bool = True) -> Findings:
         step = measured["step_seconds"]
         if cfg.backend != "torch":  # the engine's own step time; evaluation stays PyTorch's (fp32)
             step = engine.probe(cfg, model, tokenizer, train_blocks, None)(False)
-        eval_batches = math.ceil(stats.blocks.get("test", 0) / (cfg.eval_batch_size or cfg.batch_size))
+        eval_batch = cfg.schedule.eval_batch_size or cfg.schedule.batch_size
+        eval_batches = math.ceil(stats.blocks.get("test", 0) / eval_batch)
         evals = 2 + math.ceil(total / per_epoch)  # before, each epoch end, after
         # an eval batch is a forward pass in fp32: about a third of a PyTorch training step's work
         seconds = total * step + evals * eval_batches * measured["step_seconds"] / 3
@@ -95,7 +96,8 @@ def masked_examples(cfg: TrainConfig, n: int) -> tuple[list[dict], object]:
     blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     train_blocks = Blocks(blocks["train"])
     masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability, cfg.masking)
-    steps = StepBatches(train_blocks, None, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps)
+    steps = StepBatches(train_blocks, None, masker, cfg.seed, cfg.schedule.batch_size,
+                        cfg.schedule.gradient_accumulation_steps)
     special = set(tokenizer.all_special_ids)
     out: list[dict] = []
     for step in range(steps_for(cfg, len(train_blocks))[1]):

@@ -20,7 +20,7 @@ import resource
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +29,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from mlmtune import distributed
-from mlmtune.config import CONFIG_FILENAME, DownstreamConfig
+from mlmtune.config import CONFIG_FILENAME, DataConfig
 from mlmtune.distributed import Dist
 from mlmtune.errors import MlmtuneError, say, warn
+from mlmtune.options import flat_fields, flatten
+from mlmtune.probe_config import DownstreamConfig
 
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
-# Settings a resumed run must share with the run it continues; anything else may change.
-# The global batch (blocks per device x processes x accumulation) must be the same too (`check_global_batch`);
-# how it is split over the processes may change.
-RESUME_KEYS = ("model", "data", "mlm_probability", "epochs", "max_steps", "learning_rate", "weight_decay",
-               "warmup_steps", "max_grad_norm", "seed",
-               "head_warmup_steps", "head_learning_rate", "backend", "fsdp", "masking", "add_tokens", "add_numbers",
-               "freeze_layers", "downstream", "eval_precision")
+# Settings a resumed run must share with the run it continues, by leaf name (`options.flatten`: a checkpoint
+# saved before the config had groups compares the same); anything else may change. Every setting of the data
+# and of the downstream probe is one. The global batch (blocks per device x processes x accumulation) must be
+# the same too (`check_global_batch`); how it is split over the processes may change.
+RESUME_KEYS = ("model", *flat_fields(DataConfig), "mlm_probability", "epochs", "max_steps", "learning_rate",
+               "weight_decay", "warmup_steps", "max_grad_norm", "seed", "head_warmup_steps", "head_learning_rate",
+               "backend", "fsdp", "masking", "add_tokens", "add_numbers", "freeze_layers",
+               *flat_fields(DownstreamConfig), "eval_precision")
 # what a checkpoint from before a setting existed ran with
 RESUME_DEFAULTS = {"head_warmup_steps": 0, "backend": "torch", "fsdp": False, "masking": "token", "add_tokens": None,
-                   "add_numbers": False, "freeze_layers": 0, "downstream": asdict(DownstreamConfig()),
-                   "eval_precision": "fp32"}
+                   "add_numbers": False, "freeze_layers": 0, "eval_precision": "fp32",
+                   **{k: default for k, (_, default) in flat_fields(DownstreamConfig).items()}}
 
 
 # What a failed write raises on its way through the libraries: the OS's OSError (ENOSPC, EFBIG,
@@ -280,7 +283,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    saved = {**RESUME_DEFAULTS, **saved}
+    """Refuse a checkpoint whose config differs from this run's in any of `RESUME_KEYS` (either config grouped,
+    as `to_dict` writes it, or flat, as a checkpoint of an older version holds it)."""
+    saved, current = {**RESUME_DEFAULTS, **flatten(saved)}, flatten(current)
     diffs = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diffs)
@@ -291,7 +296,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
 
 
 def global_batch(config: dict[str, Any], world: int) -> tuple[int, str]:
-    """Blocks per optimizer step over all processes, and how they are made up."""
+    """Blocks per optimizer step over all processes, and how they are made up (`config` grouped or flat)."""
+    config = flatten(config)
     bs, acc = int(config.get("batch_size", 0)), int(config.get("gradient_accumulation_steps", 1))
     return bs * world * acc, f"{bs} per process x {world} process{'es' if world > 1 else ''} x {acc} accumulation"
 
@@ -299,7 +305,7 @@ def global_batch(config: dict[str, Any], world: int) -> tuple[int, str]:
 def check_global_batch(state: TrainState, current: dict[str, Any], world: int, where: Path) -> None:
     """A run may resume on another number of processes when its global batch stays the same: every step then
     trains on the same blocks with the same masks (`feed.StepBatches`). Another global batch is refused."""
-    saved = state.config
+    saved, current = flatten(state.config), flatten(current)
     if state.world_size is None:  # an older checkpoint: its split over processes is not known
         keys = [k for k in ("batch_size", "gradient_accumulation_steps") if saved.get(k) != current.get(k)]
         if keys:
@@ -314,7 +320,7 @@ def check_global_batch(state: TrainState, current: dict[str, Any], world: int, w
                 ": keep it, or start another --output-dir")
         raise MlmtuneError(f"--resume: {where} was trained with a global batch of {old} blocks ({old_parts}); this "
                            f"run's is {new} ({new_parts}){hint}")
-    if state.world_size != world and saved.get("data", {}).get("streaming"):
+    if state.world_size != world and saved.get("streaming"):
         raise MlmtuneError(f"--resume: {state.world_size} process(es) streamed {where.name}, each reading its own "
                            f"share of the records; resume a --streaming run on {state.world_size} process(es)")
     if state.world_size != world:
@@ -331,10 +337,10 @@ def read_state(path: Path) -> TrainState:
 
 
 def newest_config(output_dir: Path) -> dict[str, Any] | None:
-    """The config saved with the newest readable checkpoint, or None."""
+    """The config saved with the newest readable checkpoint, flat (`options.flatten`), or None."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            return read_state(path).config
+            return flatten(read_state(path).config)
         except MlmtuneError:
             continue
     return None

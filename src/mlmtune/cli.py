@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
     stop = Stop()
     stop.install()  # before torch loads: a signal during start-up leaves in one line, not by its default (-15)
     cfg = _config(TrainConfig, args)  # every value checked before the heavy imports
-    if cfg.export == "onnx":  # before hours of training, not after
+    if cfg.output.export == "onnx":  # before hours of training, not after
         from mlmtune.onnx_runtime import import_onnxruntime
 
         import_onnxruntime()
@@ -139,7 +139,7 @@ def cmd_train(args) -> int:
     for line in summary_lines(result.metrics):
         print(line)
     print(f"model saved in {result.output_dir}")
-    if cfg.export == "onnx":
+    if cfg.output.export == "onnx":
         from mlmtune.model import load_model
         from mlmtune.onnx_export import export_into_run
 

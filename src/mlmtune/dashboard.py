@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlmtune.config import report_targets
+from mlmtune.config_groups import report_targets
 from mlmtune.errors import MlmtuneError, say, warn
 from mlmtune.trackers import MLFLOW_SQLITE, PACKAGES, TRACKERS
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from mlmtune.config import ProbeConfig, TaskConfig
+from mlmtune.config import ProbeConfig
 from mlmtune.device import resolve_device
 from mlmtune.model import load_model
 from mlmtune.probe import probe
+from mlmtune.probe_config import TaskConfig
 from mlmtune.sentence import SentenceEncoder, sentence_encoder
 from mlmtune.task import TaskData
 

@@ -70,12 +70,12 @@ class StepBatches:
                 progress: bool = True) -> StepBatches:
         """A run's steps from `first_step` on: from its blocks, or (blocks None: --streaming) from a stream
         fast-forwarded to that step."""
-        stream = None
+        stream, s = None, cfg.schedule
         if blocks is None:
-            stream = BlockStream(cfg.data, tokenizer, cfg.seed, cfg.batch_size, rank=d.rank, world=d.world).batches(
-                start=first_step * cfg.gradient_accumulation_steps, progress=progress)
-        made = cls(blocks, stream, masker, cfg.seed, cfg.batch_size, cfg.gradient_accumulation_steps, d.rank, d.world)
-        made.stream_micro = first_step * cfg.gradient_accumulation_steps
+            stream = BlockStream(cfg.data, tokenizer, cfg.seed, s.batch_size, rank=d.rank, world=d.world).batches(
+                start=first_step * s.gradient_accumulation_steps, progress=progress)
+        made = cls(blocks, stream, masker, cfg.seed, s.batch_size, s.gradient_accumulation_steps, d.rank, d.world)
+        made.stream_micro = first_step * s.gradient_accumulation_steps
         return made
 
     def blocks_of(self, step: int, words: bool = False, share: bool = True) -> list[tuple[torch.Tensor, Any, list]]:

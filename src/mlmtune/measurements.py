@@ -66,7 +66,8 @@ class Scoring:
 
     @classmethod
     def of(cls, cfg: TrainConfig, engine: Engine, progress: bool) -> Scoring:
-        return cls(engine.dist, engine.device, cfg.eval_batch_size or cfg.batch_size, progress, engine.eval_autocast)
+        batch = cfg.schedule.eval_batch_size or cfg.schedule.batch_size
+        return cls(engine.dist, engine.device, batch, progress, engine.eval_autocast)
 
 
 def ranks_perplexity(scoring: Scoring, model, blocks, masker: Masker, seed: int, desc: str) -> EvalResult:

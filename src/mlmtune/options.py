@@ -55,10 +55,15 @@ def _field_docs(klass: type) -> dict[str, str]:
             and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
 
 
-def field_doc(cls: type, name: str) -> str:
-    """The docstring under a field of `cls` or of a config nested in it, for --help."""
+def _classes(cls: type) -> list[type]:
+    """`cls` and every config nested in it, at any depth (`TrainConfig.measure.downstream`), outermost first."""
     nested = [_hints(cls)[f.name] for f in dataclasses.fields(cls) if is_nested(_hints(cls)[f.name])]
-    for klass in (cls, *nested):
+    return [cls, *(k for tp in nested for k in _classes(tp))]
+
+
+def field_doc(cls: type, name: str) -> str:
+    """The docstring under a field of `cls` or of a config nested in it (at any depth), for --help."""
+    for klass in _classes(cls):
         if name in _field_docs(klass):
             return _field_docs(klass)[name]
     return ""
@@ -123,7 +128,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config into a flat dict (nested `data:` sections are flattened)."""
+    """Read a YAML config into a flat dict (nested sections, `data:` or `optim:`, are flattened)."""
     p = Path(path)
     if not p.is_file():
         raise MlmtuneError(f"config file {p} does not exist")
@@ -138,17 +143,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise MlmtuneError(f"config file {p} must hold a mapping of option: value")
 
+    return flatten(raw)
+
+
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """A config as a dict, flat: nested sections (`data:`, `optim:`) give their leaves, `-` in a name is `_`.
+
+    A saved config (`to_dict`, grouped) and an older flat one read the same: `flatten(saved)["learning_rate"]`.
+    """
     flat: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            key = str(k).replace("-", "_")
-            if isinstance(v, dict):
-                walk(v)
-            else:
-                flat[key] = v
-
-    walk(raw)
+    for k, v in values.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v))
+        else:
+            flat[str(k).replace("-", "_")] = v
     return flat
 
 
@@ -165,7 +173,7 @@ def resolve(cls: type, file_values: dict[str, Any] | None = None, flags: dict[st
 
     Example:
         >>> cfg = resolve(TrainConfig, {"learning_rate": 1e-4}, {"dataset": "corpus.txt", "epochs": "1"})
-        >>> cfg.learning_rate, cfg.epochs, cfg.data.dataset
+        >>> cfg.optim.learning_rate, cfg.schedule.epochs, cfg.data.dataset
         (0.0001, 1.0, 'corpus.txt')
     """
     leaves = flat_fields(cls)
@@ -191,6 +199,7 @@ def _build(cls: type, values: dict[str, Any]):
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested dicts, one per group (`flatten` makes it flat again)."""
     return dataclasses.asdict(cfg)
 
 

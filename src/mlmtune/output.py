@@ -74,8 +74,8 @@ def run_metrics(cfg: TrainConfig, run: Run, state: ckpt.TrainState, after: dict 
         "epochs": state.epochs,
         "train_loss": state.train_loss,
         "train_steps": state.step,
-        "head_warmup_steps": cfg.head_warmup_steps,
-        "time_budget": cfg.time_budget,
+        "head_warmup_steps": cfg.optim.head_warmup_steps,
+        "time_budget": cfg.schedule.time_budget,
         "train_tokens": state.train_tokens,
         "train_seconds": round(state.train_seconds, 3),
         "train_tokens_per_second": round(state.train_tokens / state.train_seconds, 1) if state.train_seconds else None,
@@ -116,6 +116,6 @@ def write_output(cfg: TrainConfig, out: Path, model, tokenizer, metrics: dict[st
         write_model_card(cfg, metrics, folder, tokenizer.mask_token, name=out.resolve().name)
 
     ckpt.write_final(out, write)
-    if cfg.push_to_hub:
-        repo = cfg.hub_model_id or out.resolve().name
+    if cfg.output.push_to_hub:
+        repo = cfg.output.hub_model_id or out.resolve().name
         say(f"Pushed to {push_folder(str(out), repo)}")

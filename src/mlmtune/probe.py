@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mlmtune.config import TaskConfig
 from mlmtune.device import PRECISION_NAMES, resolve_precision
 from mlmtune.errors import MlmtuneError
 from mlmtune.forward import pad_rows
 from mlmtune.model import max_positions
+from mlmtune.probe_config import TaskConfig
 from mlmtune.sentence import SentenceEncoder
 from mlmtune.task import TaskData
 

@@ -59,18 +59,19 @@ def _opt(x: float | None, spec: str) -> str:
 def quickstart(cfg: TrainConfig, progress: bool = True) -> tuple[TrainResult, str]:
     """Train with the quickstart settings and return the result plus a printable report."""
     torch.manual_seed(cfg.seed)  # the same new head train() starts from
-    fill = FillMask.from_pretrained(cfg.model, device=cfg.device)
-    held = held_out_cases(cfg.cloze_words, cfg.data, cfg.seed, fill.tokenizer,
+    fill = FillMask.from_pretrained(cfg.model, device=cfg.compute.device)
+    held = held_out_cases(cfg.measure.cloze_words, cfg.data, cfg.seed, fill.tokenizer,
                           max_positions(fill.model, fill.tokenizer), quiet=True)
     shown = examples(held[1]) if held else []
     before = _top(fill, shown)
     del fill
     result = train(cfg, progress=progress)
-    after = _top(FillMask.from_pretrained(str(result.output_dir), device=cfg.device), shown)
+    after = _top(FillMask.from_pretrained(str(result.output_dir), device=cfg.compute.device), shown)
     m = result.metrics
     head = m["head_warmup_steps"]
     steps = (f"{head} head-only + {m['train_steps'] - head} full steps" if head else f"{m['train_steps']} steps")
-    allowed = f"the {cfg.time_budget} budget allowed {steps} on this machine" if cfg.time_budget else steps
+    budget = cfg.schedule.time_budget
+    allowed = f"the {budget} budget allowed {steps} on this machine" if budget else steps
     lines = [
         "",
         f"Perplexity on held-out Python docs: {m['perplexity_before']:,.1f} before -> "

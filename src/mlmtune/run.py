@@ -86,7 +86,7 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
         device: where rank 0 scores the tokenizer-free figures before the vocabulary grows.
     """
     torch.manual_seed(cfg.seed)  # a new head (or any new weight) starts the same way every run
-    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.compute.attn_implementation)
     if check_model is not None:
         check_model(model)
     check_block_size(cfg.data.block_size, model, tokenizer)
@@ -97,12 +97,12 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     embedding, embedded = distributed.main_first(d, lambda: embedding_before(cfg, model, tokenizer, device, sentence,
                                                                             held, d.main))
     layers = len(encoder_layers(model))
-    if cfg.freeze_layers >= max(layers, 1):
-        raise MlmtuneError(f"--freeze-layers {cfg.freeze_layers}: {cfg.model} has {layers} encoder layers, so at "
+    if cfg.optim.freeze_layers >= max(layers, 1):
+        raise MlmtuneError(f"--freeze-layers {cfg.optim.freeze_layers}: {cfg.model} has {layers} encoder layers, so at "
                            f"most {layers - 1} can be frozen (--head-warmup-steps trains the head alone)")
     grown = (distributed.main_first(d, lambda: grow_vocabulary(cfg, model, tokenizer, device, d.main))
              if cfg.add_tokens else None)
-    source = general_source(cfg.general_eval, quiet=not d.main)
+    source = general_source(cfg.measure.general_eval, quiet=not d.main)
     general = (source, distributed.main_first(d, lambda: general_blocks(source, model, tokenizer))) if source else None
 
     # text -> tokens -> blocks: tokenized once, by rank 0; the other ranks read its cache. A stream
@@ -126,7 +126,7 @@ def load_run(cfg: TrainConfig, d: distributed.Dist, check_model: Callable[[Any],
     if general is not None:
         say(f"General check: {len(general[1])} blocks of {source} ({general[1].block_size} tokens each, fixed "
             f"token masks at 15%), scored before and after training")
-    cloze = held_out_cases(cfg.cloze_words, cfg.data, cfg.seed, tokenizer, max_positions(model, tokenizer),
+    cloze = held_out_cases(cfg.measure.cloze_words, cfg.data, cfg.seed, tokenizer, max_positions(model, tokenizer),
                            quiet=not d.main, held=held)
     if cloze is not None:
         say(f"Cloze: {len(cloze[1])} held-out occurrences of {len({c.word for c in cloze[1]})} words "
@@ -140,7 +140,7 @@ def downstream_before(cfg: TrainConfig, model, tokenizer, device, sentence: Sent
     """--downstream (rank 0): the task, read and checked before any training, and the probe of the model as loaded
     (before its vocabulary grows), unless a checkpoint to resume already holds it. A sentence encoder is probed
     through its own pooling."""
-    task = cfg.downstream.task()
+    task = cfg.measure.downstream.task()
     if task is None or not main:
         return None, None
     return _scored_before(cfg, RunProbe(task, cfg.seed, device or torch.device("cpu"), sentence), model, tokenizer,
@@ -153,7 +153,8 @@ def embedding_before(cfg: TrainConfig, model, tokenizer, device, sentence: Sente
     as loaded (before its vocabulary grows), unless a checkpoint to resume already holds it."""
     if not main:
         return None, None
-    check = embedding_check(cfg.embedding_eval, sentence, cfg.data, cfg.seed, device or torch.device("cpu"), held)
+    check = embedding_check(cfg.measure.embedding_eval, sentence, cfg.data, cfg.seed, device or torch.device("cpu"),
+                            held)
     if check is None:
         return None, None
     return _scored_before(cfg, check, model, tokenizer, embedding_line)
@@ -163,7 +164,7 @@ def _scored_before(cfg: TrainConfig, measure, model, tokenizer, line) -> tuple[A
     """A measurement that rank 0 takes of the model as loaded: said, and scored unless a checkpoint to resume
     already holds its figure (None then: the checkpoint's state has it)."""
     say(measure.describe())
-    if cfg.resume and ckpt.list_checkpoints(Path(cfg.output_dir)):
+    if cfg.output.resume and ckpt.list_checkpoints(Path(cfg.output.output_dir)):
         return measure, None
     before = measure(model, tokenizer)
     say(line("Before training", before))

@@ -20,18 +20,20 @@ def epoch_length(n_blocks: int, global_batch: int, accumulation: int) -> tuple[i
 
 def steps_for(cfg: TrainConfig, n_train_blocks: int, world: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a run on `world` processes."""
-    _, per_epoch = epoch_length(n_train_blocks, cfg.batch_size * world, cfg.gradient_accumulation_steps)
-    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    s = cfg.schedule
+    _, per_epoch = epoch_length(n_train_blocks, s.batch_size * world, s.gradient_accumulation_steps)
+    return per_epoch, s.max_steps or math.ceil(s.epochs * per_epoch)
 
 
 def step_plan(cfg: TrainConfig, n_train_blocks: int | None, world: int) -> tuple[int, int, int]:
     """(steps per epoch, total steps, steps between checkpoints). A stream (`n_train_blocks` None) has no
     epochs: its "epochs" are the evaluation and checkpoint intervals."""
     if n_train_blocks is None:
-        steps_per_epoch, total_steps = cfg.save_steps or max(1, cfg.max_steps // 10), cfg.max_steps
+        total_steps = cfg.schedule.max_steps
+        steps_per_epoch = cfg.output.save_steps or max(1, total_steps // 10)
     else:
         steps_per_epoch, total_steps = steps_for(cfg, n_train_blocks, world)
-    return steps_per_epoch, total_steps, cfg.save_steps or steps_per_epoch
+    return steps_per_epoch, total_steps, cfg.output.save_steps or steps_per_epoch
 
 
 def lr_factor(step: int, total: int, warmup: int, head_steps: int = 0, head_factor: float = 1.0) -> float:
@@ -52,6 +54,6 @@ def lr_factor(step: int, total: int, warmup: int, head_steps: int = 0, head_fact
 
 def learning_rate_at(cfg: TrainConfig, total_steps: int, step: int) -> float:
     """The learning rate of optimizer step `step` (counted from 0) of a run of `total_steps`."""
-    head_factor = (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate
-    return cfg.learning_rate * lr_factor(step, total_steps, cfg.warmup_steps, cfg.head_warmup_steps or 0,
-                                         head_factor)
+    o = cfg.optim
+    head_factor = (o.head_learning_rate or o.learning_rate) / o.learning_rate
+    return o.learning_rate * lr_factor(step, total_steps, o.warmup_steps, o.head_warmup_steps or 0, head_factor)

@@ -16,9 +16,10 @@ import torch
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar, enable_progress_bar
 
-from mlmtune.config import DataConfig, TaskConfig
+from mlmtune.config import DataConfig
 from mlmtune.data import load_records, text_values
 from mlmtune.errors import MlmtuneError, warn
+from mlmtune.probe_config import TaskConfig
 
 # builtin:python-docs-chapters: each pydoc topic by the part of the Python docs it comes from. The debugger's
 # commands (pdb) belong to none of these and are left out, as are topics a later Python adds (until named here).

@@ -105,18 +105,19 @@ class TorchEngine:
     @classmethod
     def open(cls, cfg: TrainConfig) -> tuple[TorchEngine, TrainConfig]:
         d = distributed.init()  # one process unless torchrun / accelerate launched several
-        if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        if not cfg.compute.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
             say("accelerate launch with an FSDP config: sharding as --fsdp does (its other fsdp_* choices are not "
                 "read)")
-            cfg = dataclasses.replace(cfg, fsdp=True)
-        if cfg.fsdp:
+            cfg = dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, fsdp=True))
+        if cfg.compute.fsdp:
             distributed.require_ranks(d, "--fsdp")
-            if cfg.time_budget is not None and not cfg.resume:
+            if cfg.schedule.time_budget is not None and not cfg.output.resume:
                 raise MlmtuneError("--time-budget with --fsdp: its probe would time an unsharded copy of the whole "
                                    "model on one device, which is what --fsdp avoids; give --max-steps or --epochs")
-        if d.enabled and cfg.device:
+        if d.enabled and cfg.compute.device:
             raise MlmtuneError("--device is for one process; under torchrun each rank takes its LOCAL_RANK GPU")
-        device = distributed.device_for(d) if d.enabled else resolve_device(cfg.device)  # checked before the data
+        # checked before the data
+        device = distributed.device_for(d) if d.enabled else resolve_device(cfg.compute.device)
         return cls(cfg, d, device), cfg
 
     @staticmethod
@@ -126,7 +127,7 @@ class TorchEngine:
     probe = staticmethod(torch_probe)
 
     def session(self):
-        return deterministic_kernels(self.cfg.deterministic)
+        return deterministic_kernels(self.cfg.compute.deterministic)
 
     @property
     def precision(self) -> str:
@@ -134,8 +135,9 @@ class TorchEngine:
 
     def attach(self, model) -> None:
         self.model = model
-        self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.fsdp else None  # rank 0's CPU copy, for writing
-        if self.cfg.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
+        # rank 0's CPU copy, for writing
+        self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.compute.fsdp else None
+        if self.cfg.compute.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
             if not model.supports_gradient_checkpointing:
                 raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
             # non-reentrant: works with DDP's and FSDP's hooks, with frozen inputs, and replays dropout's RNG
@@ -148,17 +150,17 @@ class TorchEngine:
 
     def start(self, cfg: TrainConfig, tokenizer) -> None:
         self.cfg = cfg
-        if cfg.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
+        if cfg.compute.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
             compile_encoder(self.model)
-        self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
+        self.precision_ = Precision.choose(cfg.compute.precision, self.device, sharded=self.fsdp is not None)
         # bf16 training gathers bf16 weights (FSDP2's policy is fixed per module, so evaluation runs on them too:
         # with --eval-precision fp32 the shards are gathered in fp32 and autocast casts them, as before)
-        bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.eval_precision != "fp32"
+        bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.compute.eval_precision != "fp32"
         self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None,
-                                     compile_layers=cfg.compile)
+                                     compile_layers=cfg.compute.compile)
                      if self.fsdp else None)  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.learning_rate,
                                            fused=True)
         # what checkpoints read and write: under FSDP the full (gathered) state, keyed by parameter name
         self.full_optimizer = self.fsdp.optimizer(self.optimizer) if self.fsdp else self.optimizer
@@ -166,7 +168,7 @@ class TorchEngine:
     @property
     def eval_autocast(self) -> torch.dtype | None:
         """--eval-precision train: the steps' autocast (None under fp32); fp32: None."""
-        return None if self.cfg.eval_precision == "fp32" else self.precision_.autocast
+        return None if self.cfg.compute.eval_precision == "fp32" else self.precision_.autocast
 
     def describe(self) -> str:
         d = self.dist
@@ -174,8 +176,8 @@ class TorchEngine:
                                              f" (HSDP: sharded within each of {self.fsdp.nodes} nodes")
         if self.fsdp:
             sharding += ", bf16 all-gathers, fp32 gradient reduction)" if self.fsdp.param_dtype else ")"
-        ranks = (f"; {d.world} processes{sharding}, {self.cfg.batch_size} blocks each per micro-batch" if d.enabled
-                 else "")
+        per = self.cfg.schedule.batch_size
+        ranks = f"; {d.world} processes{sharding}, {per} blocks each per micro-batch" if d.enabled else ""
         evaluation = ("in fp32" if self.eval_autocast is None else
                       f"under {PRECISION_NAMES[self.eval_autocast]} autocast (--eval-precision fp32 for true fp32)")
         return f"Training precision: {self.precision_.describe()}; evaluation {evaluation}{ranks}"
@@ -207,7 +209,7 @@ class TorchEngine:
         return lambda folder: self.fsdp.save_shards(self.optimizer, folder)
 
     def set_phase(self, head_only: bool) -> None:
-        freeze_encoder(self.model, head_only, self.cfg.freeze_layers)
+        freeze_encoder(self.model, head_only, self.cfg.optim.freeze_layers)
         # the training forward, under DDP on several ranks; DDP registers its hooks on the parameters that
         # train, so it is built again when the encoder joins. Under FSDP the sharded root is the forward.
         self.step_loss = self.root if self.fsdp else distributed.wrap(self.dist, MaskedLMLoss(self.model))
@@ -222,7 +224,7 @@ class TorchEngine:
                                   head_only, self.precision_.scaler, self.dist.world)
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate
-            self.precision_.step(self.optimizer, self.model.parameters(), self.cfg.max_grad_norm)
+            self.precision_.step(self.optimizer, self.model.parameters(), self.cfg.optim.max_grad_norm)
         return nll / (n_masked.clamp(min=1) if isinstance(n_masked, torch.Tensor) else max(n_masked, 1))
 
     def sync(self) -> None:

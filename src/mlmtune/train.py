@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, float
         MlmtuneError: bad data, model or output folder; or training was interrupted (a checkpoint
             is saved first, so `--resume` continues).
     """
-    dashboard.require(cfg.report_to)  # a dashboard's missing package, before any folder is made
+    dashboard.require(cfg.output.report_to)  # a dashboard's missing package, before any folder is made
     listening = contextlib.nullcontext() if stop is not None else (stop := Stop()).listening()
     with listening:  # from the start: a signal while the model loads leaves at once, in one line
         try:
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step: Callable[[int, float
 
 
 def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step, stop: Stop) -> TrainResult:
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output.output_dir)
     lock = FolderLock.inside(out, f"--output-dir {out}")  # rank 0 holds it: one run per folder
     try:
         return _train_locked(cfg, engine, progress, on_step, lock, stop)
@@ -88,8 +88,8 @@ def _train(cfg: TrainConfig, engine: Engine, progress: bool, on_step, stop: Stop
 
 def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, lock: FolderLock,
                   stop: Stop) -> TrainResult:
-    d, out = engine.dist, Path(cfg.output_dir)
-    distributed.main_first(d, lambda: check_output_dir(out, cfg.resume, lock) if d.main else None)
+    d, out = engine.dist, Path(cfg.output.output_dir)
+    distributed.main_first(d, lambda: check_output_dir(out, cfg.output.resume, lock) if d.main else None)
     distributed.check_shared_dir(d, out)  # several machines: checkpoints must reach every rank
     run = load_run(cfg, d, check_model=engine.check_model, device=engine.device)
     engine.attach(run.model)
@@ -104,7 +104,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
     if not resumed:  # the probes scored the model as loaded, before its vocabulary grew (`load_run`)
         state.downstream_before, state.embedding_before = run.downstream_before, run.embedding_before
         state.budget = budget  # a resumed run keeps its own (and whether it was re-planned)
-    dash = dashboard.Dashboard(cfg.report_to, out, start_step=state.step, enabled=d.main, config=to_dict(cfg),
+    dash = dashboard.Dashboard(cfg.output.report_to, out, start_step=state.step, enabled=d.main, config=to_dict(cfg),
                                runs=state.trackers if resumed else None)
     state.trackers = {**state.trackers, **dash.runs}  # the checkpoints keep them: --resume continues each run
     if not resumed and state.eval_before:
@@ -128,10 +128,10 @@ def start_or_resume(cfg: TrainConfig, out: Path, engine: Engine, evaluate: Calla
     engine), else a new state holding the evaluations before training (the eval split's, and those of `checks`
     that every rank takes with the engine's weights)."""
     config = to_dict(cfg)
-    resumed = ckpt.resume_latest(out, config, engine.restore, engine.dist) if cfg.resume else None
+    resumed = ckpt.resume_latest(out, config, engine.restore, engine.dist) if cfg.output.resume else None
     if resumed is not None:
         return resumed, True
-    if cfg.resume:
+    if cfg.output.resume:
         say(f"--resume: no checkpoint in {out}, starting from the beginning")
     state = ckpt.TrainState(config=config, world_size=engine.dist.world)
     before = evaluate("Eval (before)")
@@ -226,12 +226,12 @@ class Loop:
                                       engine.dist, self.progress)
         feed = Prefetcher(batches, state.step, self.total, pin_memory=engine.pin_memory)  # made in a thread, ahead
         stop = self.stop
-        head_only = state.step < cfg.head_warmup_steps  # the first steps fit a new head, the encoder frozen
+        head_only = state.step < cfg.optim.head_warmup_steps  # the first steps fit a new head, the encoder frozen
         engine.set_phase(head_only)
         try:
             stop.begin_steps(engine.dist.enabled, lambda: state.step)  # a signal now stops after the step
             while state.step < self.total:
-                if head_only and state.step >= cfg.head_warmup_steps:
+                if head_only and state.step >= cfg.optim.head_warmup_steps:
                     head_only = False
                     engine.set_phase(False)
                     say(f"step {state.step}: head warm-up done, training the whole model")
@@ -269,16 +269,16 @@ class Loop:
             self.window.count_time()
             return state.train_seconds
 
-        total = self.replanner.after_full_step(state.step, spent, self.cfg.head_warmup_steps)
+        total = self.replanner.after_full_step(state.step, spent, self.cfg.optim.head_warmup_steps)
         if total is None:
             return False
         plan = state.budget
-        say(f"--time-budget {self.cfg.time_budget}: the slowest of {engine.dist.world} processes takes "
+        say(f"--time-budget {self.cfg.schedule.time_budget}: the slowest of {engine.dist.world} processes takes "
             f"{plan['measured_step_seconds']:.2f}s a step (the probe, on one device without communication: "
             f"{plan['step_seconds']:.2f}s): {total} steps in all instead of {self.total}")
         if total == self.total:
             return False
-        self.cfg = dataclasses.replace(self.cfg, max_steps=total)
+        self.cfg = dataclasses.replace(self.cfg, schedule=dataclasses.replace(self.cfg.schedule, max_steps=total))
         state.config = to_dict(self.cfg)  # what checkpoints carry and --resume compares
         self.steps_per_epoch, self.total, self.save_every = step_plan(self.cfg, self.run.n_train, engine.dist.world)
         self.bar.total = self.total
@@ -306,7 +306,7 @@ class Loop:
         self.window.add(loss, tokens)
         self.bar.update(1)
         last = state.step == self.total
-        log_step = state.step % cfg.logging_steps == 0 or last
+        log_step = state.step % cfg.output.logging_steps == 0 or last
         if log_step:  # the one host sync (and, on several ranks, the one collective) of the window
             mean, tokens_per_second = self.window.flush(engine.dist, engine.device)
             state.train_loss.append({"step": state.step, "loss": mean})
@@ -339,7 +339,7 @@ class Loop:
         """Rank 0 writes the checkpoint; under FSDP every rank writes its own shards (nothing is gathered), in the
         background unless `wait`: the previous one is published first (`finish_save`). A step saved already (a stop
         asked for right after a save) is not written again: every rank knows it alike."""
-        out = Path(self.cfg.output_dir)
+        out = Path(self.cfg.output.output_dir)
         where = ckpt.checkpoints_dir(out) / f"step-{self.state.step:07d}"
         if self.saved_at == self.state.step:
             if wait:
@@ -350,11 +350,11 @@ class Loop:
         if write_shards is not None:
             self.finish_save()
             self.pending = ckpt.save_sharded_checkpoint(out, self.engine.dist, write_shards, self.state,
-                                                        self.cfg.save_total_limit)
+                                                        self.cfg.output.save_total_limit)
             return self.finish_save() if wait else self.pending.final
         model, optimizer_state = self.engine.checkpoint(self.state)
         if self.engine.dist.main:
-            return ckpt.save_checkpoint(out, model, optimizer_state, self.state, self.cfg.save_total_limit)
+            return ckpt.save_checkpoint(out, model, optimizer_state, self.state, self.cfg.output.save_total_limit)
         return where
 
     def finish_save(self) -> Path | None:
@@ -424,9 +424,9 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     engine.close()
     try:
         if d.main:  # rank 0 writes the model, metrics, plots and card, once; the others wait for it in close()
-            write_output(cfg, Path(cfg.output_dir), full_model, run.tokenizer, metrics,
+            write_output(cfg, Path(cfg.output.output_dir), full_model, run.tokenizer, metrics,
                          run.vocabulary.words if run.vocabulary else None, run.sentence)
-            dash.final(state.step, metrics, Path(cfg.output_dir) / "README.md")  # the model card, as written
+            dash.final(state.step, metrics, Path(cfg.output.output_dir) / "README.md")  # the model card, as written
     finally:
         distributed.close(d)
-    return TrainResult(output_dir=Path(cfg.output_dir), metrics=metrics, rank=d.rank)
+    return TrainResult(output_dir=Path(cfg.output.output_dir), metrics=metrics, rank=d.rank)

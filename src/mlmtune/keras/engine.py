@@ -123,7 +123,7 @@ def compile_phase(model, cfg: TrainConfig, head_only: bool, jit_compile: bool = 
     its `head_model` during the head warm-up); returns that model and its optimizer, built."""
     freeze_backbone(model, head_only)
     trainer = head_model(model) if head_only else model
-    opt = optimizer(trainer, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
+    opt = optimizer(trainer, cfg.optim.learning_rate, cfg.optim.weight_decay, cfg.optim.max_grad_norm)
     # XLA off: the number of masks per batch changes every step, and each new shape would compile again
     trainer.compile(optimizer=opt, loss=loss(), weighted_metrics=[], jit_compile=jit_compile)
     opt.build(trainer.trainable_variables)
@@ -137,21 +137,21 @@ def keras_probe(cfg: TrainConfig, hf_model, tokenizer, train_blocks, device: tor
     read every step); `warm_median` of them: the first two trace the step's graph (the second with the batch's
     shape left open)."""
     segments = uses_segments(tokenizer)
-    policy = keras_policy(cfg.precision)
+    policy = keras_policy(cfg.compute.precision)
 
     def probe(head_only: bool) -> float:
         model = from_hf(hf_model, dtype=policy)
         trainer, _ = compile_phase(model, cfg, head_only)
         masker = Masker.from_tokenizer(tokenizer, cfg.mlm_probability)
         generator = torch.Generator().manual_seed(cfg.seed)
-        rows = min(cfg.batch_size * cfg.gradient_accumulation_steps, len(train_blocks))
+        rows = min(cfg.schedule.batch_size * cfg.schedule.gradient_accumulation_steps, len(train_blocks))
         seed_step = dropout_seeder(model, cfg.seed)
         times: list[float] = []
         for step in range(steps):
             picked = torch.randint(len(train_blocks), (rows,), generator=generator)
             x, y, w = keras_batch(*masker(train_blocks[picked], generator), segments)
             t0 = time.perf_counter()
-            trainer.optimizer.learning_rate = cfg.learning_rate
+            trainer.optimizer.learning_rate = cfg.optim.learning_rate
             seed_step(step)
             trainer.reset_metrics()
             float(trainer.train_on_batch(x, y, sample_weight=w))
@@ -171,7 +171,7 @@ class KerasEngine:
         self.device = pick_device()  # where PyTorch evaluates
         for gpu in tf.config.list_physical_devices("GPU"):  # leave GPU memory to PyTorch's evaluation
             tf.config.experimental.set_memory_growth(gpu, True)
-        self.policy = keras_policy(cfg.precision)
+        self.policy = keras_policy(cfg.compute.precision)
         self.precision = {v: k for k, v in POLICIES.items()}[self.policy]
         self.hf_model = self.model = self.trainer = self.seed_step = None
         self.opt_state = OptimizerState()
