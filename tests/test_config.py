@@ -6,7 +6,7 @@ import pytest
 
 from mlmtune.config import DataConfig, TrainConfig
 from mlmtune.errors import MlmtuneError
-from mlmtune.options import load_config_file, resolve, save_config
+from mlmtune.options import field_doc, flat_fields, load_config_file, resolve, save_config
 
 
 def test_precedence_defaults_file_flags(tmp_path):
@@ -25,6 +25,20 @@ def test_saved_config_reads_back_to_the_same_config(tmp_path):
     save_config(cfg, tmp_path)
     again = resolve(TrainConfig, load_config_file(tmp_path / "mlmtune_config.yaml"), {})
     assert again == cfg
+
+
+def test_grouped_and_flat_yaml_make_the_same_config_and_every_leaf_has_its_help(tmp_path):
+    flat, grouped = tmp_path / "flat.yaml", tmp_path / "grouped.yaml"
+    flat.write_text("learning_rate: 1.0e-4\nmax_steps: 5\nprecision: fp32\nreport_to: tensorboard\n"
+                    "cloze_words: none\ndownstream_seeds: 2\n")
+    grouped.write_text("optim:\n  learning_rate: 1.0e-4\nschedule: {max_steps: 5}\ncompute: {precision: fp32}\n"
+                       "output: {report_to: tensorboard}\nmeasure:\n  cloze_words: none\n  downstream:\n"
+                       "    downstream_seeds: 2\n")
+    a, b = (resolve(TrainConfig, load_config_file(f), {"dataset": "x"}) for f in (flat, grouped))
+    assert a == b and a.optim.learning_rate == 1e-4 and a.schedule.max_steps == 5
+    assert a.measure.downstream.downstream_seeds == 2 and a.output.report_to == "tensorboard"
+    assert all(field_doc(TrainConfig, name) for name in flat_fields(TrainConfig))  # the groups' docs are found
+    assert len(flat_fields(TrainConfig)) == 55  # no leaf name in two groups (one would hide the other)
 
 
 @pytest.mark.parametrize("values, message", [

@@ -107,7 +107,8 @@ def reference_markdown() -> str:
              "Every flag of every subcommand, as `mlmtune COMMAND --help` prints it. This page is generated from",
              "the parsers by `python -m mlmtune.cli --reference > docs/cli.md`, and a test checks that it matches",
              "them. Every option can also be given in a `--config FILE.yaml`",
-             "(`block_size: 64`, or nested as `data: {block_size: 64}`); flags override the file.", ""]
+             "(`block_size: 64`, or nested under its group as `data: {block_size: 64}` or",
+             "`optim: {learning_rate: 1.0e-4}`, as the saved `mlmtune_config.yaml` is); flags override the file.", ""]
     for name, command in sub.choices.items():
         command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
         parts += [f"## mlmtune {name}", "", "```", command.format_help().rstrip(), "```", ""]

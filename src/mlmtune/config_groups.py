@@ -50,6 +50,7 @@ def parse_duration(text: str) -> float:
 
 
 def check_measures(cloze_words: str, embedding_eval: str) -> None:
+    """--cloze-words and --embedding-eval, as train's `MeasureConfig` and `EvalConfig` both take them."""
     require(cloze_words in ("auto", "python", "none") or Path(cloze_words).is_file(),
             f"--cloze-words {cloze_words}: no such file; give a file of words, one a line, or auto, python or none")
     require(embedding_eval in EMBEDDING_EVAL, f"--embedding-eval must be one of {', '.join(EMBEDDING_EVAL)}, "
@@ -57,6 +58,7 @@ def check_measures(cloze_words: str, embedding_eval: str) -> None:
 
 
 def check_batch(batch_size: int) -> None:
+    """--batch-size, as train's `ScheduleConfig` and `EvalConfig` both take it."""
     require(batch_size >= 1, f"--batch-size must be a positive integer, got {batch_size}")
 
 

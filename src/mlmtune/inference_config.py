@@ -7,32 +7,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlmtune.config import DEFAULT_MODEL, DataConfig
-from mlmtune.errors import MlmtuneError
+from mlmtune.errors import require
 
 FILL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("torch", "onnx")  # onnx_runtime.RUNTIMES
 
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise MlmtuneError(message)
-
-
 def _check_fill_precision(precision: str) -> None:
-    _require(precision in FILL_PRECISIONS,
-             f"--precision must be one of {', '.join(FILL_PRECISIONS)}, got {precision!r}")
+    require(precision in FILL_PRECISIONS,
+            f"--precision must be one of {', '.join(FILL_PRECISIONS)}, got {precision!r}")
 
 
 MAX_PIECES = 5  # words of more pieces than this: a beam search that runs for minutes (the server's cap too)
 
 
 def _check_runtime(runtime: str, quantized: bool, device: str | None, precision: str = "auto") -> None:
-    _require(runtime in RUNTIMES, f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    _require(not quantized or runtime == "onnx", "--quantized picks the int8 ONNX graph: add --runtime onnx")
-    _require(runtime == "torch" or device in (None, "cpu"), f"--runtime onnx runs on the CPU; drop --device {device}")
-    _require(runtime == "torch" or precision in ("auto", "fp32"),
-             "--runtime onnx runs the exported fp32 graph (or its int8 copy with --quantized); drop --precision")
+    require(runtime in RUNTIMES, f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    require(not quantized or runtime == "onnx", "--quantized picks the int8 ONNX graph: add --runtime onnx")
+    require(runtime == "torch" or device in (None, "cpu"), f"--runtime onnx runs on the CPU; drop --device {device}")
+    require(runtime == "torch" or precision in ("auto", "fp32"),
+            "--runtime onnx runs the exported fp32 graph (or its int8 copy with --quantized); drop --precision")
 
 
 
@@ -71,13 +65,13 @@ class FillConfig:
     def __post_init__(self):
         _check_fill_precision(self.precision)
         _check_runtime(self.runtime, self.quantized, self.device, self.precision)
-        _require(1 <= self.max_pieces <= MAX_PIECES,
-                 f"--max-pieces must be 1 to {MAX_PIECES} (words of more pieces than that are rare, and their search "
-                 f"takes minutes), got {self.max_pieces}")
-        _require(self.beam_size >= 1, f"--beam-size must be at least 1, got {self.beam_size}")
-        _require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
-        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
-        _require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
+        require(1 <= self.max_pieces <= MAX_PIECES,
+                f"--max-pieces must be 1 to {MAX_PIECES} (words of more pieces than that are rare, and their search "
+                f"takes minutes), got {self.max_pieces}")
+        require(self.beam_size >= 1, f"--beam-size must be at least 1, got {self.beam_size}")
+        require(self.top_k >= 1, f"--top-k must be a positive integer, got {self.top_k}")
+        require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        require(self.targets is None or len(self.targets) > 0, "--targets must name at least one word")
 
 
 SCORE_METRICS = ("within-word-l2r", "original")  # scoring.METRICS
@@ -114,10 +108,10 @@ class ScoreConfig:
     def __post_init__(self):
         _check_fill_precision(self.precision)
         _check_runtime(self.runtime, self.quantized, self.device, self.precision)
-        _require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
-                 f"got {self.metric!r}")
-        _require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
-        _require(self.max_texts is None or self.max_texts >= 1, "--max-texts must be >= 1")
+        require(self.metric in SCORE_METRICS, f"--metric must be one of {', '.join(SCORE_METRICS)}, "
+                f"got {self.metric!r}")
+        require(self.batch_size >= 1, f"--batch-size must be a positive integer, got {self.batch_size}")
+        require(self.max_texts is None or self.max_texts >= 1, "--max-texts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -176,20 +170,20 @@ class ServeConfig:
     def __post_init__(self):
         _check_fill_precision(self.precision)
         _check_runtime(self.runtime, self.quantized, self.device, self.precision)
-        _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
-        _require(self.max_batch >= 1, "--max-batch must be >= 1")
-        _require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
-        _require(self.max_queue >= 1, "--max-queue must be >= 1")
-        _require(self.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")
-        _require(self.max_work >= 1, "--max-work must be >= 1")
-        _require(self.request_timeout > 0, f"--request-timeout must be positive, got {self.request_timeout}")
-        _require(self.read_timeout > 0, f"--read-timeout must be positive, got {self.read_timeout}")
-        _require(self.limit_concurrency >= 1, "--limit-concurrency must be >= 1")
-        _require(self.allowed_hosts is None or all(h == "*" or "*" not in h[1:] and (not h.startswith("*")
-                                                                                    or h.startswith("*."))
-                                                   for h in self.allowed_hosts),
-                 f"--allowed-hosts: write names (example.com), patterns like *.example.com, or *; got "
-                 f"{','.join(self.allowed_hosts or [])}")
+        require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        require(self.max_batch >= 1, "--max-batch must be >= 1")
+        require(self.batch_window_ms >= 0, "--batch-window-ms must be >= 0")
+        require(self.max_queue >= 1, "--max-queue must be >= 1")
+        require(self.max_body_bytes >= 1024, "--max-body-bytes must be at least 1024")
+        require(self.max_work >= 1, "--max-work must be >= 1")
+        require(self.request_timeout > 0, f"--request-timeout must be positive, got {self.request_timeout}")
+        require(self.read_timeout > 0, f"--read-timeout must be positive, got {self.read_timeout}")
+        require(self.limit_concurrency >= 1, "--limit-concurrency must be >= 1")
+        require(self.allowed_hosts is None or all(h == "*" or "*" not in h[1:] and (not h.startswith("*")
+                                                                                   or h.startswith("*."))
+                                                  for h in self.allowed_hosts),
+                f"--allowed-hosts: write names (example.com), patterns like *.example.com, or *; got "
+                f"{','.join(self.allowed_hosts or [])}")
 
 
 EXPORT_QUANTIZE = ("int8",)  # onnx_export.QUANTIZE
@@ -207,5 +201,5 @@ class ExportConfig:
     """int8: also write int8 copies of the graphs (onnxruntime's dynamic quantization; model_quantized.onnx)."""
 
     def __post_init__(self):
-        _require(self.quantize is None or self.quantize in EXPORT_QUANTIZE,
-                 f"--quantize must be {' or '.join(EXPORT_QUANTIZE)}, got {self.quantize!r}")
+        require(self.quantize is None or self.quantize in EXPORT_QUANTIZE,
+                f"--quantize must be {' or '.join(EXPORT_QUANTIZE)}, got {self.quantize!r}")
