@@ -476,7 +476,7 @@ def _digest_worker(rank: int, store: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from mlmtune import distributed
+    from mlmtune import distributed, sharding
 
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     d = distributed.Dist(rank=rank, world=2)
@@ -494,10 +494,10 @@ def _digest_worker(rank: int, store: str, out: str) -> None:
                 with torch.no_grad():
                     w = model[0].weight
                     (w.to_local() if hasattr(w, "to_local") else w)[0, 0] += 1e-3
-            digests = distributed.weights_digests(d, model)
-            groups = distributed.replica_groups(d, model)
+            digests = sharding.weights_digests(d, model)
+            groups = sharding.replica_groups(d, model)
             results[f"{name}-{perturb}"] = {"digests": digests, "groups": groups,
-                                            "disagree": distributed.disagreeing(digests, groups)}
+                                            "disagree": sharding.disagreeing(digests, groups)}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     tdist.destroy_process_group()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import distributed
+from mlmtune import distributed, sharding
 from mlmtune.budget import torch_probe
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision, tf32_matmuls
@@ -134,7 +134,7 @@ class TorchEngine:
 
     def attach(self, model) -> None:
         self.model = model
-        self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.fsdp else None  # rank 0's CPU copy, for writing
+        self.fsdp = sharding.FSDP(self.dist, model) if self.cfg.fsdp else None  # rank 0's CPU copy, for writing
         if self.cfg.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
             if not model.supports_gradient_checkpointing:
                 raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import dashboard, distributed
+from mlmtune import dashboard, distributed, sharding
 from mlmtune.budget import Replanner, resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES
@@ -398,7 +398,7 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
             d, [loop.my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
-        "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
+        "rank_weights_sha256": sharding.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
         **({"time_budget_plan": state.budget} if state.budget else {}),
         "precision": engine.precision,
         "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
@@ -408,8 +408,8 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     metrics.update(device_figures(engine.device, engine.precision,
                                   loop.flops,
                                   metrics["train_tokens_per_second"], d.world))
-    metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
-                                                               distributed.replica_groups(d, run.model))
+    metrics["rank_weights_disagree"] = sharding.disagreeing(metrics["rank_weights_sha256"],
+                                                               sharding.replica_groups(d, run.model))
     if metrics["rank_weights_disagree"]:
         groups = "; ".join(", ".join(f"rank {r} {metrics['rank_weights_sha256'][r]}" for r in g)
                            for g in metrics["rank_weights_disagree"])
