@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mlmtune.distributed import COLLECTIVE_TIMEOUT, Dist
-from mlmtune.forward import COMPILE_BACKEND, MaskedLMLoss, encoder_layers
+from mlmtune.forward import MaskedLMLoss, encoder_layers
 
 
 class FSDP:
@@ -49,8 +49,7 @@ class FSDP:
         self.save_group = (dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
                            if d.enabled and hasattr(dcp, "async_save") else None)
 
-    def shard(self, device: torch.device | None = None, param_dtype: torch.dtype | None = None,
-              compile_layers: bool = False) -> torch.nn.Module:
+    def shard(self, device: torch.device | None = None, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
         """Shard the model in place (on its device already); returns the root, the training forward. On several
         nodes the mesh is 2-D: the shards stay within a node and are replicated across nodes (HSDP), so no
         gather crosses the slow links; the gradients are averaged across nodes once per step.
@@ -59,8 +58,9 @@ class FSDP:
             param_dtype: gather the weights in this dtype for the forward and backward (bf16: half the all-gather
                 traffic and memory; FSDP2's `MixedPrecisionPolicy`), the gradients reduced in fp32 and the shards,
                 which the optimizer updates, kept fp32. None: gathered as they are (fp32).
-            compile_layers: (--compile) each encoder layer is compiled before it is sharded, the way torch
-                documents for FSDP2 (the all-gathers and reduce-scatters stay in FSDP's hooks, outside the graphs).
+
+        With --compile the layers are compiled before this (`forward.compile_encoder(layers=True)`), the way torch
+        documents for FSDP2: the all-gathers and reduce-scatters stay in FSDP's hooks, outside the graphs.
         """
         mesh = hybrid_mesh(self.d, device or torch.device("cpu"))
         self.nodes = 1 if mesh is None else mesh.size(0)
@@ -69,8 +69,6 @@ class FSDP:
         if param_dtype is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in encoder_layers(self.model):
-            if compile_layers:
-                layer.compile(backend=COMPILE_BACKEND)
             fully_shard(layer, **kwargs)
         return fully_shard(MaskedLMLoss(self.model), **kwargs)
 

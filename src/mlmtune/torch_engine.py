@@ -148,14 +148,13 @@ class TorchEngine:
 
     def start(self, cfg: TrainConfig, tokenizer) -> None:
         self.cfg = cfg
-        if cfg.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
-            compile_encoder(self.model)
+        if cfg.compile:  # after the budget's probe, which times eager steps on a copy; under FSDP before sharding
+            compile_encoder(self.model, cfg.data.block_size, layers=self.fsdp is not None)
         self.precision_ = Precision.choose(cfg.precision, self.device, sharded=self.fsdp is not None)
         # bf16 training gathers bf16 weights (FSDP2's policy is fixed per module, so evaluation runs on them too:
         # with --eval-precision fp32 the shards are gathered in fp32 and autocast casts them, as before)
         bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.eval_precision != "fp32"
-        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None,
-                                     compile_layers=cfg.compile)
+        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None)
                      if self.fsdp else None)  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
