@@ -204,13 +204,45 @@ def test_compile_trains_as_eager_does(reference_run, configs, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_compile_with_inductor_trains_close_to_eager(reference_run, configs, tmp_path, monkeypatch):
+@pytest.mark.numerics
+def test_compile_with_inductor_trains_close_to_eager(reference_run, configs, tmp_path, monkeypatch, inductor_agrees):
     """Inductor's fused kernels draw dropout from their own generator and sum in another order: close, not equal."""
+    if not inductor_agrees:  # the refusal is tested under --fsdp, in processes of their own (test_distributed.py)
+        pytest.skip("inductor compiles a RoBERTa layer wrong on this machine (torch 2.13 under ATen's AVX2 kernels), "
+                    "and the whole encoder's compiled code can abort the process")
     metrics, _ = _compiled(configs, tmp_path, "inductor", monkeypatch)
     eager = reference_run.metrics
     # measured: 0.0075 apart, against the run's 0.164 drop (dropout's draws alone differ)
     moved = eager["eval_loss_before"] - eager["eval_loss_after"]
     assert abs(metrics["eval_loss_after"] - eager["eval_loss_after"]) < 0.15 * moved
+
+
+def test_a_compiled_model_that_computes_other_logits_is_refused():
+    """The check that guards --compile: a compile that changes what the model computes (here a weight nudged by
+    0.5, as wrong generated code would) is refused in one line; a real compile (dynamo and AOTAutograd, run eager)
+    passes, and the model is handed back in training mode."""
+    import torch._dynamo
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from mlmtune.forward import check_compiled, compile_encoder
+
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64)).train()
+
+    def wrong() -> None:
+        with torch.no_grad():
+            model.roberta.encoder.layer[1].output.dense.weight[0] += 0.5
+
+    with pytest.raises(MlmtuneError, match=r"largest difference [0-9.e-]+, logits up to .*train without --compile"):
+        check_compiled(model, wrong, 16)
+    assert model.training
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("mlmtune.forward.COMPILE_BACKEND", "aot_eager")
+        compile_encoder(model, 16)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs and model.training
+    torch._dynamo.reset()
 
 
 @pytest.mark.numerics

@@ -348,7 +348,7 @@ def newest_config(output_dir: Path) -> dict[str, Any] | None:
 
 def load_weights(path: Path, model) -> None:
     """A checkpoint's weights into `model`, in place (tied weights are stored once); a sharded model
-    (`distributed.FSDP`) keeps its shard of each."""
+    (`sharding.FSDP`) keeps its shard of each."""
     if hasattr(model, "load_full_state_dict"):
         model.load_full_state_dict(load_file(path / "model.safetensors"))
     else:

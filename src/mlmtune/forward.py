@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from mlmtune.errors import MlmtuneError
 from mlmtune.masking import IGNORE_INDEX
 
 
@@ -172,14 +173,51 @@ def _detach_below(model, layer: torch.nn.Module | None) -> None:
 COMPILE_BACKEND = "inductor"
 
 
-def compile_encoder(model) -> None:
-    """torch.compile, in place, the part of the forward whose shapes never change: the encoder, (B, T) -> (B, T, H).
+def compile_encoder(model, length: int, layers: bool = False) -> None:
+    """torch.compile, in place, the part of the forward whose shapes never change: the encoder, (B, T) -> (B, T, H);
+    with `layers` (--fsdp) each encoder layer on its own, before it is sharded. Then checked (`check_compiled`).
 
     The gather at the masked positions and the head see a different count every batch, so they stay eager
     (compiled, they would recompile for every new count). `Module.compile` keeps the parameter names, so
     checkpoints and `save_pretrained` are unchanged. A model without a sparse head compiles whole.
     """
-    (model.base_model if has_sparse_head(model) else model).compile(backend=COMPILE_BACKEND)
+    def compile_now() -> None:
+        for module in encoder_layers(model) if layers else [model.base_model if has_sparse_head(model) else model]:
+            module.compile(backend=COMPILE_BACKEND)
+
+    check_compiled(model, compile_now, length)
+
+
+COMPILED_TOLERANCE = 1e-3  # of the logits' largest magnitude: inductor's own order of fp32 sums moves them ~1e-6
+
+
+def check_compiled(model, compile_now: Callable[[], None], length: int) -> None:
+    """Compile (`compile_now`) between two forward passes of the model over one seeded batch of 2 x `length` token
+    ids, in eval mode and fp32, and refuse a compiled model whose logits are not the eager model's: inductor has
+    generated wrong code for some CPUs (torch 2.13 with ATen's AVX2 kernels: differences of the logits' size), and
+    a run on it would train and report numbers that look right. The inference graph compiled here is the one
+    evaluation uses.
+
+    Raises:
+        MlmtuneError: the compiled logits differ by more than `COMPILED_TOLERANCE` of their largest magnitude.
+    """
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0)).to(device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            eager = model(input_ids=ids).logits.float()
+            compile_now()
+            compiled = model(input_ids=ids).logits.float()
+    finally:
+        model.train(training)
+    diff, scale = (compiled - eager).abs().max().item(), eager.abs().max().item()
+    if not diff <= COMPILED_TOLERANCE * max(scale, 1.0):  # also a NaN
+        raise MlmtuneError(f"--compile: torch.compile's model gives other logits than the eager model on this machine "
+                           f"(largest difference {diff:.3g}, logits up to {scale:.3g}; torch {torch.__version__}), so "
+                           f"it would train on wrong numbers; train without --compile")
 
 
 class MaskedLMLoss(torch.nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import distributed
+from mlmtune import distributed, sharding
 from mlmtune.budget import torch_probe
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision, tf32_matmuls
@@ -136,7 +136,7 @@ class TorchEngine:
     def attach(self, model) -> None:
         self.model = model
         # rank 0's CPU copy, for writing
-        self.fsdp = distributed.FSDP(self.dist, model) if self.cfg.compute.fsdp else None
+        self.fsdp = sharding.FSDP(self.dist, model) if self.cfg.compute.fsdp else None
         if self.cfg.compute.gradient_checkpointing:  # before DDP or FSDP wrap the layers, and before the budget's probe
             if not model.supports_gradient_checkpointing:
                 raise MlmtuneError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
@@ -150,14 +150,13 @@ class TorchEngine:
 
     def start(self, cfg: TrainConfig, tokenizer) -> None:
         self.cfg = cfg
-        if cfg.compute.compile and not self.fsdp:  # after the budget's probe, which times eager steps on a copy
-            compile_encoder(self.model)
+        if cfg.compute.compile:  # after the budget's probe, which times eager steps on a copy; before FSDP shards
+            compile_encoder(self.model, cfg.data.block_size, layers=self.fsdp is not None)
         self.precision_ = Precision.choose(cfg.compute.precision, self.device, sharded=self.fsdp is not None)
         # bf16 training gathers bf16 weights (FSDP2's policy is fixed per module, so evaluation runs on them too:
         # with --eval-precision fp32 the shards are gathered in fp32 and autocast casts them, as before)
         bf16_gathers = self.precision_.autocast == torch.bfloat16 and cfg.compute.eval_precision != "fp32"
-        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None,
-                                     compile_layers=cfg.compute.compile)
+        self.root = (self.fsdp.shard(self.device, param_dtype=torch.bfloat16 if bf16_gathers else None)
                      if self.fsdp else None)  # before the optimizer: it holds the shards
         # fused: one kernel over all parameters, 5x faster than foreach on a CPU for DistilRoBERTa
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.learning_rate,

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlmtune import checkpoint as ckpt
-from mlmtune import dashboard, distributed
+from mlmtune import dashboard, distributed, sharding
 from mlmtune.budget import Replanner, resolve_steps
 from mlmtune.config import TrainConfig
 from mlmtune.device import PRECISION_NAMES
@@ -117,7 +117,7 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
         loop.train()
         cfg = loop.cfg  # with the step count a time budget's re-plan chose: what the output folder's config says
         stop.end_steps(lambda: state.step)  # the last step's checkpoint is saved: a signal now leaves at once
-        return finish(cfg, run, engine, state, evaluate, loop.my_tokens, checks, dash)
+        return finish(cfg, run, engine, state, evaluate, loop, checks, dash)
     finally:
         dash.close()
 
@@ -222,9 +222,7 @@ class Loop:
         if state.step >= self.total:  # a finished run, resumed
             self.bar.close()
             return
-        batches = StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer, self.run.masker, state.step,
-                                      engine.dist, self.progress)
-        feed = Prefetcher(batches, state.step, self.total, pin_memory=engine.pin_memory)  # made in a thread, ahead
+        feed = self.feed()
         stop = self.stop
         head_only = state.step < cfg.optim.head_warmup_steps  # the first steps fit a new head, the encoder frozen
         engine.set_phase(head_only)
@@ -239,9 +237,7 @@ class Loop:
                     raise KeyboardInterrupt
                 if not head_only and self.replan_budget():  # the total changed: the feed makes the new steps
                     feed.close()
-                    feed = Prefetcher(StepBatches.for_run(cfg, self.run.train_blocks, self.run.tokenizer,
-                                                          self.run.masker, state.step, engine.dist, self.progress),
-                                      state.step, self.total, pin_memory=engine.pin_memory)
+                    feed = self.feed()
             self.vote.close()
             self.finish_save()  # the last checkpoint is on disk before the run goes on to write its output
         except KeyboardInterrupt:
@@ -258,6 +254,13 @@ class Loop:
         finally:
             feed.close()
             self.bar.close()
+
+    def feed(self) -> Prefetcher:
+        """The masked batches of the steps from this one to the planned total, made in a thread, ahead."""
+        run, step = self.run, self.state.step
+        batches = StepBatches.for_run(self.cfg, run.train_blocks, run.tokenizer, run.masker, step, self.engine.dist,
+                                      self.progress)
+        return Prefetcher(batches, step, self.total, pin_memory=self.engine.pin_memory)
 
     def replan_budget(self) -> bool:
         """--time-budget on several ranks: the total steps made again once, from the slowest rank's measured step
@@ -375,12 +378,12 @@ class Loop:
 
 
 def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
-           evaluate: Callable[[str], EvalResult | None], my_tokens: int, checks: list[Measurement],
+           evaluate: Callable[[str], EvalResult | None], loop: Loop, checks: list[Measurement],
            dash: dashboard.Dashboard) -> TrainResult:
     """The measurements after training (every rank takes its share of the general check's and the cloze's, with
     the engine's weights; rank 0 probes the downstream task and checks a sentence encoder's embeddings with the
-    full model), the metrics (with each rank's tokens and weight digest); rank 0 writes the output folder, while
-    the others wait; all leave together."""
+    full model), the metrics (with each rank's tokens and weight digest, from the finished `loop`); rank 0 writes
+    the output folder, while the others wait; all leave together."""
     d = engine.dist
     after = state.epochs[-1] if state.epochs and state.epochs[-1]["step"] == state.step else None
     if after is None and run.eval_blocks is not None:  # resumed a finished run with no eval on record
@@ -394,8 +397,8 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
         **run_metrics(cfg, run, state, after),
         "world_size": d.world,
         "rank_train_tokens": [int(t) for t in distributed.all_reduce_sum(
-            d, [my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
-        "rank_weights_sha256": distributed.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
+            d, [loop.my_tokens if r == d.rank else 0 for r in range(d.world)], engine.device)],
+        "rank_weights_sha256": sharding.weights_digests(d, run.model),  # under --fsdp, of each rank's shards
         **({"time_budget_plan": state.budget} if state.budget else {}),
         "precision": engine.precision,
         "eval_precision": PRECISION_NAMES[engine.eval_autocast],  # before and after alike (a resume setting)
@@ -403,10 +406,10 @@ def finish(cfg: TrainConfig, run: Run, engine: Engine, state: ckpt.TrainState,
     }
     # MFU on a CUDA device of known peak, peak memory (a CPU's: the process's resident memory, labelled so)
     metrics.update(device_figures(engine.device, engine.precision,
-                                  flops_per_token(run.model, cfg.data.block_size, cfg.mlm_probability),
+                                  loop.flops,
                                   metrics["train_tokens_per_second"], d.world))
-    metrics["rank_weights_disagree"] = distributed.disagreeing(metrics["rank_weights_sha256"],
-                                                               distributed.replica_groups(d, run.model))
+    metrics["rank_weights_disagree"] = sharding.disagreeing(metrics["rank_weights_sha256"],
+                                                               sharding.replica_groups(d, run.model))
     if metrics["rank_weights_disagree"]:
         groups = "; ".join(", ".join(f"rank {r} {metrics['rank_weights_sha256'][r]}" for r in g)
                            for g in metrics["rank_weights_disagree"])
