@@ -174,6 +174,7 @@ def _reported_once(out, metrics: dict) -> None:
     assert [r["eval_loss_after"] for r in logs if "eval_loss_after" in r] == [metrics["eval_loss_after"]]
 
 
+@pytest.mark.slow  # ~20 s, three torchrun jobs: the default suite keeps DDP on two processes and the shard digests
 @pytest.mark.numerics
 def test_fsdp_matches_one_process_and_resumes(no_dropout_model, one_process, eli5_like, task, tmp_path):
     """--fsdp over gloo (FSDP2, one unit per encoder layer, the tied embeddings and head in the root): the

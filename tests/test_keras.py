@@ -198,6 +198,7 @@ def keras_run(configs, tmp_path_factory):
     return cfg, train(cfg, progress=False)
 
 
+@pytest.mark.slow  # the Keras run and its comparison (~10 s); the conversions and the step stay in the default suite
 def test_keras_backend_learns_like_the_torch_backend(keras_run, configs, tmp_path):
     cfg, result = keras_run
     k = result.metrics
@@ -225,6 +226,7 @@ def test_keras_backend_learns_like_the_torch_backend(keras_run, configs, tmp_pat
     assert main(["fill", "--model", str(out), "--json", "The <mask> statement."]) == 0
 
 
+@pytest.mark.slow  # ~11 s: two more Keras runs
 def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp_path):
     cfg, full = keras_run
     out = tmp_path / "interrupted"
@@ -243,7 +245,7 @@ def test_keras_resume_after_ctrl_c_ends_like_an_uninterrupted_run(keras_run, tmp
     assert resumed["eval_loss_after"] == pytest.approx(full.metrics["eval_loss_after"], abs=1e-6)
 
 
-@pytest.mark.slow  # a child process that imports TensorFlow: the Ctrl-C resume above covers the default suite
+@pytest.mark.slow  # a child process that imports TensorFlow
 def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, configs, tmp_path):
     """SIGKILL at step 11 leaves the step-8 checkpoint (no save on the way out); --resume goes on from it."""
     cfg, full = keras_run
@@ -291,6 +293,7 @@ def test_keras_refuses_what_it_cannot_train(tmp_path, eli5_like, cache_dir, caps
         'mlmtune: error: --backend keras needs keras-hub, which is not installed: pip install "mlmtune[keras]"')
 
 
+@pytest.mark.slow  # ~10 s: two Keras epochs through the docs' code
 def test_docs_keras_code_runs_on_a_tiny_model(tiny_model_dir, eli5_like, tmp_path, monkeypatch, capsys):
     """docs/keras.md's rewrite of the guide's Keras code, with a tiny model, a tiny corpus and two epochs."""
     import re

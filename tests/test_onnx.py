@@ -112,6 +112,7 @@ def test_roberta_exports_with_logits_equal_to_pytorch(roberta_onnx):
     assert not (roberta_onnx / "onnx" / "model_quantized.onnx").exists()  # only with --quantize int8
 
 
+@pytest.mark.slow  # ~8 s of export: BERT and RoBERTa stay in the default suite, the other families are slow too
 def test_modernbert_exports_with_logits_equal_to_pytorch(modernbert_onnx):
     _check_against_transformers(modernbert_onnx)
 
