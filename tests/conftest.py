@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+# pytest-xdist's workers (pyproject's -n) share the cores: each gets its share of threads, and so do the processes its
+# tests start; every worker spinning on every core would slow tiny-model steps many times over
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Tests never touch the network: an unreachable Hub must already be handled, not waited for.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
