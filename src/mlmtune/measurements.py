@@ -1,12 +1,12 @@
-"""What a training run measures with the engine's current weights, the same for every engine and every
-number of ranks: the eval split's perplexity on fixed masks (in the run's masking scheme, and on token masks
-too when that is another), the general corpus' perplexity (`forgetting.py`), the domain cloze (`cloze.py`), and
-the tokenizer-free figures of a run whose vocabulary grew; and the metrics that report them.
+"""What a model is measured with, by a training run (the engine's current weights, on every rank) and by `mlmtune
+eval` (one process), the same for every engine: perplexity on fixed masks shared over the ranks
+(`ranks_perplexity`), the general corpus' perplexity (`forgetting.py`), the domain cloze (`cloze.py`), the downstream
+probe and the embedding check, as one list (`measurements`); and the metrics that report them. A run binds the
+eval split to its engine in `training/run.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,14 +16,11 @@ import torch
 from mlmtune import distributed
 from mlmtune.blocks import Blocks
 from mlmtune.cloze import ClozeCase, cloze_accuracy
-from mlmtune.config import TrainConfig
 from mlmtune.downstream import RunProbe, downstream_line, downstream_metrics, eval_keys
 from mlmtune.embedding import EmbeddingCheck, embedding_line, embedding_metrics
-from mlmtune.engine import Engine
-from mlmtune.forgetting import GENERAL_SEED, general_entry, general_masker, tokenizer_free
+from mlmtune.forgetting import GENERAL_SEED, general_entry, general_masker
 from mlmtune.masking import Masker, iter_eval_masks, rank_shares, regroup
 from mlmtune.perplexity import EvalResult, perplexity_of
-from mlmtune.run import Run
 
 
 def eval_entry(result: EvalResult) -> dict[str, Any]:
@@ -31,25 +28,6 @@ def eval_entry(result: EvalResult) -> dict[str, Any]:
     if result.token is not None:  # the same model on the token scheme's masks: one yardstick for every scheme
         entry.update(token_eval_loss=result.token.loss, token_perplexity=result.token.perplexity)
     return entry
-
-
-def evaluator(cfg: TrainConfig, run: Run, engine: Engine, scoring: Scoring) -> Callable[[str], EvalResult | None]:
-    """Perplexity of the engine's current weights on the eval split (under `scoring.autocast`), with the masks
-    `iter_eval_masks` draws from the seed in the run's scheme (and in the token scheme too, when the run's is
-    another); None without an eval split."""
-    token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
-
-    def evaluate(desc: str) -> EvalResult | None:
-        if run.eval_blocks is None:
-            return None
-        model = engine.eval_model()
-        result = ranks_perplexity(scoring, model, run.eval_blocks, run.masker, cfg.seed, desc)
-        if token_masker is None:
-            return result
-        return dataclasses.replace(result, token=ranks_perplexity(scoring, model, run.eval_blocks, token_masker,
-                                                                  cfg.seed, f"{desc}, token masks"))
-
-    return evaluate
 
 
 @dataclass(frozen=True)
@@ -63,11 +41,6 @@ class Scoring:
     batch_size: int
     progress: bool = True
     autocast: torch.dtype | None = None
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, engine: Engine, progress: bool) -> Scoring:
-        batch = cfg.schedule.eval_batch_size or cfg.schedule.batch_size
-        return cls(engine.dist, engine.device, batch, progress, engine.eval_autocast)
 
 
 def ranks_perplexity(scoring: Scoring, model, blocks, masker: Masker, seed: int, desc: str) -> EvalResult:
@@ -146,22 +119,6 @@ def general_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:
             "general_perplexity_before": before["general_perplexity"] if before else None,
             "general_loss_after": after["general_loss"] if after else None,
             "general_perplexity_after": after["general_perplexity"] if after else None}
-
-
-def vocabulary_metrics(run: Run, model, device) -> dict[str, Any]:
-    """A run whose vocabulary grew: the words added, tokens per word, and the tokenizer-free figures before (the
-    model as loaded, with its own tokenizer) and after (the trained model, with the new one) on the same texts."""
-    grown = run.vocabulary
-    if grown is None:
-        return {}
-    out = {"added_tokens": len(grown.words), "tokens_per_word_before": grown.tokens_per_word_before,
-           "tokens_per_word_after": grown.tokens_per_word_after}
-    if grown.free_before is not None:
-        after = tokenizer_free(model, run.tokenizer, grown.free_texts, device)
-        out.update(tokenizer_free_texts=after["texts"], tokenizer_free_words=after["words"],
-                   nll_per_word_before=grown.free_before["nll_per_word"], nll_per_word_after=after["nll_per_word"],
-                   bits_per_char_before=grown.free_before["bits_per_char"], bits_per_char_after=after["bits_per_char"])
-    return out
 
 
 def cloze_metrics(before: dict | None, after: dict | None) -> dict[str, Any]:

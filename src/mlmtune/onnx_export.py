@@ -274,9 +274,27 @@ def check_graphs(model, tokenizer, folder: Path, names: list[str]) -> ExportRepo
 
 def write_card_section(folder: Path, report: ExportReport) -> None:
     """The export's figures as a section of the model card (README.md; a new card when there is none)."""
-    from mlmtune.card import onnx_section
-
     card = folder / "README.md"
     text = card.read_text() if card.is_file() else f"# {folder.name}\n"
     card.write_text(text.rstrip("\n") + "\n" + onnx_section(report))
 
+
+def onnx_section(report: ExportReport) -> str:
+    """The model card's section on the ONNX export : its graphs and its self-check."""
+    rows = [f"| `onnx/{name}` | {report.sizes_mb[name]:.1f} MB | logits within {diff:.1e} of PyTorch's |"
+            for name, diff in report.fp32_max_diff.items()]
+    rows += [f"| `onnx/{name}` | {report.sizes_mb[name]:.1f} MB | top-1 agrees with PyTorch at {agree:.1%} of "
+             f"{report.masked} masked positions |" for name, agree in report.int8_top1.items()]
+    return f"""
+## ONNX
+
+Exported by `mlmtune export` (torch's dynamo exporter; inputs {', '.join(f'`{n}`' for n in report.inputs)},
+output `logits`, batch and length dynamic) and checked with onnxruntime on a fixed padded batch of texts:
+
+| graph | size | check |
+| --- | --- | --- |
+{chr(10).join(rows)}
+
+`model.onnx` and `model_quantized.onnx` are what transformers.js and optimum's `ORTModelForMaskedLM` read;
+`mlmtune_masked*.onnx` compute the head at the masked positions only (`mlmtune fill --runtime onnx`).
+"""

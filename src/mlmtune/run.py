@@ -1,11 +1,13 @@
 """What a run works with (`Run`, made by `load_run`): its model and tokenizer (the vocabulary grown with
 --add-tokens), its blocks and masker, the general check's sample, the cloze's cases, and the downstream probe's
-and the embedding check's figures of the model as loaded. `train.train` is the lifecycle that uses them;
+and the embedding check's figures of the model as loaded; the run's perplexity on its eval split (`evaluator`) and
+the figures of its grown vocabulary (`vocabulary_metrics`). `train.train` is the lifecycle that uses them;
 `output.py` checks and writes the output folder; `engine.py` says what an engine does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,14 @@ from mlmtune.cloze import ClozeCase, held_out_cases
 from mlmtune.config import TrainConfig
 from mlmtune.downstream import RunProbe, downstream_line
 from mlmtune.embedding import EmbeddingCheck, embedding_check, embedding_line
+from mlmtune.engine import Engine
 from mlmtune.errors import MlmtuneError, say
-from mlmtune.forgetting import general_blocks, general_source
+from mlmtune.forgetting import general_blocks, general_source, tokenizer_free
 from mlmtune.forward import encoder_layers
 from mlmtune.masking import Masker
+from mlmtune.measurements import Scoring, ranks_perplexity
 from mlmtune.model import check_block_size, load_model, max_positions
+from mlmtune.perplexity import EvalResult
 from mlmtune.preflight import Findings, check_data, check_tokenizer
 from mlmtune.prepare import cache_root, is_prepared, prepare_blocks
 from mlmtune.sentence import SentenceEncoder, sentence_encoder
@@ -183,3 +188,36 @@ def check_words(cfg, tokenizer, blocks: list[Blocks]) -> None:
                            f"none (prepared by an older mlmtune): run mlmtune prepare again, or use --masking token")
 
 
+def evaluator(cfg: TrainConfig, run: Run, engine: Engine, scoring: Scoring) -> Callable[[str], EvalResult | None]:
+    """Perplexity of the engine's current weights on the eval split (under `scoring.autocast`), with the masks
+    `iter_eval_masks` draws from the seed in the run's scheme (and in the token scheme too, when the run's is
+    another); None without an eval split."""
+    token_masker = Masker.from_tokenizer(run.tokenizer, cfg.mlm_probability) if cfg.masking != "token" else None
+
+    def evaluate(desc: str) -> EvalResult | None:
+        if run.eval_blocks is None:
+            return None
+        model = engine.eval_model()
+        result = ranks_perplexity(scoring, model, run.eval_blocks, run.masker, cfg.seed, desc)
+        if token_masker is None:
+            return result
+        return dataclasses.replace(result, token=ranks_perplexity(scoring, model, run.eval_blocks, token_masker,
+                                                                  cfg.seed, f"{desc}, token masks"))
+
+    return evaluate
+
+
+def vocabulary_metrics(run: Run, model, device) -> dict[str, Any]:
+    """A run whose vocabulary grew: the words added, tokens per word, and the tokenizer-free figures before (the
+    model as loaded, with its own tokenizer) and after (the trained model, with the new one) on the same texts."""
+    grown = run.vocabulary
+    if grown is None:
+        return {}
+    out = {"added_tokens": len(grown.words), "tokens_per_word_before": grown.tokens_per_word_before,
+           "tokens_per_word_after": grown.tokens_per_word_after}
+    if grown.free_before is not None:
+        after = tokenizer_free(model, run.tokenizer, grown.free_texts, device)
+        out.update(tokenizer_free_texts=after["texts"], tokenizer_free_words=after["words"],
+                   nll_per_word_before=grown.free_before["nll_per_word"], nll_per_word_after=after["nll_per_word"],
+                   bits_per_char_before=grown.free_before["bits_per_char"], bits_per_char_after=after["bits_per_char"])
+    return out

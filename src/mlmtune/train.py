@@ -33,11 +33,11 @@ from mlmtune.engine import Engine, engine_class
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.feed import Prefetcher, StepBatches
 from mlmtune.lock import FolderLock
-from mlmtune.measurements import Measurement, Scoring, eval_entry, evaluator, measurements, vocabulary_metrics
+from mlmtune.measurements import Measurement, Scoring, eval_entry, measurements
 from mlmtune.options import to_dict
 from mlmtune.output import TrainResult, check_output_dir, run_metrics, write_output
 from mlmtune.perplexity import EvalResult
-from mlmtune.run import Run, load_run
+from mlmtune.run import Run, evaluator, load_run, vocabulary_metrics
 from mlmtune.schedule import learning_rate_at, step_plan
 from mlmtune.stopping import LeftEarly, Stop, StopNow, Vote
 from mlmtune.throughput import device_figures, flops_per_token, log_figures
@@ -97,7 +97,8 @@ def _train_locked(cfg: TrainConfig, engine: Engine, progress: bool, on_step, loc
                                 lambda: engine.probe(cfg, run.model, run.tokenizer, run.train_blocks, engine.device))
     engine.start(cfg, run.tokenizer)
     say(engine.describe())
-    scoring = Scoring.of(cfg, engine, progress)
+    scoring = Scoring(d, engine.device, cfg.schedule.eval_batch_size or cfg.schedule.batch_size, progress,
+                      engine.eval_autocast)
     evaluate = evaluator(cfg, run, engine, scoring)
     checks = measurements(run.tokenizer, scoring, run.general, run.cloze, run.downstream, run.embedding)
     state, resumed = start_or_resume(cfg, out, engine, evaluate, checks)
