@@ -121,7 +121,7 @@ def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
 
 def corpus_texts(repeat: int = 1) -> list[str]:
     """The built-in Python-docs paragraphs, repeated to size."""
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
 
     return python_docs_texts() * repeat
 
@@ -131,7 +131,7 @@ def quickstart_model_folder() -> Path:
     mlmtune and transformers' pipeline load the very same files."""
     import tempfile
 
-    from mlmtune.model import load_model
+    from mlmtune.model.load import load_model
 
     folder = Path(tempfile.mkdtemp(prefix="mlmtune-bench-model-"))
     torch.manual_seed(42)

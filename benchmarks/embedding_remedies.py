@@ -14,8 +14,8 @@ rows compare the same steps whatever else the machine runs), general check off, 
   MultipleNegativesRankingLoss, 1 epoch, batch 32, lr 3e-5, max_seq_length 128), the trained encoder written back
   into the masked-LM folder (the head as the MLM run left it), then `mlmtune eval` on the run's own held-out split.
 
-The embedding check is the run's own (`mlmtune.embedding`); "perplexity gain kept" is the variant's fall of the eval
-loss over the default's (1.0: all of it).
+The embedding check is the run's own (`mlmtune.evaluation.embedding`); "perplexity gain kept" is the variant's fall
+of the eval loss over the default's (1.0: all of it).
 
     python benchmarks/embedding_remedies.py --steps 150 --variants default lr1e-4 lr2e-5 freeze4 head-only contrastive
 """
@@ -68,7 +68,7 @@ def contrastive_stage(folder: Path) -> float:
     from transformers import AutoModelForMaskedLM
 
     from mlmtune.config import DataConfig
-    from mlmtune.data import load_texts
+    from mlmtune.data.text import load_texts
 
     texts = list(load_texts(DataConfig(dataset="builtin:python-docs"), SEED)["train"]["text"])
     model = SentenceTransformer(str(folder), device="cpu")
@@ -93,7 +93,7 @@ def contrastive_stage(folder: Path) -> float:
 def evaluate(folder: Path) -> dict:
     """The run's own held-out perplexity, cloze and embedding check, of the model in `folder`."""
     from mlmtune.config import EvalConfig
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluation.evaluate import run_eval
     from mlmtune.options import resolve
 
     cfg = resolve(EvalConfig, {}, {"model": str(folder), "dataset": "builtin:python-docs", "cloze_words": "python",

@@ -42,7 +42,7 @@ def main() -> None:
 
     from transformers import pipeline
 
-    from mlmtune.fill import FillMask
+    from mlmtune.inference.fill import FillMask
 
     folder = quickstart_model_folder()
     texts = sentences(args.n)

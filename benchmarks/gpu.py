@@ -27,7 +27,7 @@ What the GPU machine needs: PyTorch, transformers and accelerate (the usual CUDA
 them), plus `datasets` (the guide's pipeline and mlmtune's data stage), `dill` and `multiprocess`
 (datasets' own needs), and a tokenizer folder. Without network, bring them along: on a machine
 with the registry, `pip download --no-deps --only-binary=:all: datasets dill multiprocess -d wheels/`
-and `python -c "from mlmtune.model import load_tokenizer as t; t('builtin:all-minilm-l6-v2')
+and `python -c "from mlmtune.model.load import load_tokenizer as t; t('builtin:all-minilm-l6-v2')
 .save_pretrained('tok')"`; on the GPU machine `pip install --no-deps wheels/*.whl` and run with
 `PYTHONPATH=src python benchmarks/gpu.py --tokenizer tok`.
 
@@ -69,7 +69,7 @@ def make_model_dir(folder: Path, tokenizer: str, smoke: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
-    from mlmtune.model import load_tokenizer
+    from mlmtune.model.load import load_tokenizer
 
     tok = load_tokenizer(tokenizer) if tokenizer.startswith("builtin:") else AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def make_model_dir(folder: Path, tokenizer: str, smoke: bool) -> Path:
 
 
 def write_corpus(path: Path, repeat: int) -> Path:
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
 
     with path.open("w") as f:
         for t in python_docs_texts() * repeat:
@@ -168,7 +168,7 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, batch: int, compile_:
                   checkpointing: bool = False, attn: str | None = None) -> dict:
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
                                     "batch_size": batch, "max_steps": steps, "output_dir": out, "block_size": block,
@@ -193,12 +193,12 @@ def child_eval(model_dir: str, n_blocks: int, batch: int, block: int) -> dict:
     seconds per block, all on the same device."""
     import torch
 
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
+    from mlmtune.data.masking import Masker, iter_eval_masks
     from mlmtune.device import resolve_device
-    from mlmtune.forward import MaskedLMLoss, backward_masked
-    from mlmtune.masking import Masker, iter_eval_masks
-    from mlmtune.model import load_model
-    from mlmtune.perplexity import perplexity_of
+    from mlmtune.evaluation.perplexity import perplexity_of
+    from mlmtune.model.forward import MaskedLMLoss, backward_masked
+    from mlmtune.model.load import load_model
 
     device = resolve_device(None)
     model, tok = load_model(model_dir)
@@ -249,8 +249,8 @@ def child_fill(model_dir: str, n: int) -> dict:
     import torch
     from transformers import AutoTokenizer, pipeline
 
-    from mlmtune.corpora import python_docs_texts
-    from mlmtune.fill import FillMask
+    from mlmtune.data.corpora import python_docs_texts
+    from mlmtune.inference.fill import FillMask
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mask = AutoTokenizer.from_pretrained(model_dir).mask_token  # the pipeline takes only the model's spelling

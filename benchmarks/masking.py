@@ -30,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     from datasets import Dataset, DatasetDict
 
-    from mlmtune.blocks import Blocks, build_blocks
-    from mlmtune.masking import SCHEMES, Masker
-    from mlmtune.model import load_tokenizer
+    from mlmtune.data.blocks import Blocks, build_blocks
+    from mlmtune.data.masking import SCHEMES, Masker
+    from mlmtune.model.load import load_tokenizer
 
     torch.set_num_threads(1)  # as in the prefetch thread, beside the training step
     tok = load_tokenizer("builtin:all-minilm-l6-v2")

@@ -28,9 +28,9 @@ from _common import corpus_texts, table, write_json  # noqa: E402
 
 BASELINE = """
 import sys, torch
-from mlmtune.forward import masked_nll_sum
-from mlmtune.masking import Masker
-from mlmtune.model import load_model
+from mlmtune.model.forward import masked_nll_sum
+from mlmtune.data.masking import Masker
+from mlmtune.model.load import load_model
 torch.manual_seed(0)
 model, tok = load_model("builtin:all-minilm-l6-v2")
 model.train()

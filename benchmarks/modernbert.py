@@ -29,7 +29,7 @@ def make_model(folder: Path, block: int) -> Path:
     import torch
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-    from mlmtune.model import load_tokenizer
+    from mlmtune.model.load import load_tokenizer
 
     tok = load_tokenizer("builtin:all-minilm-l6-v2")
     tok.model_max_length = max(block, 512)
@@ -45,10 +45,10 @@ def make_model(folder: Path, block: int) -> Path:
 
 
 def child(model: str, corpus: str, block: int, steps: int, dense: bool, out: str) -> dict:
-    from mlmtune import forward
     from mlmtune.config import TrainConfig
+    from mlmtune.model import forward
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     if dense:  # as for a model whose head layout mlmtune does not know
         forward.SPARSE_HEADS.pop("ModernBertForMaskedLM")

@@ -5,8 +5,8 @@
 The corpus is the built-in Python docs repeated `--repeat` times, as ELI5-shaped records (text in
 a nested `answers.text` list). The guide: `flatten()`, its `preprocess_function` and its
 `sum`-based `group_texts`, each a batched `map` with num_proc=4, as written. mlmtune: the same
-stages through `mlmtune.data.select_text` and `mlmtune.blocks` (tokenize, group_blocks). Both use the quickstart's
-fast WordPiece tokenizer and block size 128. Prints a table and writes
+stages through `mlmtune.data.text.select_text` and `mlmtune.data.blocks` (tokenize, group_blocks). Both use the
+quickstart's fast WordPiece tokenizer and block size 128. Prints a table and writes
 benchmarks/results/MACHINE/preprocess.json.
 """
 
@@ -44,8 +44,8 @@ def guide(records, tokenizer) -> dict:
 
 
 def mlmtune(records, tokenizer) -> dict:
-    from mlmtune.blocks import group_blocks, tokenize
-    from mlmtune.data import select_text
+    from mlmtune.data.blocks import group_blocks, tokenize
+    from mlmtune.data.text import select_text
 
     t0 = time.perf_counter()
     tokenized = tokenize(select_text(records, "answers.text"), tokenizer)
@@ -63,7 +63,7 @@ def main() -> None:
 
     from datasets import Dataset, disable_caching
 
-    from mlmtune.model import load_tokenizer
+    from mlmtune.model.load import load_tokenizer
 
     disable_caching()  # both sides compute, neither reads the other's cache
     tokenizer = load_tokenizer("builtin:all-minilm-l6-v2")

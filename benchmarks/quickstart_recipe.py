@@ -2,7 +2,7 @@
 
 Every row is `mlmtune quickstart` with the variant's flags, run for several seeds (a short run's noise is
 large): the seed changes the split, the new head and the masks. The cloze is the quickstart's own measure
-(`mlmtune.cloze`, Python keywords and built-ins on the held-out split).
+(`mlmtune.evaluation.cloze`, Python keywords and built-ins on the held-out split).
 
 `--avx2-proxy` runs each quickstart as a 2-core AVX2-only CPU would: fp32, PyTorch's and oneDNN's AVX2 kernels
 only, one thread per run (a full step then takes about as long as on the 2-core AVX2 Xeon the budget was

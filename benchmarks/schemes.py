@@ -24,7 +24,7 @@ from _common import run_child, table, write_json  # noqa: E402
 def child(scheme: str, steps: int, out: str) -> dict:
     from mlmtune.config import QUICKSTART_DEFAULTS, TrainConfig
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     cfg = resolve(TrainConfig, QUICKSTART_DEFAULTS, {"time_budget": None, "max_steps": steps, "masking": scheme,
                                                      "output_dir": out})

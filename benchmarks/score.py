@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmtune.scoring import Scorer
+    from mlmtune.inference.scoring import Scorer
 
     folder = quickstart_model_folder()
     texts = [t for t in corpus_texts() if 8 <= len(t.split()) <= 40][: args.n]

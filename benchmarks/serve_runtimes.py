@@ -103,10 +103,10 @@ def run_server(name: str, folder: Path, texts: list[str], requests: int, limit_s
 def agreement(folder: Path, n_texts: int = 200) -> dict:
     """Top-1 agreement with torch fp32 at 15% of the word pieces (seed 0) of the quickstart's held-out split."""
     from mlmtune.config import QUICKSTART_DATASET, DataConfig
-    from mlmtune.data import load_texts
-    from mlmtune.forward import logits_at_positions
-    from mlmtune.model import load_model
-    from mlmtune.onnx_runtime import OnnxMaskedLM
+    from mlmtune.data.text import load_texts
+    from mlmtune.model.forward import logits_at_positions
+    from mlmtune.model.load import load_model
+    from mlmtune.model.onnx_runtime import OnnxMaskedLM
 
     model, tok = load_model(str(folder))
     held_out = list(load_texts(DataConfig(dataset=QUICKSTART_DATASET), 42)["test"]["text"][:n_texts])
@@ -131,9 +131,9 @@ def agreement(folder: Path, n_texts: int = 200) -> dict:
 
 def graphs(folder: Path, texts: list[str], rounds: int = 3) -> dict:
     """Fill throughput (texts/s, batches of 32) of the head-at-the-masks graph and the full-vocabulary one."""
-    from mlmtune.fill import FillMask
-    from mlmtune.model import load_tokenizer
-    from mlmtune.onnx_runtime import OnnxMaskedLM
+    from mlmtune.inference.fill import FillMask
+    from mlmtune.model.load import load_tokenizer
+    from mlmtune.model.onnx_runtime import OnnxMaskedLM
 
     tok = load_tokenizer(str(folder))
     out = {}
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a trained model folder (default: the quickstart's start)")
     args = parser.parse_args()
 
-    from mlmtune.onnx_export import export_folder
+    from mlmtune.inference.onnx_export import export_folder
 
     folder = Path(tempfile.mkdtemp(prefix="mlmtune-bench-onnx-")) / "model"
     report = export_folder(str(args.model or quickstart_model_folder()), folder, "int8")

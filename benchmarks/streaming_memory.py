@@ -4,7 +4,7 @@
 
 For each corpus size (MB of `.txt`, the Python docs repeated), two child processes read the
 whole corpus into blocks with the quickstart tokenizer: the streaming path
-(`mlmtune.data.BlockStream`: records -> texts -> blocks on the fly, every block of one pass) and
+(`mlmtune.data.text.BlockStream`: records -> texts -> blocks on the fly, every block of one pass) and
 the non-streaming path (`prepare_blocks`: Arrow files, tokenized, grouped and cached). Peak RSS
 (anonymous, and file-backed pages of memory-mapped files) is sampled from /proc. Streaming must
 stay flat as the corpus grows. Prints a table and writes benchmarks/results/MACHINE/streaming_memory.json.
@@ -25,11 +25,11 @@ from memory import run_sampled  # noqa: E402
 CHILD = """
 import sys
 from mlmtune.config import DataConfig
-from mlmtune.model import load_tokenizer
+from mlmtune.model.load import load_tokenizer
 tok = load_tokenizer("builtin:all-minilm-l6-v2")
 mode, corpus, cache = sys.argv[1:4]
 if mode == "stream":
-    from mlmtune.stream import BlockStream
+    from mlmtune.data.stream import BlockStream
     data = DataConfig(dataset=corpus, streaming=True, eval_records=0)
     stream = BlockStream(data, tok, seed=0, batch_size=16, buffer_size=1000)
     n = 0
@@ -39,7 +39,7 @@ if mode == "stream":
             break
     print(n)
 else:
-    from mlmtune.prepare import prepare_blocks
+    from mlmtune.data.prepare import prepare_blocks
     blocks, stats = prepare_blocks(DataConfig(dataset=corpus, test_size=0, cache_dir=cache), tok, 0)
     print(stats.blocks["train"])
 """

@@ -42,7 +42,7 @@ def make_model_dir(folder: Path) -> Path:
     import torch
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from mlmtune.model import load_tokenizer
+    from mlmtune.model.load import load_tokenizer
 
     tok = load_tokenizer("builtin:all-minilm-l6-v2")
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def child_mlmtune(model_dir: str, corpus: str, steps: int, precision: str, lr: f
                   head_warmup: int | None = None) -> dict:
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     cfg = resolve(TrainConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
                                     "batch_size": BATCH, "max_steps": steps, "learning_rate": lr,
@@ -146,7 +146,7 @@ def child_score(model_dir: str, corpus: str, seed: int) -> dict:
     """fp32 fixed-mask perplexity of a model folder on the corpus' held-out split (20%, the guide's and
     mlmtune's; named explicitly so that every model, trained by mlmtune or not, is scored on it)."""
     from mlmtune.config import EvalConfig
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluation.evaluate import run_eval
     from mlmtune.options import resolve
 
     cfg = resolve(EvalConfig, {}, {"model": model_dir, "dataset": corpus, "text_field": "answers.text",
@@ -224,7 +224,7 @@ def main() -> None:
 
     # parity: pretrained MiniLM (no MLM head: a new one), the guide (fp32) vs mlmtune with the same recipe (no
     # head warm-up: only the computation differs) and as shipped (its head warm-up), same steps, same start
-    from mlmtune.model import builtin_model_dir
+    from mlmtune.model.load import builtin_model_dir
 
     mini = str(builtin_model_dir())
     parity = {}

@@ -84,8 +84,8 @@ def unmask_one_token(monkeypatch) -> dict[str, int]:
     """From now on, the first micro-batch that training masks predicts one token fewer: its first masked position
     gets its token back and no label. The smallest real change to a run's data; returns a counter of the
     micro-batches masked since, to check that the change was made."""
-    from mlmtune import feed
-    from mlmtune.masking import IGNORE_INDEX
+    from mlmtune.data.masking import IGNORE_INDEX
+    from mlmtune.training import feed
 
     real = feed.StepBatches.mask
     calls = {"n": 0}

@@ -66,7 +66,7 @@ def save_asset_tokenizer(name: str, tok, folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def docs_texts() -> list[str]:
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
 
     return python_docs_texts()
 
@@ -133,7 +133,7 @@ def sentence_dir(tmp_path_factory, tiny_bert_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def _tiny_loaded(tiny_model_dir):
-    from mlmtune.model import load_model
+    from mlmtune.model.load import load_model
 
     return load_model(str(tiny_model_dir))
 
@@ -148,7 +148,7 @@ def tiny(_tiny_loaded):
 @pytest.fixture(scope="session")
 def filler(tiny_model_dir):
     """The tiny RoBERTa as a `FillMask` (batch size 32), loaded once: tests that change it use monkeypatch."""
-    from mlmtune.fill import FillMask
+    from mlmtune.inference.fill import FillMask
 
     return FillMask.from_pretrained(str(tiny_model_dir))
 
@@ -254,7 +254,7 @@ def reference_run(configs, tmp_path_factory) -> Reference:
     to change it."""
     from safetensors.torch import load_file
 
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     out = tmp_path_factory.mktemp("reference") / "run"
     result = train(configs(out), progress=False)
@@ -334,7 +334,7 @@ def cities_run(tmp_path_factory, configs) -> Cities:
     and "photosynthesis" (photo ##syn ##thesis) is what plants use."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     root = tmp_path_factory.mktemp("cities")
     (root / "vocab.txt").write_text("\n".join(_vocab()) + "\n")

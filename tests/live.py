@@ -15,7 +15,7 @@ def running(app, read_timeout: float = 10.0) -> Iterator[str]:
     may connect at once: the kernel holds the connection until the server accepts it."""
     import uvicorn
 
-    from mlmtune.serve import bind, server_config
+    from mlmtune.serving.serve import bind, server_config
 
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(server_config(app, read_timeout, log_level="warning"))

@@ -74,3 +74,17 @@ def test_scores_are_the_hand_computed_likelihoods(ran):
 def test_eval_reproduces_the_run_and_the_error_is_one_message(ran):
     assert ran["report"]["perplexity"] == pytest.approx(ran["result"].metrics["perplexity_after"], rel=1e-6)
     assert ran["message"].startswith("the text has no mask")
+
+
+def test_the_top_level_names_are_the_modules_own():
+    """`from mlmtune import X` (what the page uses) hands out the object the module behind it defines, for every
+    name it lists, and says which names it has when asked for another."""
+    import importlib
+
+    import mlmtune
+
+    for name, module in mlmtune._API.items():
+        assert getattr(mlmtune, name) is getattr(importlib.import_module(module), name), name
+    assert set(mlmtune.__all__) == {"__version__", *mlmtune._API}
+    with pytest.raises(AttributeError, match="no attribute 'fill'"):
+        mlmtune.fill  # noqa: B018 (the module is mlmtune.inference.fill)

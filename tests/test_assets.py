@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import TOKENIZERS, asset_tokenizer
 
-from mlmtune.corpora import python_docs_texts
+from mlmtune.data.corpora import python_docs_texts
 
 
 def _script():

@@ -73,7 +73,7 @@ def test_resume_into_a_folder_that_holds_no_run_is_refused(tiny_model_dir, eli5_
 
 
 def test_partial_save_cleanup_removes_only_mlmtunes_temporary_names(tmp_path):
-    from mlmtune.checkpoint import remove_partial_saves
+    from mlmtune.training.checkpoint import remove_partial_saves
 
     (tmp_path / "checkpoints" / ".tmp-step-0000004-abc").mkdir(parents=True)
     (tmp_path / ".tmp-final-xyz").mkdir()
@@ -237,8 +237,8 @@ def test_a_stream_that_breaks_mid_run_keeps_a_checkpoint(tiny_model_dir, tmp_pat
     import pyarrow as pa
     from datasets import IterableDataset
 
-    from mlmtune import stream
-    from mlmtune.checkpoint import list_checkpoints
+    from mlmtune.data import stream
+    from mlmtune.training.checkpoint import list_checkpoints
 
     path = tmp_path / "stream.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs_texts[:40]))
@@ -275,7 +275,7 @@ def test_a_stream_that_breaks_mid_run_keeps_a_checkpoint(tiny_model_dir, tmp_pat
 def test_health_says_500_with_the_reason_when_the_model_fails_to_load(tiny_model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
-    from mlmtune.serve import make_app
+    from mlmtune.serving.serve import make_app
 
     whole = (tiny_model_dir / "model.safetensors").read_bytes()
     broken = _damage(tiny_model_dir, tmp_path, "model.safetensors", whole[:1000])
@@ -313,8 +313,8 @@ def test_serve_on_a_port_in_use_is_one_line(tiny_model_dir):
 def test_deeply_nested_json_is_400_not_500(tiny_model_dir):
     from fastapi.testclient import TestClient
 
-    from mlmtune.fill import FillMask
-    from mlmtune.serve import make_app
+    from mlmtune.inference.fill import FillMask
+    from mlmtune.serving.serve import make_app
 
     with TestClient(make_app(FillMask.from_pretrained(str(tiny_model_dir)))) as client:
         r = client.post("/fill", content=b"[" * 40_000, headers={"content-type": "application/json"})

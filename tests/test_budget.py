@@ -7,11 +7,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mlmtune import budget, schedule
-from mlmtune import checkpoint as ckpt
 from mlmtune.config_groups import parse_duration
 from mlmtune.errors import MlmtuneError
-from mlmtune.train import train
+from mlmtune.training import budget, schedule
+from mlmtune.training import checkpoint as ckpt
+from mlmtune.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_head_warmup_trains_the_head_alone_then_everything(headless_dir, configs
 
 def test_a_new_head_gets_a_warmup_by_default(headless_dir, configs, tmp_path):
     from mlmtune.distributed import Dist
-    from mlmtune.model import load_model
+    from mlmtune.model.load import load_model
 
     def planned(model_dir, **over):
         cfg = configs(tmp_path / "unused", model=str(model_dir), **over)
@@ -127,7 +127,7 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs
     """3.05 s at 0.2 s a full step and 0.1 s a head step: 15% of the time (0.4575 s) buys 4 head steps, the
     2.65 s left 13 full steps. The counts are saved with the checkpoints; a resumed run takes them from there."""
     asked = []
-    monkeypatch.setattr("mlmtune.torch_engine.TorchEngine.probe",
+    monkeypatch.setattr("mlmtune.training.torch_engine.TorchEngine.probe",
                         staticmethod(lambda *args: _fake_probe(asked)()))
     out = tmp_path / "run"
     cfg = configs(out, model=str(headless_dir), max_steps=None, time_budget="3.05s", save_steps=5)
@@ -146,7 +146,7 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs
     def no_probe(*a, **k):
         raise AssertionError("a resumed run must not measure again")
 
-    monkeypatch.setattr("mlmtune.torch_engine.TorchEngine.probe", staticmethod(no_probe))
+    monkeypatch.setattr("mlmtune.training.torch_engine.TorchEngine.probe", staticmethod(no_probe))
     result = train(configs(out, model=str(headless_dir), max_steps=None, time_budget="3.05s", save_steps=5,
                            resume=True), progress=False)
     m = result.metrics

@@ -155,7 +155,7 @@ def test_every_subcommand_help(command, capsys):
 def test_fill_precision_flag_reaches_the_model(tiny_model_dir, capsys):
     """`fill --precision bf16`: each token's score is its fp32 probability (the pipeline's, tested elsewhere)
     to 0.5% (measured: 0.18%), and not to fp32's 1e-6: the weights really ran in bf16."""
-    from mlmtune.fill import FillMask
+    from mlmtune.inference.fill import FillMask
 
     text = "The <mask> statement is used."
     assert main(["fill", "--model", str(tiny_model_dir), "--precision", "bf16", "--json", "--top-k", "3", text]) == 0

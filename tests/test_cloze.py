@@ -8,14 +8,14 @@ import json
 import pytest
 from transformers import pipeline
 
-from mlmtune import cloze
 from mlmtune.cli import main
-from mlmtune.cloze import cloze_accuracy, cloze_cases, held_out_cases, python_words, read_cloze_words
 from mlmtune.config import DataConfig
-from mlmtune.data import load_texts
+from mlmtune.data.text import load_texts
 from mlmtune.errors import MlmtuneError
-from mlmtune.model import load_model
-from mlmtune.train import train
+from mlmtune.evaluation import cloze
+from mlmtune.evaluation.cloze import cloze_accuracy, cloze_cases, held_out_cases, python_words, read_cloze_words
+from mlmtune.model.load import load_model
+from mlmtune.training.train import train
 
 # sentences the cities model never saw whole (its corpus repeats six templates), in its vocabulary
 UNSEEN = ["many people live in the city of new york .", "we went to los angeles to make food .",

@@ -9,13 +9,13 @@ from itertools import chain
 import pytest
 import torch
 
-from mlmtune import blocks as blocks_mod
 from mlmtune import hub
-from mlmtune.blocks import blocks_tensor, group_blocks, tokenize
 from mlmtune.config import DataConfig
-from mlmtune.data import load_texts, select_text
+from mlmtune.data import blocks as blocks_mod
+from mlmtune.data.blocks import blocks_tensor, group_blocks, tokenize
+from mlmtune.data.prepare import prepare_blocks
+from mlmtune.data.text import load_texts, select_text
 from mlmtune.errors import MlmtuneError
-from mlmtune.prepare import prepare_blocks
 
 
 def guide_group_texts(examples, block_size):
@@ -208,7 +208,7 @@ def test_streamed_grouping_and_block_reads_match_the_in_memory_result(tiny, docs
     _, tok = tiny
     from datasets import Dataset
 
-    from mlmtune.blocks import Blocks
+    from mlmtune.data.blocks import Blocks
 
     tokenized = tokenize(Dataset.from_dict({"text": docs_texts[:2500]}), tok)
     assert tokenized.data.column("input_ids").num_chunks > 1  # the carry between chunks is exercised

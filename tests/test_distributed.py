@@ -366,7 +366,7 @@ def test_a_time_budget_with_fsdp_is_refused_before_any_work(configs, tmp_path, m
     models that need --fsdp. Refused at once (as two ranks would see it)."""
     from mlmtune import distributed
     from mlmtune.errors import MlmtuneError
-    from mlmtune.torch_engine import TorchEngine
+    from mlmtune.training.torch_engine import TorchEngine
 
     monkeypatch.setattr(distributed, "init", lambda: distributed.Dist(rank=0, world=2))
     with pytest.raises(MlmtuneError, match=r"^--time-budget with --fsdp: its probe would time an unsharded copy"):
@@ -477,7 +477,8 @@ def _digest_worker(rank: int, store: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from mlmtune import distributed, sharding
+    from mlmtune import distributed
+    from mlmtune.training import sharding
 
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     d = distributed.Dist(rank=rank, world=2)
@@ -553,7 +554,7 @@ import json, sys, time
 import torch.distributed as dist
 from mlmtune.config import TrainConfig
 from mlmtune.options import resolve
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 flags, pause = json.loads(sys.argv[1]), float(sys.argv[2])
 
@@ -609,10 +610,10 @@ _RECORDING_STREAM = '''
 import json, sys
 from pathlib import Path
 import torch.distributed as dist
-from mlmtune import stream
+from mlmtune.data import stream
 from mlmtune.config import TrainConfig
 from mlmtune.options import resolve
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 flags, log = json.loads(sys.argv[1]), Path(sys.argv[2])
 blocks = stream.stream_blocks

@@ -108,7 +108,7 @@ def test_the_sample_outputs_are_what_their_commands_print():
     import importlib.util
     import json
 
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
 
     manifest = json.loads((ROOT / "tests" / "assets" / "tokenizers" / "MANIFEST.json").read_text())
     spec = importlib.util.spec_from_file_location("make_tokenizers", ROOT / "tests" / "assets" / "make_tokenizers.py")

@@ -18,11 +18,11 @@ from sklearn.preprocessing import StandardScaler
 from transformers import AutoModel, AutoTokenizer
 
 from mlmtune.cli import main
-from mlmtune.model import load_model
-from mlmtune.probe import probe, scores
+from mlmtune.evaluation.probe import probe, scores
+from mlmtune.evaluation.task import CHAPTERS, TaskData, python_docs_chapters
+from mlmtune.model.load import load_model
 from mlmtune.probe_config import TaskConfig
-from mlmtune.task import CHAPTERS, TaskData, python_docs_chapters
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 MARKERS = ["apple", "river", "engine"]
 

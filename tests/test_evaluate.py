@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks
-from mlmtune.perplexity import perplexity, pseudo_perplexity
+from mlmtune.data.masking import IGNORE_INDEX, Masker, fixed_eval_masks
+from mlmtune.evaluation.perplexity import perplexity, pseudo_perplexity
 
 pytestmark = pytest.mark.numerics
 
@@ -82,7 +82,7 @@ def test_pseudo_perplexity_truncates_to_the_model_length(tiny, docs_texts):
 
 def _eval(*args):
     from mlmtune.config import EvalConfig
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluation.evaluate import run_eval
     from mlmtune.options import resolve
 
     flags = dict(zip(args[::2], args[1::2]))
@@ -90,7 +90,7 @@ def _eval(*args):
 
 
 def test_eval_on_the_training_source_reproduces_perplexity_after(configs, eli5_like, tmp_path, cache_dir):
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     out = tmp_path / "run"
     cfg = configs(out, max_steps=3, seed=7, test_size=0.3, mlm_probability=0.2)

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from mlmtune.feed import Prefetcher, StepBatches
-from mlmtune.masking import IGNORE_INDEX, Masker
+from mlmtune.data.masking import IGNORE_INDEX, Masker
+from mlmtune.training.feed import Prefetcher, StepBatches
 
 
 def test_steps_arrive_in_order_and_ahead():

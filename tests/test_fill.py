@@ -6,7 +6,7 @@ import pytest
 from compare import assert_same_as_pipeline
 
 from mlmtune.errors import MlmtuneError
-from mlmtune.fill import FillMask
+from mlmtune.inference.fill import FillMask
 
 pytestmark = pytest.mark.numerics
 

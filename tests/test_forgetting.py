@@ -13,16 +13,16 @@ import pytest
 import torch
 from test_scoring import _reference_pll
 
-from mlmtune import corpora
 from mlmtune.cli import main
 from mlmtune.config import DataConfig
-from mlmtune.data import load_records
+from mlmtune.data import corpora
+from mlmtune.data.masking import iter_eval_masks
+from mlmtune.data.text import load_records
 from mlmtune.errors import MlmtuneError
-from mlmtune.forgetting import GENERAL_SEED, free_sample, general_blocks, general_masker, tokenizer_free
-from mlmtune.masking import iter_eval_masks
-from mlmtune.model import load_model
-from mlmtune.train import train
-from mlmtune.vocab import add_words, init_rows
+from mlmtune.evaluation.forgetting import GENERAL_SEED, free_sample, general_blocks, general_masker, tokenizer_free
+from mlmtune.model.load import load_model
+from mlmtune.training.train import train
+from mlmtune.training.vocab import add_words, init_rows
 
 
 def test_builtin_wikipedia_reads_offline():
@@ -161,7 +161,7 @@ def test_eval_reports_the_tokenizer_free_figures(reference_run, capsys):
     out = capsys.readouterr().out
     assert "nats per word" in out and "bits per character" in out
     # the run's held-out texts, the first 3 short ones; the tiny model takes 64 tokens
-    from mlmtune.data import load_texts
+    from mlmtune.data.text import load_texts
 
     data = DataConfig(dataset=m["dataset"], text_field="answers.text")
     texts = free_sample(list(load_texts(data, 42)["test"]["text"]), 3)

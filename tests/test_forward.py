@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from mlmtune.forward import freeze_encoder, has_sparse_head, logits_where, masked_nll_sum
-from mlmtune.masking import IGNORE_INDEX, Masker
+from mlmtune.data.masking import IGNORE_INDEX, Masker
+from mlmtune.model.forward import freeze_encoder, has_sparse_head, logits_where, masked_nll_sum
 
 pytestmark = pytest.mark.numerics
 

@@ -30,12 +30,12 @@ from transformers import (  # noqa: E402
 
 import mlmtune.keras as mk  # noqa: E402
 from mlmtune.cli import main  # noqa: E402
+from mlmtune.data.masking import IGNORE_INDEX, Masker, fixed_eval_masks  # noqa: E402
 from mlmtune.errors import MlmtuneError  # noqa: E402
+from mlmtune.evaluation.perplexity import perplexity  # noqa: E402
 from mlmtune.keras.data import keras_batch  # noqa: E402
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks  # noqa: E402
-from mlmtune.model import load_model  # noqa: E402
-from mlmtune.perplexity import perplexity  # noqa: E402
-from mlmtune.train import train  # noqa: E402
+from mlmtune.model.load import load_model  # noqa: E402
+from mlmtune.training.train import train  # noqa: E402
 
 mk.require()
 ATOL = 1e-4
@@ -131,8 +131,8 @@ def test_head_warmup_gradients_are_pytorchs_head_only_gradients(family, tokenize
     import keras
     import tensorflow as tf
 
-    from mlmtune.forward import MaskedLMLoss, freeze_encoder, positions_and_targets
     from mlmtune.keras.engine import freeze_backbone, head_model
+    from mlmtune.model.forward import MaskedLMLoss, freeze_encoder, positions_and_targets
 
     tokenizer = tokenizers[family]
     hf = _tiny(family, tokenizer).eval()  # no dropout on either side
@@ -217,8 +217,8 @@ def test_keras_backend_learns_like_the_torch_backend(keras_run, configs, tmp_pat
     out = result.output_dir
     model = AutoModelForMaskedLM.from_pretrained(out)
     _, tokenizer = load_model(str(out))
-    from mlmtune.blocks import Blocks
-    from mlmtune.prepare import prepare_blocks
+    from mlmtune.data.blocks import Blocks
+    from mlmtune.data.prepare import prepare_blocks
 
     blocks, _ = prepare_blocks(cfg.data, tokenizer, cfg.seed)
     inputs, labels = fixed_eval_masks(Blocks(blocks["test"]), Masker.from_tokenizer(tokenizer), cfg.seed)
@@ -254,7 +254,7 @@ def test_keras_resume_after_a_kill_ends_like_an_uninterrupted_run(keras_run, con
     code = ("import json, os, signal, sys\n"
             "from mlmtune.config import TrainConfig\n"
             "from mlmtune.options import resolve\n"
-            "from mlmtune.train import train\n"
+            "from mlmtune.training.train import train\n"
             "def on_step(step, seconds):\n"
             "    if step == 11:\n"
             "        os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -32,7 +32,7 @@ def _layer_calls(monkeypatch) -> dict[str, int]:
 def test_gradient_checkpointing_trains_the_same_steps(configs, tmp_path, monkeypatch):
     """--gradient-checkpointing recomputes each layer in the backward pass (the layer runs once more per training
     pass) and gives the same losses and weights as the run that keeps the activations, dropout included."""
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     calls = _layer_calls(monkeypatch)
     plain = train(configs(tmp_path / "plain", max_steps=4, save_steps=100), progress=False)
@@ -49,8 +49,8 @@ def test_gradient_checkpointing_trains_the_same_steps(configs, tmp_path, monkeyp
 def test_eager_and_sdpa_attention_train_alike(configs, tmp_path, tiny_model_dir):
     """--attn-implementation reaches from_pretrained: eager (the matmul-softmax written out) and sdpa (the fused
     kernel) give the same losses to float32's order of sums."""
-    from mlmtune.model import load_model
-    from mlmtune.train import train
+    from mlmtune.model.load import load_model
+    from mlmtune.training.train import train
 
     assert load_model(str(tiny_model_dir), attn_implementation="eager")[0].config._attn_implementation == "eager"
     runs = {
@@ -100,7 +100,7 @@ def test_tokens_per_second_and_memory_are_measured_and_no_mfu_on_a_cpu(configs, 
     """metrics.json's tokens/s agrees with the tokens of the blocks trained over the wall time of the steps timed
     here; a CPU gets no MFU (no datasheet peak), and its memory figure is the process's peak RSS, named so and
     equal to what the OS reports for this process."""
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     seconds: list[float] = []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -130,8 +130,8 @@ def test_model_flops_per_token_by_hand(tiny_model_dir):
     plus attention's 12 x layers x block x hidden, counted from the config by hand."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    from mlmtune.forward import has_sparse_head
-    from mlmtune.throughput import flops_per_token
+    from mlmtune.model.forward import has_sparse_head
+    from mlmtune.training.throughput import flops_per_token
 
     c = AutoConfig.from_pretrained(tiny_model_dir)
     model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
@@ -143,7 +143,7 @@ def test_model_flops_per_token_by_hand(tiny_model_dir):
 
 
 def test_mfu_uses_the_datasheet_peak_of_the_named_gpu():
-    from mlmtune.throughput import datasheet_peak
+    from mlmtune.training.throughput import datasheet_peak
 
     assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert datasheet_peak("NVIDIA H100 PCIe", "bf16") == 756e12
@@ -171,7 +171,7 @@ def test_score_precision_casts_the_weights_and_auto_on_a_cpu_is_fp32(tiny_model_
     fp32 logits at the masked token); auto on a CPU is the fp32 score exactly."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmtune.scoring import Scorer
+    from mlmtune.inference.scoring import Scorer
 
     text = "The interpreter reads a module."
     auto, bf16 = (Scorer.from_pretrained(str(tiny_model_dir), precision=p) for p in ("auto", "bf16"))

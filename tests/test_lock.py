@@ -15,7 +15,7 @@ import pytest
 from mlmtune.cli import main
 from mlmtune.errors import MlmtuneError
 from mlmtune.lock import LOCK_NAME, FolderLock
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 
 def _flags(configs, out, steps: int = 4) -> list[str]:
@@ -84,7 +84,7 @@ def test_prepare_folders_and_cache_entries_have_one_writer(configs, tmp_path, ca
     assert main(args) == 0 and not held.path.exists()
 
     # a cache entry another run writes now: this run tokenizes on its own and trains
-    from mlmtune import prepare
+    from mlmtune.data import prepare
 
     cache = tmp_path / "cache"
     real = prepare.FolderLock.acquire

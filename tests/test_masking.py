@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mlmtune.masking import IGNORE_INDEX, Masker, fixed_eval_masks, iter_eval_masks, rank_shares, regroup
+from mlmtune.data.masking import IGNORE_INDEX, Masker, fixed_eval_masks, iter_eval_masks, rank_shares, regroup
 
 
 def _within(observed: int, n: int, p: float, sigmas: float = 5.0) -> bool:

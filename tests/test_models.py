@@ -17,7 +17,7 @@ from compare import assert_same_as_pipeline, assert_same_weights
 from test_check import assert_measured, timed_check
 
 from mlmtune.cli import main
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 FAMILIES = ["modernbert_dir", "eurobert_dir"]
 
@@ -40,8 +40,8 @@ def test_sparse_head_loss_equals_the_dense_models(request, family):
     """The head at the masked positions only gives the dense model's own loss (its `labels` path)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmtune.forward import has_sparse_head, masked_nll_sum
-    from mlmtune.masking import Masker
+    from mlmtune.data.masking import Masker
+    from mlmtune.model.forward import has_sparse_head, masked_nll_sum
 
     folder = request.getfixturevalue(family)
     model, tok = AutoModelForMaskedLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
@@ -65,7 +65,7 @@ DRIVER = textwrap.dedent("""
     import json, os, signal, sys
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
     kill_after = int(sys.argv[2])
     train(resolve(TrainConfig, {}, json.loads(sys.argv[1])), progress=False,
           on_step=lambda s, _: os.kill(os.getpid(), signal.SIGKILL) if s == kill_after else None)
@@ -93,7 +93,7 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(request, runs, confi
 def test_fill_equals_the_pipeline_in_any_mask_spelling(request, runs, family, spelling):
     from transformers import AutoTokenizer, pipeline
 
-    from mlmtune.fill import FillMask
+    from mlmtune.inference.fill import FillMask
 
     folder, _ = runs[family]
     own = AutoTokenizer.from_pretrained(folder).mask_token  # the only spelling the pipeline takes

@@ -127,7 +127,7 @@ def test_the_other_architectures_export(kind, tiny_bert_dir, tmp_path):
 @pytest.mark.slow
 def test_a_run_with_added_tokens_exports_at_its_end(configs, tmp_path):
     """train --add-tokens ... --export onnx: onnx/ in the run's folder, the grown vocabulary in the graph."""
-    from mlmtune.train import train  # noqa: F401  (the CLI runs it)
+    from mlmtune.training.train import train  # noqa: F401  (the CLI runs it)
 
     flags = configs.flags(tmp_path / "run", max_steps=2, save_steps=None, add_tokens="20", export="onnx")
     argv = ["train"] + [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
@@ -143,7 +143,7 @@ def test_the_int8_figure_is_measured_and_in_the_card(bert_onnx):
     positions of the self-check's batch."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmtune.onnx_export import check_batch
+    from mlmtune.inference.onnx_export import check_batch
 
     tok = AutoTokenizer.from_pretrained(bert_onnx)
     model = AutoModelForMaskedLM.from_pretrained(bert_onnx).eval()
@@ -207,8 +207,8 @@ def test_score_with_runtime_onnx_equals_torch(bert_onnx, capsys, metric):
 def test_serve_with_runtime_onnx_answers_as_torch_and_health_names_it(roberta_onnx):
     from fastapi.testclient import TestClient
 
-    from mlmtune.fill import FillMask
-    from mlmtune.serve import make_app
+    from mlmtune.inference.fill import FillMask
+    from mlmtune.serving.serve import make_app
 
     answers = {}
     for runtime in ("torch", "onnx"):
@@ -293,7 +293,7 @@ def test_runtime_onnx_on_a_folder_without_onnx_names_export(tiny_bert_dir, capsy
 
 def test_a_failed_export_leaves_nothing(tiny_bert_dir, tmp_path, capsys, monkeypatch):
     """An export that fails its own check after the graphs were written: no output folder, no temp folder."""
-    import mlmtune.onnx_export as onnx_export
+    import mlmtune.inference.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", -1.0)  # no difference passes
     err = _one_line_error(capsys, ["export", "--model", str(tiny_bert_dir), "--output-dir", str(tmp_path / "out")])

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mlmtune.fill import FillMask
-from mlmtune.payloads import BadRequest, Limits, parse_fill
+from mlmtune.inference.fill import FillMask
+from mlmtune.serving.payloads import BadRequest, Limits, parse_fill
 
 LIMITS = Limits(max_body_bytes=4000, max_texts=3, max_chars=300, max_masks=3, max_top_k=100, max_targets=10,
                 max_work=400)
@@ -111,11 +111,11 @@ def test_targets_are_deduplicated_and_the_vocabulary_read_once(tiny, monkeypatch
 
 def _rows_run(monkeypatch) -> list[int]:
     """Rows of every forward pass the word fills run, as they run."""
-    import mlmtune.fill_words
-    import mlmtune.scoring
+    import mlmtune.inference.fill_words
+    import mlmtune.inference.scoring
 
     rows: list[int] = []
-    for module in (mlmtune.fill_words, mlmtune.scoring):
+    for module in (mlmtune.inference.fill_words, mlmtune.inference.scoring):
         real = module.logits_at_positions
         monkeypatch.setattr(module, "logits_at_positions",
                             lambda model, ids, *a, real=real, **k: rows.append(ids.shape[0]) or real(model, ids, *a,

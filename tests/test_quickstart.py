@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from mlmtune import model as model_mod
 from mlmtune.cli import main
 from mlmtune.config import DataConfig
-from mlmtune.data import load_texts
+from mlmtune.data.text import load_texts
 from mlmtune.errors import MlmtuneError
+from mlmtune.model import load as model_mod
 
 
 def test_builtin_model_has_a_new_head_tied_to_the_embeddings():

@@ -15,9 +15,9 @@ import textwrap
 import pytest
 from compare import RESUMED_BOUND, assert_same_updates, assert_same_weights, unmask_one_token, update_difference
 
-from mlmtune import checkpoint as ckpt_mod
 from mlmtune.errors import MlmtuneError
-from mlmtune.train import train
+from mlmtune.training import checkpoint as ckpt_mod
+from mlmtune.training.train import train
 
 
 def _assert_same_run(out, reference):
@@ -32,10 +32,10 @@ def _assert_same_run(out, reference):
 DRIVER = textwrap.dedent("""
     import os, signal, sys, json
     import torch
-    from mlmtune import checkpoint
+    from mlmtune.training import checkpoint
     from mlmtune.config import TrainConfig
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     flags, where, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -196,7 +196,7 @@ FSIZE_DRIVER = textwrap.dedent("""
     from mlmtune.config import TrainConfig
     from mlmtune.errors import MlmtuneError
     from mlmtune.options import resolve
-    from mlmtune.train import train
+    from mlmtune.training.train import train
 
     flags, at_step, limit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -282,7 +282,7 @@ def test_the_global_batch_may_be_split_otherwise_on_resume_but_not_changed(confi
 def test_the_same_signal_twice_at_once_is_one_request_and_a_later_one_a_second(monkeypatch):
     """SLURM signals every process of a step and torchrun forwards its own SIGTERM: two, milliseconds apart, ask
     once. The same signal after REPEAT_SECONDS, or another signal, is a second request (on several ranks: at once)."""
-    from mlmtune import stopping
+    from mlmtune.training import stopping
 
     stop = stopping.Stop()
     with stop.listening():
@@ -306,7 +306,7 @@ def test_a_stop_at_a_step_due_an_evaluation_skips_it_saves_once_and_resume_runs_
     """SIGTERM (twice, as a job's processes get it) during a step due an evaluation and a checkpoint (the last): the
     run leaves after that step without evaluating it, writes its checkpoint once, and --resume runs the evaluation:
     the run ends as the uninterrupted one, evaluations included."""
-    from mlmtune import train as train_mod
+    from mlmtune.training import train as train_mod
 
     k = 8
     assert [e["step"] for e in reference_run.metrics["epochs"]] == [k]  # evaluated at k (and a checkpoint at k)

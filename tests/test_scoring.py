@@ -14,8 +14,8 @@ from compare import assert_same_as_pipeline
 import mlmtune
 from mlmtune.cli import main
 from mlmtune.errors import MlmtuneError
-from mlmtune.fill import FillMask
-from mlmtune.scoring import Scorer
+from mlmtune.inference.fill import FillMask
+from mlmtune.inference.scoring import Scorer
 
 pytestmark = pytest.mark.numerics
 

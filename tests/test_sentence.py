@@ -20,11 +20,11 @@ from transformers import AutoModel, AutoTokenizer
 
 from mlmtune.cli import main
 from mlmtune.config import DataConfig
-from mlmtune.data import load_texts
-from mlmtune.embedding import chance_mrr10, embed, halves, retrieval
-from mlmtune.model import load_model
-from mlmtune.sentence import read_encoder
-from mlmtune.train import train
+from mlmtune.data.text import load_texts
+from mlmtune.evaluation.embedding import chance_mrr10, embed, halves, retrieval
+from mlmtune.model.load import load_model
+from mlmtune.model.sentence import read_encoder
+from mlmtune.training.train import train
 
 st = pytest.importorskip("sentence_transformers", reason="the [test] extra brings sentence-transformers")
 
@@ -138,7 +138,7 @@ def test_eval_reproduces_the_after_figure_and_the_run_prints_both(sentence_run, 
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["embedding_mrr10"] == pytest.approx(m["embedding_mrr10_after"], abs=1e-9)
     assert evaluated["embedding_recall1"] == pytest.approx(m["embedding_recall1_after"], abs=1e-9)
-    from mlmtune.card import summary_lines
+    from mlmtune.training.card import summary_lines
 
     line = next(line for line in summary_lines(m) if line.startswith("embeddings ("))
     assert f"MRR@10 {m['embedding_mrr10_before']:.3f} -> {m['embedding_mrr10_after']:.3f}" in line

@@ -14,8 +14,8 @@ import pytest
 from compare import assert_same_as_pipeline
 from live import running
 
-from mlmtune.fill import FillMask
-from mlmtune.serve import Limits, make_app
+from mlmtune.inference.fill import FillMask
+from mlmtune.serving.serve import Limits, make_app
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -206,7 +206,7 @@ def test_docs_when_asked_for_pin_their_files(filler):
     that allows those files and nothing else from outside; no inline script."""
     import re
 
-    from mlmtune.serve import SWAGGER
+    from mlmtune.serving.serve import SWAGGER
 
     with TestClient(make_app(filler, docs=True)) as c:
         page = c.get("/docs")
@@ -221,7 +221,7 @@ def test_docs_when_asked_for_pin_their_files(filler):
 
 def test_non_loopback_host_needs_a_key_or_insecure(tiny_model_dir, capsys, monkeypatch):
     from mlmtune.cli import main
-    from mlmtune.serve import check_exposure
+    from mlmtune.serving.serve import check_exposure
 
     monkeypatch.delenv("MLMTUNE_API_KEY", raising=False)
     assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "0"]) == 1
@@ -355,7 +355,7 @@ def test_playground_with_an_api_key_in_a_real_browser(keyed_server, pipe):
 
 
 def test_score_route_equals_the_scorer(client, tiny_model_dir):
-    from mlmtune.scoring import Scorer
+    from mlmtune.inference.scoring import Scorer
 
     texts = ["The break statement exits the innermost loop.", "Names refer to objects."]
     expected = Scorer.from_pretrained(str(tiny_model_dir)).score(texts, metric="original")

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from live import raw_exchange, running
 
-from mlmtune.batcher import Stopped
-from mlmtune.guard import SECURITY_HEADERS
-from mlmtune.payloads import Limits
-from mlmtune.serve import make_app
+from mlmtune.serving.batcher import Stopped
+from mlmtune.serving.guard import SECURITY_HEADERS
+from mlmtune.serving.payloads import Limits
+from mlmtune.serving.serve import make_app
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -135,17 +135,17 @@ def test_a_word_fill_over_the_work_bound_is_refused_with_the_bound(filler):
 
 
 def test_health_answers_while_a_body_is_parsed(filler, monkeypatch):
-    import mlmtune.serve
+    import mlmtune.serving.serve
 
     entered, release = threading.Event(), threading.Event()
-    real = mlmtune.serve.parse_fill
+    real = mlmtune.serving.serve.parse_fill
 
     def slow_parse(*args, **kwargs):  # a parse that takes as long as the test says
         entered.set()
         release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mlmtune.serve, "parse_fill", slow_parse)
+    monkeypatch.setattr(mlmtune.serving.serve, "parse_fill", slow_parse)
     with TestClient(make_app(filler)) as c, ThreadPoolExecutor(2) as pool:
         fill = pool.submit(c.post, "/fill", json={"text": TEXT})
         try:
@@ -210,7 +210,7 @@ def test_a_host_not_allowed_gets_400_and_nothing_of_the_model(filler):
 
 
 def test_default_hosts():
-    from mlmtune.serve import default_hosts
+    from mlmtune.serving.serve import default_hosts
 
     assert default_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "[::1]"]
     assert default_hosts("::1") == ["localhost", "127.0.0.1", "[::1]"]
@@ -232,11 +232,11 @@ def test_an_uncaught_error_is_a_json_500_counted_and_logged_in_one_line(filler, 
 
     monkeypatch.setattr(filler, "fill_batch", broken)
     with TestClient(make_app(filler), raise_server_exceptions=False) as c:
-        with caplog.at_level("ERROR", logger="mlmtune.serve"):
+        with caplog.at_level("ERROR", logger="mlmtune.serving.serve"):
             r = c.post("/fill", json={"text": "secret-client-input <mask>"})
         series = _series(c)
     assert r.status_code == 500 and r.json() == {"error": "internal error; the server's log says where"}
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mlmtune.serve"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mlmtune.serving.serve"]
     assert len(lines) == 1 and "\n" not in lines[0] and "RuntimeError" in lines[0]
     assert "secret" not in lines[0] and "POST /fill answered 500" in lines[0]
     assert series[("mlmtune_requests_total", (("method", "POST"), ("route", "/fill"), ("status", "500")))] == 1
@@ -322,7 +322,7 @@ def test_a_client_that_left_mid_body_is_one_log_line_and_no_answer(filler, monke
 
     from starlette.requests import ClientDisconnect
 
-    from mlmtune import serve
+    from mlmtune.serving import serve
 
     async def left(request, limits, timeout):
         raise ClientDisconnect()
@@ -340,10 +340,10 @@ def test_a_client_that_left_mid_body_is_one_log_line_and_no_answer(filler, monke
              "method": "POST", "scheme": "http", "path": "/fill", "raw_path": b"/fill", "query_string": b"",
              "root_path": "", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
              "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80)}
-    with TestClient(app) as c, caplog.at_level("INFO", logger="mlmtune.serve"):  # started: the model loaded
+    with TestClient(app) as c, caplog.at_level("INFO", logger="mlmtune.serving.serve"):  # started: the model loaded
         assert c.get("/health").status_code == 200
         asyncio.run(app(scope, receive, send))
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mlmtune.serve"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mlmtune.serving.serve"]
     assert lines == ["POST /fill: the client left before its answer"]
     assert not any(rec.exc_info for rec in caplog.records)
     assert sent == []  # nothing written to a connection that is gone

@@ -9,12 +9,12 @@ import torch
 from compare import assert_same_weights
 from safetensors.torch import load_file
 
-from mlmtune.blocks import Blocks, blocks_tensor, group_blocks, tokenize
 from mlmtune.config import DataConfig, TrainConfig
+from mlmtune.data.blocks import Blocks, blocks_tensor, group_blocks, tokenize
+from mlmtune.data.stream import stream_blocks, stream_records, stream_texts
 from mlmtune.errors import MlmtuneError
 from mlmtune.options import resolve
-from mlmtune.stream import stream_blocks, stream_records, stream_texts
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 
 def test_stream_blocks_equal_the_whole_split_grouping(tiny, docs_texts):
@@ -77,7 +77,7 @@ def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, corpus):
 def test_each_rank_tokenizes_only_its_own_share_of_the_stream(tiny, docs_texts, tmp_path, files):
     """Two ranks' streams: the texts each rank's tokenizer saw are disjoint, and together they are the corpus after
     the held-out records, each once (no rank tokenizes the other's records, as every rank did before)."""
-    from mlmtune.stream import BlockStream
+    from mlmtune.data.stream import BlockStream
 
     _, tok = tiny
     texts = [t.replace("\n", " ") for t in docs_texts[:300] if t.strip()]

@@ -16,7 +16,7 @@ import yaml
 
 from mlmtune.cli import main
 from mlmtune.errors import MlmtuneError
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 STOP_AT = 5
 
@@ -224,7 +224,7 @@ def test_an_mlflow_server_that_does_not_answer_is_a_warning_not_a_failed_run(con
 
 
 def test_mlflow_skinny_alone_is_told_to_install_mlflow_unless_a_store_is_named(monkeypatch):
-    from mlmtune.dashboard import missing
+    from mlmtune.training.dashboard import missing
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # what mlflow-skinny lacks

@@ -9,7 +9,7 @@ import torch
 from compare import assert_same_as_pipeline, assert_same_weights
 
 from mlmtune.errors import MlmtuneError
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 
 def _fixed_mask_loss(model_folder, configs, out):
@@ -17,9 +17,9 @@ def _fixed_mask_loss(model_folder, configs, out):
     forward of `AutoModelForMaskedLM` and its own token-weighted loss, in one batch."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlmtune.blocks import Blocks
-    from mlmtune.masking import Masker, fixed_eval_masks
-    from mlmtune.prepare import prepare_blocks
+    from mlmtune.data.blocks import Blocks
+    from mlmtune.data.masking import Masker, fixed_eval_masks
+    from mlmtune.data.prepare import prepare_blocks
 
     cfg = configs(out)
     tok = AutoTokenizer.from_pretrained(model_folder)
@@ -49,7 +49,7 @@ def test_train_learns_and_writes_a_model_folder(reference_run, configs, tiny_mod
     # and the pipeline fills with it as mlmtune's fill does
     from transformers import pipeline
 
-    from mlmtune.fill import FillMask
+    from mlmtune.inference.fill import FillMask
 
     text = "The <mask> statement."
     assert_same_as_pipeline(FillMask.from_pretrained(str(out))(text, top_k=3),
@@ -70,7 +70,7 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(reference
 
 @pytest.mark.numerics
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same(reference_run, configs, tmp_path, monkeypatch):
-    import mlmtune.torch_engine as engine_mod
+    import mlmtune.training.torch_engine as engine_mod
 
     real = engine_mod.backward_masked  # one call per optimizer step
     calls = {"n": 0}
@@ -100,7 +100,7 @@ def test_a_second_ctrl_c_inside_a_step_lets_the_step_finish(reference_run, confi
     import os
     import signal
 
-    import mlmtune.torch_engine as engine_mod
+    import mlmtune.training.torch_engine as engine_mod
 
     real = engine_mod.Precision.step
     calls = {"n": 0}
@@ -163,7 +163,7 @@ def test_fp16_scales_the_loss_and_resumes_with_the_same_scale(configs, tmp_path)
     its state rides in every checkpoint, and a resumed run ends with the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from mlmtune import checkpoint as ckpt
+    from mlmtune.training import checkpoint as ckpt
 
     full = train(configs(tmp_path / "full", precision="fp16", max_steps=6), progress=False)
     m = full.metrics
@@ -184,7 +184,7 @@ def _compiled(configs, tmp_path, backend, monkeypatch):
     import torch._dynamo
     from safetensors.torch import load_file
 
-    monkeypatch.setattr("mlmtune.forward.COMPILE_BACKEND", backend)
+    monkeypatch.setattr("mlmtune.model.forward.COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = train(configs(tmp_path / "compiled", compile=True), progress=False)
@@ -224,7 +224,7 @@ def test_a_compiled_model_that_computes_other_logits_is_refused():
     import torch._dynamo
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from mlmtune.forward import check_compiled, compile_encoder
+    from mlmtune.model.forward import check_compiled, compile_encoder
 
     torch.manual_seed(0)
     model = RobertaForMaskedLM(RobertaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2,
@@ -239,7 +239,7 @@ def test_a_compiled_model_that_computes_other_logits_is_refused():
     assert model.training
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("mlmtune.forward.COMPILE_BACKEND", "aot_eager")
+        m.setattr("mlmtune.model.forward.COMPILE_BACKEND", "aot_eager")
         compile_encoder(model, 16)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs and model.training
     torch._dynamo.reset()
@@ -259,8 +259,8 @@ def test_deterministic_holds_for_the_run_only(reference_run, configs, tmp_path):
 def test_tf32_is_on_only_inside_a_gpu_training_step(configs, tmp_path, monkeypatch):
     """Evaluation, fills and whatever the process runs after train() stay true fp32: TF32 is switched on around
     each training step on a GPU and put back after (read from the flags; the CPU ignores them)."""
-    from mlmtune import torch_engine
     from mlmtune.device import tf32_matmuls
+    from mlmtune.training import torch_engine
 
     torch.backends.cuda.matmul.allow_tf32 = False
     seen = []
@@ -347,7 +347,7 @@ def test_evaluation_runs_under_the_training_autocast_unless_asked_for_fp32(confi
     from transformers import AutoModelForMaskedLM
 
     from mlmtune.config import EvalConfig
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluation.evaluate import run_eval
     from mlmtune.options import resolve
 
     # the tiny model's near-uniform predictions hide bf16's rounding in the mean loss; embeddings 30x larger give

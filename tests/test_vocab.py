@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from test_forgetting import _hand_figures
 
 from mlmtune.cli import main
-from mlmtune.data import load_texts
+from mlmtune.data.text import load_texts
 from mlmtune.distributed import Dist
-from mlmtune.forgetting import free_sample
-from mlmtune.run import load_run
-from mlmtune.train import train
-from mlmtune.vocab import add_words, init_rows
+from mlmtune.evaluation.forgetting import free_sample
+from mlmtune.training.run import load_run
+from mlmtune.training.train import train
+from mlmtune.training.vocab import add_words, init_rows
 
 ANCHORS = "class function list string value object module name type method key return".split()
 SYLLABLES = ["zor", "blax", "quin", "tav", "vex", "mur", "plo", "gnath", "yurk", "fex", "drab", "quo", "zim", "wub",

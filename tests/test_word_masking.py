@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from mlmtune.blocks import Blocks, build_blocks
-from mlmtune.feed import StepBatches
-from mlmtune.masking import IGNORE_INDEX, SPAN_MAX, SPAN_P, Masker, choose_spans, word_numbers
+from mlmtune.data.blocks import Blocks, build_blocks
+from mlmtune.data.masking import IGNORE_INDEX, SPAN_MAX, SPAN_P, Masker, choose_spans, word_numbers
+from mlmtune.training.feed import StepBatches
 
 TEXTS = [
     "An e-mail, sent at 10:45 on 2024-03-01, said: re-run the well-known test (naïve Bayes, 3.14159).",
@@ -67,7 +67,7 @@ def test_word_starts_are_the_tokenizers_own_words_and_each_block_begins_one(fami
     block's first token begins a word (a word never spans two blocks), and a text's first token always does."""
     from datasets import Dataset
 
-    from mlmtune.blocks import group_blocks, tokenize
+    from mlmtune.data.blocks import group_blocks, tokenize
 
     tok, _ = families[family]
     tokenized = tokenize(Dataset.from_dict({"text": TEXTS}), tok)

@@ -10,7 +10,7 @@ from compare import assert_same_weights
 
 from mlmtune.cli import main
 from mlmtune.errors import MlmtuneError
-from mlmtune.train import train
+from mlmtune.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_a_whole_word_run_resumes_exactly_and_refuses_another_scheme(configs, tm
 
 def test_eval_reproduces_a_span_run_on_its_own_data(span_run, eli5_like, configs):
     from mlmtune.config import EvalConfig
-    from mlmtune.evaluate import run_eval
+    from mlmtune.evaluation.evaluate import run_eval
     from mlmtune.options import resolve
 
     out, m = span_run
@@ -81,7 +81,7 @@ def test_streaming_with_whole_words_trains(configs, tmp_path, docs_texts):
 
 def test_show_masks_is_what_training_masks(configs, tmp_path, capsys, monkeypatch):
     """`check --show-masks N --json` prints the blocks and masks that the first optimizer step trains on."""
-    import mlmtune.torch_engine as engine_mod
+    import mlmtune.training.torch_engine as engine_mod
 
     flags = configs.flags(tmp_path / "run", masking="whole-word", max_steps=1)
     args = ["check", "--show-masks", "3", "--json"]
@@ -125,8 +125,8 @@ def test_a_word_scheme_refuses_what_has_no_words(configs, tmp_path, _tiny_loaded
 
     from datasets import Dataset
 
-    from mlmtune.blocks import Blocks
-    from mlmtune.run import check_words
+    from mlmtune.data.blocks import Blocks
+    from mlmtune.training.run import check_words
 
     cfg = configs(tmp_path / "run", masking="whole-word")
     with pytest.raises(MlmtuneError, match="--masking whole-word needs the words of a fast tokenizer"):

@@ -25,7 +25,7 @@ from mlmtune.config import QUICKSTART_DEFAULTS, EvalConfig, PrepareConfig, Probe
 from mlmtune.errors import MlmtuneError, warn
 from mlmtune.inference_config import ExportConfig, FillConfig, ScoreConfig, ServeConfig
 from mlmtune.options import field_doc, flat_fields, load_config_file, resolve
-from mlmtune.stopping import LeftEarly, Stop
+from mlmtune.training.stopping import LeftEarly, Stop
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,11 +128,11 @@ def cmd_train(args) -> int:
     stop.install()  # before torch loads: a signal during start-up leaves in one line, not by its default (-15)
     cfg = _config(TrainConfig, args)  # every value checked before the heavy imports
     if cfg.output.export == "onnx":  # before hours of training, not after
-        from mlmtune.onnx_runtime import import_onnxruntime
+        from mlmtune.model.onnx_runtime import import_onnxruntime
 
         import_onnxruntime()
-    from mlmtune.card import summary_lines
-    from mlmtune.train import train  # heavy (torch, transformers): imported when the command runs
+    from mlmtune.training.card import summary_lines
+    from mlmtune.training.train import train  # heavy (torch, transformers): imported when the command runs
 
     result = train(cfg, stop=stop)
     if result.rank != 0:  # one report per run, not one per process
@@ -141,8 +141,8 @@ def cmd_train(args) -> int:
         print(line)
     print(f"model saved in {result.output_dir}")
     if cfg.output.export == "onnx":
-        from mlmtune.model import load_model
-        from mlmtune.onnx_export import export_into_run
+        from mlmtune.inference.onnx_export import export_into_run
+        from mlmtune.model.load import load_model
 
         model, tokenizer = load_model(str(result.output_dir))
         export_into_run(result.output_dir, model, tokenizer, quantize="int8")
@@ -163,7 +163,7 @@ def cmd_check(args) -> int:
     cfg = _config(TrainConfig, args)
     if args.show_masks is not None and args.show_masks < 1:
         raise MlmtuneError(f"--show-masks must be a positive number of blocks, got {args.show_masks}")
-    from mlmtune.check import masked_examples, preflight, render_masks  # heavy: imported when the command runs
+    from mlmtune.training.check import masked_examples, preflight, render_masks  # heavy: imported when the command runs
 
     if args.show_masks is not None:
         examples, tokenizer = masked_examples(cfg, args.show_masks)
@@ -181,8 +181,8 @@ def cmd_check(args) -> int:
 
 def cmd_prepare(args) -> int:
     cfg = _config(PrepareConfig, args)
-    from mlmtune.model import load_tokenizer  # heavy (transformers, datasets): imported when the command runs
-    from mlmtune.prepare import prepare_blocks
+    from mlmtune.data.prepare import prepare_blocks
+    from mlmtune.model.load import load_tokenizer  # heavy (transformers, datasets): imported when the command runs
 
     tokenizer = load_tokenizer(cfg.model)
     added = _add_tokens(cfg, tokenizer) if cfg.add_tokens else None
@@ -200,9 +200,9 @@ def _left_out(n: int) -> str:
 
 def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
     """prepare --add-tokens: the words added to the tokenizer the blocks are made with (train adds the same)."""
-    from mlmtune.data import load_texts
-    from mlmtune.prepare import check_prepare_target
-    from mlmtune.vocab import TOKENS_PER_WORD_TEXTS, choose_words, grow_tokenizer
+    from mlmtune.data.prepare import check_prepare_target
+    from mlmtune.data.text import load_texts
+    from mlmtune.training.vocab import TOKENS_PER_WORD_TEXTS, choose_words, grow_tokenizer
 
     check_prepare_target(Path(cfg.output_dir))  # before the mining, as without --add-tokens
     texts = list(load_texts(cfg.data, cfg.seed)["train"]["text"])
@@ -213,7 +213,7 @@ def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
 
 def cmd_eval(args) -> int:
     cfg = _config(EvalConfig, args)
-    from mlmtune.evaluate import run_eval  # heavy: imported when the command runs
+    from mlmtune.evaluation.evaluate import run_eval  # heavy: imported when the command runs
 
     result = run_eval(cfg)
     if args.json:
@@ -242,7 +242,7 @@ def cmd_eval(args) -> int:
         print(f"cloze ({result['cloze']}): top-1 {result['cloze_top1']:.1%}, top-3 {result['cloze_top3']:.1%} of "
               f"{result['cloze_cases']} held-out cases ({result['cloze_words']} words)")
     if "downstream_accuracy" in result:
-        from mlmtune.downstream import METHOD_NAMES
+        from mlmtune.evaluation.downstream import METHOD_NAMES
 
         runs = len(result["downstream_seeds"])
         spread = lambda k: f" ± {result[f'downstream_{k}_std']:.1%}" if runs > 1 else ""  # noqa: E731
@@ -257,7 +257,7 @@ def cmd_eval(args) -> int:
 
 def cmd_probe(args) -> int:
     cfg = _config(ProbeConfig, args)
-    from mlmtune.downstream import format_table, run_probe  # heavy: imported when the command runs
+    from mlmtune.evaluation.downstream import format_table, run_probe  # heavy: imported when the command runs
 
     result = run_probe(cfg)
     print(json.dumps(result) if args.json else format_table(result))
@@ -281,7 +281,7 @@ def _format_table(text: str, result) -> str:
 
 def read_stdin_lines() -> list[str]:
     """Non-empty lines of stdin; bytes that are not UTF-8 are replaced (U+FFFD) and counted in a warning."""
-    from mlmtune.data import decode_line  # heavy (datasets): imported when a command reads stdin
+    from mlmtune.data.text import decode_line  # heavy (datasets): imported when a command reads stdin
 
     lines, bad = [], 0
     for raw in sys.stdin.buffer:
@@ -299,7 +299,7 @@ def cmd_fill(args) -> int:
     texts = args.texts or read_stdin_lines()
     if not texts:
         raise MlmtuneError("no text given: pass texts as arguments or one per line on stdin")
-    from mlmtune.fill import FillMask  # heavy: imported when the command runs
+    from mlmtune.inference.fill import FillMask  # heavy: imported when the command runs
 
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.batch_size, device=cfg.device,
                                       precision=cfg.precision, runtime=cfg.runtime, quantized=cfg.quantized)
@@ -312,8 +312,8 @@ def cmd_fill(args) -> int:
 
 def cmd_score(args) -> int:
     cfg = _config(ScoreConfig, args)
-    from mlmtune.data import load_texts  # heavy: imported when the command runs
-    from mlmtune.scoring import Scorer
+    from mlmtune.data.text import load_texts  # heavy: imported when the command runs
+    from mlmtune.inference.scoring import Scorer
 
     if cfg.data.dataset:
         split = load_texts(dataclasses.replace(cfg.data, test_size=0.0), 0)["train"]
@@ -342,7 +342,7 @@ def cmd_score(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = _config(ExportConfig, args)
-    from mlmtune.onnx_export import export_folder  # heavy (torch, onnx): imported when the command runs
+    from mlmtune.inference.onnx_export import export_folder  # heavy (torch, onnx): imported when the command runs
 
     export_folder(cfg.model, cfg.output_dir, cfg.quantize)  # prints its checks as it goes
     print(f"exported to {cfg.output_dir} (onnx/ beside the model; its card has the checks)")
@@ -351,8 +351,8 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     cfg = _config(ServeConfig, args)
-    from mlmtune.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
-    from mlmtune.serve import check_exposure, default_hosts, is_loopback, make_app, serve
+    from mlmtune.inference.fill import FillMask  # heavy (torch, fastapi): imported when the command runs
+    from mlmtune.serving.serve import check_exposure, default_hosts, is_loopback, make_app, serve
 
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("MLMTUNE_API_KEY")
     check_exposure(cfg.host, api_key, cfg.insecure)
@@ -362,7 +362,7 @@ def cmd_serve(args) -> int:
     # server that answers 500 for ever
     filler = FillMask.from_pretrained(cfg.model, batch_size=cfg.max_batch, safetensors_only=True, device=cfg.device,
                                       precision=cfg.precision, runtime=cfg.runtime, quantized=cfg.quantized)
-    from mlmtune.payloads import Limits
+    from mlmtune.serving.payloads import Limits
 
     hosts = cfg.allowed_hosts or default_hosts(cfg.host)
     if cfg.allowed_hosts is None and cfg.host in ("0.0.0.0", "::"):

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from mlmtune.card import summary_lines
-from mlmtune.cloze import ClozeCase, examples, held_out_cases
 from mlmtune.config import TrainConfig
-from mlmtune.downstream import summary_line as downstream_summary
-from mlmtune.embedding import LOWERED, lowered
-from mlmtune.fill import FillMask
-from mlmtune.model import max_positions
-from mlmtune.train import TrainResult, train
+from mlmtune.evaluation.cloze import ClozeCase, examples, held_out_cases
+from mlmtune.evaluation.downstream import summary_line as downstream_summary
+from mlmtune.evaluation.embedding import LOWERED, lowered
+from mlmtune.inference.fill import FillMask
+from mlmtune.model.load import max_positions
+from mlmtune.training.card import summary_lines
+from mlmtune.training.train import TrainResult, train
 
 
 def _top(fill: FillMask, cases: list[ClozeCase], k: int = 3) -> list[str]:

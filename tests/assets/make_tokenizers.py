@@ -93,7 +93,7 @@ def texts_digest(texts: list[str]) -> str:
 
 def make(root: Path = HERE) -> dict:
     """Train the three tokenizers into `root` and write its MANIFEST.json; returns the manifest."""
-    from mlmtune.corpora import python_docs_texts
+    from mlmtune.data.corpora import python_docs_texts
 
     texts = python_docs_texts()
     for name, build in BUILDERS.items():

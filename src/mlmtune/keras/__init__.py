@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from mlmtune.errors import MlmtuneError
-from mlmtune.fill import MASK_SPELLINGS, format_predictions
+from mlmtune.inference.fill import MASK_SPELLINGS, format_predictions
 from mlmtune.keras.convert import build_masked_lm, hf_to_keras, keras_to_hf
 from mlmtune.keras.data import masked_dataset, uses_segments
-from mlmtune.model import load_model
-from mlmtune.model import load_tokenizer as _load_tokenizer
+from mlmtune.model.load import load_model
+from mlmtune.model.load import load_tokenizer as _load_tokenizer
 
 PACKAGES = {"tensorflow": "tensorflow", "keras": "keras", "keras_hub": "keras-hub"}
 _carriers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Keras model -> its Hugging Face twin

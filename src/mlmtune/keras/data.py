@@ -1,6 +1,6 @@
 """Masked batches -> keras-hub's masked-LM input format.
 
-mlmtune masks blocks once, for both backends (`mlmtune.masking.Masker`): (inputs, labels), each
+mlmtune masks blocks once, for both backends (`mlmtune.data.masking.Masker`): (inputs, labels), each
 (B, T), with IGNORE_INDEX where nothing is to be predicted. keras-hub's masked-LMs take the same
 information in another shape: the masked `token_ids`, a `padding_mask`, the `mask_positions`
 (B, P) to predict at, and labels (B, P) with sample weights that are 0 on the padding of P. With
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlmtune.blocks import Blocks
-from mlmtune.feed import epoch_order
-from mlmtune.masking import IGNORE_INDEX, SEED_MIX, Masker
+from mlmtune.data.blocks import Blocks
+from mlmtune.data.masking import IGNORE_INDEX, SEED_MIX, Masker
+from mlmtune.training.feed import epoch_order
 
 
 def keras_batch(inputs: torch.Tensor, labels: torch.Tensor, segments: bool) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -61,7 +61,7 @@ def uses_segments(tokenizer) -> bool:
 
 
 def as_blocks(blocks):
-    """A `datasets.Dataset` of blocks (an `input_ids` column), `mlmtune.blocks.Blocks`, or an (N, T) array."""
+    """A `datasets.Dataset` of blocks (an `input_ids` column), `mlmtune.data.blocks.Blocks`, or an (N, T) array."""
     if hasattr(blocks, "column_names"):
         return Blocks(blocks)
     if isinstance(blocks, Blocks):

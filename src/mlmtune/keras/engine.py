@@ -28,16 +28,16 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from mlmtune import checkpoint as ckpt
 from mlmtune import distributed
-from mlmtune.budget import Probe, warm_median
 from mlmtune.config import TrainConfig
+from mlmtune.data.masking import Masker, dropout_seed
 from mlmtune.device import pick_device
 from mlmtune.errors import MlmtuneError
 from mlmtune.keras import from_hf, loss, optimizer
 from mlmtune.keras.convert import family_of, hf_to_keras, keras_to_hf
 from mlmtune.keras.data import keras_batch, uses_segments
-from mlmtune.masking import Masker, dropout_seed
+from mlmtune.training import checkpoint as ckpt
+from mlmtune.training.budget import Probe, warm_median
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 _GENERATOR_SPACING = 1 << 20  # dropout seeds of two layers in one step never meet
