@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 
 from mlmtune.config_groups import parse_duration
 from mlmtune.errors import MlmtuneError
-from mlmtune.training import budget, schedule
-from mlmtune.training import checkpoint as ckpt
+from mlmtune.training import budget, resume, schedule
 from mlmtune.training.train import train
 
 
@@ -139,7 +138,7 @@ def test_time_budget_picks_the_steps_and_resume_keeps_them(headless_dir, configs
     with pytest.raises(MlmtuneError, match="interrupted at step 5"):
         train(cfg, progress=False, on_step=stop_at_5)
     assert asked == [False, True]  # a full step and, for the new head, a head-only step
-    planned = ckpt.read_state(out / "checkpoints" / "step-0000005").config
+    planned = resume.read_state(out / "checkpoints" / "step-0000005").config
     assert planned["schedule"]["time_budget"] == "3.05s" and planned["schedule"]["max_steps"] == 4 + 13
     assert planned["optim"]["head_warmup_steps"] == 4
 

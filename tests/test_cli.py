@@ -21,7 +21,7 @@ def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subpro
                           env=env, cwd=cwd, timeout=600)
 
 
-def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path):
+def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     prepared, out = tmp_path / "prepared", tmp_path / "model"
     p = run("prepare", "--model", str(tiny_model_dir), "--dataset", str(eli5_like), "--text-field", "answers.text",
@@ -53,6 +53,12 @@ def test_prepare_train_eval_fill_end_to_end(tiny_model_dir, eli5_like, tmp_path)
     ev = json.loads(p.stdout)
     assert math.isclose(ev["perplexity"], metrics["perplexity_after"], rel_tol=1e-5)
     assert ev["eval_masked_tokens"] == metrics["eval_masked_tokens"]
+    # and without --json, the same figures as lines a person reads
+    assert main(["eval", "--model", str(out), "--dataset", str(prepared), "--block-size", "32"]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[0] == f"scored {ev['eval_texts']:,} records of {prepared}: {ev['scored']}"
+    assert report[1] == (f"perplexity {ev['perplexity']:,.3f} (eval loss {ev['eval_loss']:.4f} over "
+                         f"{ev['eval_masked_tokens']:,} masked tokens in {ev['eval_blocks']:,} blocks, fp32)")
 
     # fill --json: one line per text, in order, each what pipeline("fill-mask") returns
     from transformers import pipeline

@@ -163,12 +163,12 @@ def test_fp16_scales_the_loss_and_resumes_with_the_same_scale(configs, tmp_path)
     its state rides in every checkpoint, and a resumed run ends with the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from mlmtune.training import checkpoint as ckpt
+    from mlmtune.training import resume
 
     full = train(configs(tmp_path / "full", precision="fp16", max_steps=6), progress=False)
     m = full.metrics
     assert m["precision"] == "fp16" and m["eval_loss_after"] < m["eval_loss_before"] - 0.05
-    scale = ckpt.read_state(tmp_path / "full" / "checkpoints" / "step-0000002").grad_scaler
+    scale = resume.read_state(tmp_path / "full" / "checkpoints" / "step-0000002").grad_scaler
     assert scale and scale["scale"] > 1  # 65536 at the start, halved on each overflow
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)

@@ -194,10 +194,6 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def _left_out(n: int) -> str:
-    return f"; {n} longer than the model takes left out" if n else ""
-
-
 def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
     """prepare --add-tokens: the words added to the tokenizer the blocks are made with (train adds the same)."""
     from mlmtune.data.prepare import check_prepare_target
@@ -213,45 +209,13 @@ def _add_tokens(cfg: PrepareConfig, tokenizer) -> list[str]:
 
 def cmd_eval(args) -> int:
     cfg = _config(EvalConfig, args)
-    from mlmtune.evaluation.evaluate import run_eval  # heavy: imported when the command runs
+    from mlmtune.evaluation.evaluate import format_report, run_eval  # heavy: imported when the command runs
 
     result = run_eval(cfg)
     if args.json:
         print(json.dumps(result))
         return 0
-    texts = f"{result['eval_texts']:,} records" if result.get("eval_texts") is not None else "records"
-    print(f"scored {texts} of {result['dataset']}: {result['scored']}")
-    if result["perplexity"] is None:
-        print(f"perplexity: skipped ({result['perplexity_skipped']})")
-    else:
-        print(f"perplexity {result['perplexity']:,.3f} (eval loss {result['eval_loss']:.4f} over "
-              f"{result['eval_masked_tokens']:,} masked tokens in {result['eval_blocks']:,} blocks, "
-              f"{result['eval_precision']})")
-    if "pseudo_perplexity" in result:
-        print(f"pseudo-perplexity {result['pseudo_perplexity']:,.3f} (over {result['pseudo_tokens']:,} tokens "
-              f"of {result['pseudo_texts']:,} texts)")
-    if "nll_per_word" in result:
-        print(f"tokenizer-free: {result['nll_per_word']:.4f} nats per word, {result['bits_per_char']:.4f} bits per "
-              f"character (whole-word PLL of {result['tokenizer_free_texts']} texts, "
-              f"{result['tokenizer_free_words']:,} words{_left_out(result['tokenizer_free_left_out'])})")
-    if "general_perplexity" in result:
-        print(f"general perplexity ({result['general_eval']}) {result['general_perplexity']:,.3f} (loss "
-              f"{result['general_loss']:.4f} over {result['general_masked_tokens']:,} masked tokens in "
-              f"{result['general_blocks']} blocks)")
-    if "cloze_top1" in result:
-        print(f"cloze ({result['cloze']}): top-1 {result['cloze_top1']:.1%}, top-3 {result['cloze_top3']:.1%} of "
-              f"{result['cloze_cases']} held-out cases ({result['cloze_words']} words)")
-    if "downstream_accuracy" in result:
-        from mlmtune.evaluation.downstream import METHOD_NAMES
-
-        runs = len(result["downstream_seeds"])
-        spread = lambda k: f" ± {result[f'downstream_{k}_std']:.1%}" if runs > 1 else ""  # noqa: E731
-        print(f"downstream ({result['downstream']}, {METHOD_NAMES[result['downstream_method']]}, {runs} run"
-              f"{'s' if runs > 1 else ''}): accuracy {result['downstream_accuracy']:.1%}{spread('accuracy')}, "
-              f"macro-F1 {result['downstream_f1']:.1%}{spread('f1')}")
-    if "embedding_mrr10" in result:
-        print(f"embeddings ({result['embedding_texts']} held-out texts cut in two, {result['embedding_pooling']}): "
-              f"MRR@10 {result['embedding_mrr10']:.3f}, recall@1 {result['embedding_recall1']:.1%}")
+    print(format_report(result))
     return 0
 
 

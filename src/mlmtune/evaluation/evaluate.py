@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from datasets import Dataset, DatasetDict
@@ -24,7 +25,7 @@ from mlmtune.device import WEIGHT_DTYPES, resolve_device
 from mlmtune.distributed import Dist
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.evaluation.cloze import held_out_cases
-from mlmtune.evaluation.downstream import RunProbe
+from mlmtune.evaluation.downstream import METHOD_NAMES, RunProbe
 from mlmtune.evaluation.embedding import embedding_check
 from mlmtune.evaluation.forgetting import (
     FREE_TEXTS,
@@ -216,3 +217,43 @@ def _measured(cfg: EvalConfig, data: DataConfig, seed: int, prepared: bool, mode
     source = general_source(cfg.general_eval)
     general = (source, general_blocks(source, model, tokenizer)) if source else None
     return general, cloze, downstream, embedding
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """`mlmtune eval`'s report without --json: a line for each figure `run_eval` returned."""
+    texts = f"{r['eval_texts']:,} records" if r.get("eval_texts") is not None else "records"
+    lines = [f"scored {texts} of {r['dataset']}: {r['scored']}"]
+    if r["perplexity"] is None:
+        lines.append(f"perplexity: skipped ({r['perplexity_skipped']})")
+    else:
+        lines.append(f"perplexity {r['perplexity']:,.3f} (eval loss {r['eval_loss']:.4f} over "
+                     f"{r['eval_masked_tokens']:,} masked tokens in {r['eval_blocks']:,} blocks, "
+                     f"{r['eval_precision']})")
+    if "pseudo_perplexity" in r:
+        lines.append(f"pseudo-perplexity {r['pseudo_perplexity']:,.3f} (over {r['pseudo_tokens']:,} tokens "
+                     f"of {r['pseudo_texts']:,} texts)")
+    if "nll_per_word" in r:
+        lines.append(f"tokenizer-free: {r['nll_per_word']:.4f} nats per word, {r['bits_per_char']:.4f} bits per "
+                     f"character (whole-word PLL of {r['tokenizer_free_texts']} texts, "
+                     f"{r['tokenizer_free_words']:,} words{_left_out(r['tokenizer_free_left_out'])})")
+    if "general_perplexity" in r:
+        lines.append(f"general perplexity ({r['general_eval']}) {r['general_perplexity']:,.3f} (loss "
+                     f"{r['general_loss']:.4f} over {r['general_masked_tokens']:,} masked tokens in "
+                     f"{r['general_blocks']} blocks)")
+    if "cloze_top1" in r:
+        lines.append(f"cloze ({r['cloze']}): top-1 {r['cloze_top1']:.1%}, top-3 {r['cloze_top3']:.1%} of "
+                     f"{r['cloze_cases']} held-out cases ({r['cloze_words']} words)")
+    if "downstream_accuracy" in r:
+        runs = len(r["downstream_seeds"])
+        spread = lambda k: f" ± {r[f'downstream_{k}_std']:.1%}" if runs > 1 else ""  # noqa: E731
+        lines.append(f"downstream ({r['downstream']}, {METHOD_NAMES[r['downstream_method']]}, {runs} run"
+                     f"{'s' if runs > 1 else ''}): accuracy {r['downstream_accuracy']:.1%}{spread('accuracy')}, "
+                     f"macro-F1 {r['downstream_f1']:.1%}{spread('f1')}")
+    if "embedding_mrr10" in r:
+        lines.append(f"embeddings ({r['embedding_texts']} held-out texts cut in two, {r['embedding_pooling']}): "
+                     f"MRR@10 {r['embedding_mrr10']:.3f}, recall@1 {r['embedding_recall1']:.1%}")
+    return "\n".join(lines)
+
+
+def _left_out(n: int) -> str:
+    return f"; {n} longer than the model takes left out" if n else ""

@@ -23,6 +23,11 @@ from mlmtune.evaluation.forgetting import GENERAL_SEED, general_entry, general_m
 from mlmtune.evaluation.perplexity import EvalResult, perplexity_of
 
 
+def token_note(result: EvalResult) -> str:
+    """What a log line adds for a run in another masking scheme: the same model's loss on token masks."""
+    return "" if result.token is None else f" (on token masks: eval loss {result.token.loss:.4f})"
+
+
 def eval_entry(result: EvalResult) -> dict[str, Any]:
     entry = {"eval_loss": result.loss, "perplexity": result.perplexity, "masked_tokens": result.masked_tokens}
     if result.token is not None:  # the same model on the token scheme's masks: one yardstick for every scheme

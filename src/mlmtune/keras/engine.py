@@ -37,6 +37,7 @@ from mlmtune.keras import from_hf, loss, optimizer
 from mlmtune.keras.convert import family_of, hf_to_keras, keras_to_hf
 from mlmtune.keras.data import keras_batch, uses_segments
 from mlmtune.training import checkpoint as ckpt
+from mlmtune.training import resume
 from mlmtune.training.budget import Probe, warm_median
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -211,9 +212,9 @@ class KerasEngine:
                 f"{self.precision}; evaluation in fp32 with PyTorch")
 
     def restore(self, path: Path, state: ckpt.TrainState) -> None:
-        ckpt.load_weights(path, self.hf_model)
+        resume.load_weights(path, self.hf_model)
         hf_to_keras(self.hf_model, self.model)
-        self.opt_state.load_state_dict(ckpt.load_optimizer_state(path))
+        self.opt_state.load_state_dict(resume.load_optimizer_state(path))
 
     def set_phase(self, head_only: bool) -> None:
         self.trainer, opt = compile_phase(self.model, self.cfg, head_only)

@@ -32,7 +32,7 @@ from mlmtune.device import resolve_device, resolve_precision, tf32_matmuls
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.model.forward import MaskedLMLoss, backward_masked, freeze_encoder
 from mlmtune.model.load import has_new_head
-from mlmtune.training import checkpoint as ckpt
+from mlmtune.training import resume
 from mlmtune.training.schedule import steps_for
 
 # Share of a time budget given to the head-only phase when the head is new and no count is given.
@@ -169,7 +169,7 @@ def resolve_steps(cfg: TrainConfig, d: distributed.Dist, model, n_train_blocks: 
     max_steps = cfg.schedule.max_steps
     record = None
     resuming = cfg.output.resume and cfg.schedule.time_budget is not None
-    saved = ckpt.newest_config(Path(cfg.output.output_dir)) if resuming else None
+    saved = resume.newest_config(Path(cfg.output.output_dir)) if resuming else None
     if saved is not None and saved.get("time_budget") == cfg.schedule.time_budget:
         max_steps, head = saved["max_steps"], saved["head_warmup_steps"]
     elif cfg.schedule.time_budget is not None:

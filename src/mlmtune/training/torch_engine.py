@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from mlmtune import distributed
 from mlmtune.config import TrainConfig
@@ -21,7 +22,7 @@ from mlmtune.device import PRECISION_NAMES, resolve_device, resolve_precision, t
 from mlmtune.errors import MlmtuneError, say
 from mlmtune.model.forward import MaskedLMLoss, backward_masked, compile_encoder, freeze_encoder
 from mlmtune.training import checkpoint as ckpt
-from mlmtune.training import sharding
+from mlmtune.training import resume, sharding
 from mlmtune.training.budget import torch_probe
 
 _RANK_MIX = 7_919_000_011  # spreads the ranks' dropout apart; rank 0 draws what a single process draws
@@ -191,13 +192,13 @@ class TorchEngine:
             self.fsdp.load_shards(self.optimizer, path / ckpt.SHARDS)
         elif self.fsdp:  # full files, as checkpoints under --fsdp were written before the shards
             weights, optimizer = distributed.agree(
-                self.dist, lambda: (ckpt.load_file(path / "model.safetensors"), ckpt.load_optimizer_state(path)),
+                self.dist, lambda: (load_file(path / "model.safetensors"), resume.load_optimizer_state(path)),
                 "the checkpoint cannot be read")
             self.fsdp.load_full_state_dict(weights)
             self.full_optimizer.load_state_dict(optimizer)
         else:
-            ckpt.load_weights(path, self.model)
-            self.full_optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+            resume.load_weights(path, self.model)
+            self.full_optimizer.load_state_dict(resume.load_optimizer_state(path))
         self.precision_.resume(state)
 
     def shard_writer(self, state: ckpt.TrainState):
