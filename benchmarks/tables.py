@@ -50,10 +50,16 @@ def machines() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*/*.json")):
         m = json.loads(path.read_text())["machine"]
-        seen.setdefault(path.parent.name, (m, []))[1].append(path.stem)
-    rows = [[f"`{folder}`", m["gpu"] or m["cpu"], str(m["cores"]), m["cpu_class"], m["date"], ", ".join(sorted(names))]
-            for folder, (m, names) in sorted(seen.items())]
-    return _table(["folder", "CPU / GPU", "cores", "class", "date", "benchmarks"], rows)
+        m0, names, dates = seen.setdefault(path.parent.name, (m, [], []))
+        names.append(path.stem)
+        dates.append(m["date"])
+
+    def span(dates: list[str]) -> str:  # when the folder's figures were measured: the first and the latest
+        return min(dates) if min(dates) == max(dates) else f"{min(dates)} to {max(dates)}"
+
+    rows = [[f"`{folder}`", m["gpu"] or m["cpu"], str(m["cores"]), m["cpu_class"], span(dates),
+             ", ".join(sorted(names))] for folder, (m, names, dates) in sorted(seen.items())]
+    return _table(["folder", "CPU / GPU", "cores", "class", "measured", "benchmarks"], rows)
 
 
 def train_throughput() -> str:
