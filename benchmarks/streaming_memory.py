@@ -4,7 +4,7 @@
 
 For each corpus size (MB of `.txt`, the Python docs repeated), two child processes read the
 whole corpus into blocks with the quickstart tokenizer: the streaming path
-(`mlmtune.data.text.BlockStream`: records -> texts -> blocks on the fly, every block of one pass) and
+(`mlmtune.data.stream.BlockStream`: records -> texts -> blocks on the fly, every block of one pass) and
 the non-streaming path (`prepare_blocks`: Arrow files, tokenized, grouped and cached). Peak RSS
 (anonymous, and file-backed pages of memory-mapped files) is sampled from /proc. Streaming must
 stay flat as the corpus grows. Prints a table and writes benchmarks/results/MACHINE/streaming_memory.json.

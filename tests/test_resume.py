@@ -306,11 +306,11 @@ def test_a_stop_at_a_step_due_an_evaluation_skips_it_saves_once_and_resume_runs_
     """SIGTERM (twice, as a job's processes get it) during a step due an evaluation and a checkpoint (the last): the
     run leaves after that step without evaluating it, writes its checkpoint once, and --resume runs the evaluation:
     the run ends as the uninterrupted one, evaluations included."""
-    from mlmtune.training import train as train_mod
+    from mlmtune.training.loop import Loop
 
     k = 8
     assert [e["step"] for e in reference_run.metrics["epochs"]] == [k]  # evaluated at k (and a checkpoint at k)
-    real_batches, real_save = train_mod.Loop.next_batches, ckpt_mod.save_checkpoint
+    real_batches, real_save = Loop.next_batches, ckpt_mod.save_checkpoint
     saved = []
 
     def next_batches(self, feed):
@@ -323,8 +323,8 @@ def test_a_stop_at_a_step_due_an_evaluation_skips_it_saves_once_and_resume_runs_
         saved.append(state.step)
         return real_save(out, model, optimizer_state, state, limit)
 
-    monkeypatch.setattr(train_mod.Loop, "next_batches", next_batches)
-    monkeypatch.setattr(train_mod.ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(Loop, "next_batches", next_batches)
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save)
     out = tmp_path / "stopped"
     with pytest.raises(MlmtuneError, match=rf"interrupted at step {k}; checkpoint saved in .*step-{k:07d}"):
         train(configs(out), progress=False)

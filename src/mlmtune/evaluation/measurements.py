@@ -83,7 +83,8 @@ def measurements(tokenizer, scoring: Scoring, general: tuple[str, Blocks] | None
                  embedding: EmbeddingCheck | None = None) -> list[Measurement]:
     """The measurements asked for, in the order they are taken: the general corpus' fixed sample (`forgetting.py`),
     the domain cloze (`cloze.py`), the downstream probe (`downstream.py`), a sentence encoder's embedding check
-    (`embedding.py`). The eval split's perplexity is `evaluator`'s: a run takes it at every epoch's end too."""
+    (`embedding.py`). The eval split's perplexity is `training.run.evaluator`'s: a run takes it at every epoch's
+    end too."""
     out = []
     if general is not None:
         source, blocks = general

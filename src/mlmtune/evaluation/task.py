@@ -1,7 +1,7 @@
 """A downstream task: labelled texts loaded from any source, labels made classes, and a train and a test split
 (the task's own, or drawn by the seed, stratified), with what cannot be learned refused in one line.
 
-Sources are those `train` reads (`data.load_records`): local .jsonl/.json/.csv/.parquet files, a folder holding
+Sources are those `train` reads (`data.text.load_records`): local .jsonl/.json/.csv/.parquet files, a folder holding
 `train.*` and `test.*` (or `validation.*`) files, a Hub dataset (its train and test or validation splits), and
 `builtin:python-docs-chapters`, which labels each paragraph of the Python Language Reference that ships with
 CPython by the part of the reference its topic belongs to.

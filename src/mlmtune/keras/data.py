@@ -79,7 +79,8 @@ def masked_dataset(blocks, tokenizer, batch_size: int = 8, seed: int = 42, shuff
     changes only when the model does.
 
     Args:
-        blocks: `datasets.Dataset` with `input_ids` (e.g. `mlmtune.prepare_blocks(...)["train"]`), or (N, T) ids.
+        blocks: `datasets.Dataset` with `input_ids` (e.g. `mlmtune.data.prepare.prepare_blocks(...)["train"]`), or
+            (N, T) ids.
         tokenizer: the model's Hugging Face tokenizer (its mask token and special ids).
         batch_size: blocks per batch.
         seed: the seed of orders and masks.

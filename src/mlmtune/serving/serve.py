@@ -1,10 +1,10 @@
 """Fill masks over HTTP: `make_app()` builds the app, `serve()` binds a port.
 
 Concurrent requests are collected for a short window and filled in one forward pass (`batcher.py`); every
-request body is checked first by one pure function (`api.parse_fill`, `api.parse_score`), in a worker thread, so
-that a large body never holds the event loop; every limit answers with a 4xx JSON body `{"error": "..."}` that
-says what is wrong. What each request passes before it reaches a route (the host, the key, the body's type, the
-read timeouts, the counts and the headers of every response) is `guard.py`.
+request body is checked first by one pure function (`payloads.parse_fill`, `payloads.parse_score`), in a worker
+thread, so that a large body never holds the event loop; every limit answers with a 4xx JSON body
+`{"error": "..."}` that says what is wrong. What each request passes before it reaches a route (the host, the key,
+the body's type, the read timeouts, the counts and the headers of every response) is `guard.py`.
 
 `POST /` and `POST /fill` take mlmtune's `{"text": ...}` and the Inference API's `{"inputs": ...,
 "parameters": {...}}`, so `huggingface_hub.InferenceClient(model=URL).fill_mask` works unchanged.

@@ -80,7 +80,7 @@ class FSDP:
         return self.copy
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Full weights read from a file (tied ones once) -> this rank's shards (`checkpoint.load_checkpoint`)."""
+        """Full weights read from a file (tied ones once) -> this rank's shards (`resume.load_weights`)."""
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer(self, optimizer: torch.optim.Optimizer) -> FullOptimizerState:
