@@ -1,6 +1,7 @@
 """The default test suite's wall time: `python -m pytest` as the README runs it, and its slowest tests.
 
     python benchmarks/test_suite.py [--durations 10]
+    python benchmarks/test_suite.py --slow      # `python -m pytest -m slow`, CI's second stage: test_suite_slow.json
 
 Writes benchmarks/results/MACHINE/test_suite.json: the tests pytest counted (passed, failed, skipped), its own
 wall time, the slowest tests, pyproject's pytest options (the pytest-xdist workers among them), and the load
@@ -26,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--durations", type=int, default=10)
+    parser.add_argument("--slow", action="store_true", help="the slow tests (-m slow) instead of the default suite")
     args = parser.parse_args()
+    marker = ["-m", "slow"] if args.slow else []
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *marker,
                         f"--durations={args.durations}"], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
@@ -41,7 +44,8 @@ def main() -> None:
                for s, ph, t in re.findall(r"^([\d.]+)s (call|setup|teardown)\s+(\S+)$", out, flags=re.M)]
     cores = os.cpu_count() or 1
     addopts = re.search(r'^addopts = "(.*)"$', (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
-    payload = {"command": "python -m pytest", "pyproject_addopts": addopts, "exit_code": p.returncode, "counts": counts,
+    payload = {"command": " ".join(["python -m pytest", *marker]), "pyproject_addopts": addopts,
+               "exit_code": p.returncode, "counts": counts,
                "pytest_seconds": seconds, "wall_seconds": round(wall, 1), "slowest": slowest,
                "load_average_before": [round(x, 2) for x in load_before],
                "load_average_after": [round(x, 2) for x in load_after],
@@ -49,7 +53,7 @@ def main() -> None:
                "note": "pytest's own count and time; 'contended': the 1-minute load before the run exceeded half the "
                        "cores, so other work was running as it began (the suite itself keeps every core busy, so "
                        "the load after it says nothing of other work)"}
-    path = write_json("test_suite", payload)
+    path = write_json("test_suite_slow" if args.slow else "test_suite", payload)
     print(f"{summary}\n{path}")
 
 
