@@ -50,7 +50,7 @@ def machines() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*/*.json")):
         m = json.loads(path.read_text())["machine"]
-        m0, names, dates = seen.setdefault(path.parent.name, (m, [], []))
+        _, names, dates = seen.setdefault(path.parent.name, (m, [], []))
         names.append(path.stem)
         dates.append(m["date"])
 
